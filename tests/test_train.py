@@ -1,0 +1,131 @@
+"""End-to-end tests of train.py and sample.py with tiny configs: the real scripts, real audio files."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import sample  # noqa: E402
+import train  # noqa: E402
+
+# A VAE and an LM small enough to train a few steps in seconds.
+TINY = ['--clips', '6', '--vae.channels=4', '--vae.n_transformer_layers=0', '--vae.latent_dim=8',
+        '--lm.d_model=32', '--lm.n_layers=1', '--lm.n_heads=2', '--lm.context=12', '--lm.short_context=3',
+        '--lm.short_layers=1', '--lm.head_width=32', '--lm.head_blocks=1', '--log-every', '1']
+
+
+def run(*args, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def tiny_recipes(monkeypatch):
+    monkeypatch.setitem(train.RECIPES, 'vae', dict(train.RECIPES['vae'], batch=2, crop=0.25, warmup=2))
+    monkeypatch.setitem(train.RECIPES, 'lm', dict(train.RECIPES['lm'], batch=4, warmup=2))
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+    """One tiny run through the whole pipeline, shared by the sampling tests."""
+    out = tmp_path_factory.mktemp('run')
+    mp = pytest.MonkeyPatch()
+    tiny_recipes(mp)
+    train.main(['--toy', '--out', str(out), '--vae-steps', '4', '--lm-steps', '4', *TINY])
+    mp.undo()
+    return out
+
+
+def test_pipeline_writes_loadable_checkpoints_and_logs(run_dir):
+    vae, model = sample.load(str(run_dir))
+    assert vae.cfg.latent_dim == model.cfg.latent_dim == 8
+    records = [json.loads(line) for line in open(run_dir / 'log.jsonl')]
+    assert [r['step'] for r in records if r['stage'] == 'vae'] == [1, 2, 3, 4]
+    assert [r['step'] for r in records if r['stage'] == 'lm'] == [1, 2, 3, 4]
+    assert all(np.isfinite(r['loss']) for r in records)
+    assert os.path.exists(run_dir / 'latents.pt')
+    # the VAE checkpoint carries the latent statistics the LM was trained with
+    assert not torch.allclose(vae.latent_std, torch.ones_like(vae.latent_std))
+
+
+def test_sample_end_to_end(run_dir, tmp_path):
+    prompt = tmp_path / 'prompt.flac'  # another format and rate than the model's, and stereo
+    t = np.arange(int(0.5 * 44100)) / 44100
+    sf.write(prompt, np.stack([0.3 * np.sin(2 * np.pi * 440 * t)] * 2, 1), 44100)
+    out = tmp_path / 'cont.wav'
+    r = run('sample.py', str(prompt), '--ckpt', str(run_dir), '--seconds', '1', '--out', str(out))
+    assert 'real-time factor' in r.stdout
+    wav, sr = sf.read(out)
+    vae, _ = sample.load(str(run_dir))
+    assert sr == vae.cfg.sample_rate
+    n_prompt = int(0.5 * sr) // vae.hop
+    assert len(wav) == (n_prompt + round(1 * vae.frame_rate)) * vae.hop
+    assert np.isfinite(wav).all() and np.abs(wav).max() > 0
+
+
+@pytest.mark.parametrize('kind', ['missing', 'directory', 'empty', 'garbage', 'nan', 'too_short'])
+def test_sample_bad_inputs_fail_cleanly(run_dir, tmp_path, kind):
+    path = tmp_path / f'{kind}.wav'
+    if kind == 'directory':
+        path.mkdir()
+    elif kind == 'empty':
+        sf.write(path, np.zeros(0), 24000)
+    elif kind == 'garbage':
+        path.write_bytes(b'not audio at all' * 10)
+    elif kind == 'nan':
+        sf.write(path, np.full(24000, np.nan), 24000, subtype='FLOAT')
+    elif kind == 'too_short':
+        sf.write(path, 0.1 * np.ones(100), 24000)
+    out = tmp_path / 'out.wav'
+    r = run('sample.py', str(path), '--ckpt', str(run_dir), '--out', str(out), check=False)
+    assert r.returncode != 0
+    assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists() and not list(tmp_path.glob('*.tmp*'))
+
+
+def test_sample_never_overwrites_the_prompt(run_dir, tmp_path):
+    prompt = tmp_path / 'p.wav'
+    sf.write(prompt, 0.1 * np.random.default_rng(0).standard_normal(24000), 24000)
+    before = prompt.read_bytes()
+    r = run('sample.py', str(prompt), '--ckpt', str(run_dir), '--out', str(prompt), check=False)
+    assert r.returncode != 0 and prompt.read_bytes() == before
+
+
+def test_help_of_every_script():
+    for script in ('train.py', 'sample.py'):
+        assert 'usage' in run(script, '--help').stdout
+
+
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    """An interrupted and resumed run ends with exactly the weights of an uninterrupted one."""
+    tiny_recipes(monkeypatch)
+    full, cut = tmp_path / 'full', tmp_path / 'cut'
+    common = ['--toy', '--vae-steps', '3', '--lm-steps', '5', '--ckpt-every', '1', *TINY]
+    train.main(['--out', str(full), *common])
+    train.main(['--out', str(cut), '--stop-after', '2', *common])           # stops inside the VAE stage
+    train.main(['--out', str(cut), '--stop-after', '3', '--resume', *common])  # VAE done, LM stops at 2
+    train.main(['--out', str(cut), '--resume', *common])
+    for name in ('vae.pt', 'calm.pt'):
+        a = torch.load(full / name, weights_only=False)
+        b = torch.load(cut / name, weights_only=False)
+        assert a['step'] == b['step']
+        for k in a['model']:
+            assert torch.equal(a['model'][k], b['model'][k]), (name, k)
+
+
+def test_ddp_replicas_stay_identical(tmp_path):
+    """torchrun with 2 CPU processes (gloo): DistributedDataParallel keeps the replicas equal."""
+    out = tmp_path / 'ddp'
+    run('-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29517', 'train.py', '--toy',
+        '--out', str(out), '--vae-steps', '2', '--lm-steps', '2', *TINY)
+    diffs = [json.loads(line) for line in open(out / 'log.jsonl')]
+    diffs = [r['replica_max_abs_diff'] for r in diffs if 'replica_max_abs_diff' in r]
+    assert len(diffs) == 2 and max(diffs) == 0.0

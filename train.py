@@ -1,0 +1,402 @@
+"""
+Train calm: first the audio VAE, then the CALM language model on its latents.
+
+    python train.py --toy                     # the whole toy pipeline on this CPU (~20 min), -> out/toy
+    python train.py --data my_audio/ --out out/mine
+    python train.py --stage lm --vae-from out/toy --out out/no_short --short-context 0
+    torchrun --nproc_per_node=2 train.py --toy   # DistributedDataParallel (gloo on CPU, nccl on GPU)
+
+Data flows one way (paper §2-§3): wav -> VAE encoder -> latents (encoded ONCE and cached, standardised
+so that sigma_d = 1) -> CALM backbone + head. Every checkpoint carries its config, optimizer, step and
+RNG state, is written atomically (write, then rename), and `--resume` continues exactly where an
+interrupted run stopped: the batch of step s is a pure function of (seed, s), and the RNG that draws
+the model's noises is saved with the weights.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import calm
+import data
+import vae as vae_lib
+
+# Training recipes (not model shape: that lives in vae.Config / calm.Config). Toy values are sized
+# so that `python train.py --toy` finishes in ~20 min on 2 CPU cores.
+RECIPES = {
+    'vae': dict(steps=900, batch=16, crop=1.0, lr=1e-3, warmup=50, wd=0.0),
+    'lm': dict(steps=900, batch=32, lr=1e-3, warmup=50, wd=0.01),
+}
+TOY_CLIPS = dict(n=512, seconds=8.0)  # toy training set: 512 clips x 8 s (~68 min of audio)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--toy', action='store_true', help='train on generated toy music (default when --data is absent)')
+    p.add_argument('--clips', type=int, default=TOY_CLIPS['n'], help=f"number of toy training clips (default {TOY_CLIPS['n']})")
+    p.add_argument('--data', help='folder of your own audio (wav/flac/ogg); resampled and mixed to mono')
+    p.add_argument('--stage', choices=['all', 'vae', 'lm'], default='all', help='what to train (default: all)')
+    p.add_argument('--out', default='out/toy', help='run folder for checkpoints, caches and logs (default: out/toy)')
+    p.add_argument('--vae-from', help='with --stage lm: take the VAE (and its latent cache) from this run folder')
+    p.add_argument('--preset', choices=['toy', 'paper'], default='toy', help='model sizes (paper: for a GPU)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--resume', action='store_true', help='continue the run in --out where it stopped')
+    p.add_argument('--vae-steps', type=int, help=f"VAE training steps (toy: {RECIPES['vae']['steps']})")
+    p.add_argument('--lm-steps', type=int, help=f"LM training steps (toy: {RECIPES['lm']['steps']})")
+    p.add_argument('--minutes', type=float, help='time budget per stage: save and stop when it runs out')
+    p.add_argument('--stop-after', type=int, help='stop after this many steps of this invocation (resumable)')
+    p.add_argument('--ckpt-every', type=int, default=100, help='steps between checkpoints (default 100)')
+    p.add_argument('--log-every', type=int, default=25)
+    p.add_argument('--compile', action='store_true', help='torch.compile the model (GPU)')
+    # The paper's ablations (§4, Table 10a of the notes) as flags; any other field via --lm.FIELD=VALUE.
+    p.add_argument('--head-loss', choices=['trigflow', 'consistency'])
+    p.add_argument('--head-batch-mul', type=int, help='head batch multiplier M (1 disables it)')
+    p.add_argument('--short-context', type=int, help='frames K seen by the short-context Transformer (0 disables)')
+    p.add_argument('--no-noise-aug', action='store_true', help='disable noise augmentation of the backbone input')
+    p.epilog = ('Config overrides: --vae.FIELD=VALUE and --lm.FIELD=VALUE for any field of vae.Config / calm.Config '
+                '(e.g. --lm.n_layers=2). Tuples take comma-separated values.')
+    args, rest = p.parse_known_args(argv)
+    args.overrides = {'vae': {}, 'lm': {}}
+    for item in rest:
+        key, eq, value = item.partition('=')
+        prefix, _, field = key.lstrip('-').partition('.')
+        if not (eq and prefix in args.overrides and field):
+            p.error(f'unrecognized argument: {item}')
+        args.overrides[prefix][field] = value
+    return args
+
+
+def override(cfg, values):
+    """Apply --vae.FIELD=VALUE strings to a dataclass config, converting to each field's type."""
+    types = {f.name: type(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    changes = {}
+    for name, value in values.items():
+        if name not in types:
+            raise SystemExit(f'error: {type(cfg).__module__}.Config has no field {name!r} (fields: {", ".join(types)})')
+        t = types[name]
+        if t is bool:
+            changes[name] = value.lower() in ('1', 'true', 'yes', 'on')
+        elif t is tuple:
+            changes[name] = tuple(int(v) for v in value.split(','))
+        else:
+            changes[name] = t(value)
+    return dataclasses.replace(cfg, **changes)
+
+
+# -----------------------------------------------------------------------------------------------
+# Checkpoints and logs
+
+def save_atomic(obj, path):
+    """Write then rename: a kill at any moment leaves the previous checkpoint intact and loadable."""
+    tmp = f'{path}.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    return {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s['torch'])
+    np.random.set_state(s['numpy'])
+    if s['cuda'] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s['cuda'])
+
+
+class Log:
+    """Prints readable progress (loss, steps/s, ETA) and appends JSON lines to <run>/log.jsonl."""
+
+    def __init__(self, run_dir, enabled):
+        self.enabled = enabled
+        self.path = os.path.join(run_dir, 'log.jsonl')
+
+    def __call__(self, record, line=None):
+        if not self.enabled:
+            return
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+        if line:
+            print(line, flush=True)
+
+
+def fmt_time(s):
+    s = int(round(s))
+    return f'{s // 3600}h{s // 60 % 60:02d}m' if s >= 3600 else f'{s // 60}m{s % 60:02d}s'
+
+
+# -----------------------------------------------------------------------------------------------
+# One training loop for both stages
+
+def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra=None):
+    """Train `model` for recipe['steps'] steps of AdamW with linear warmup + cosine decay.
+
+    get_batch(step) must be a pure function of the step (resume reproduces the data order);
+    model(batch, step) returns (loss, stats). Returns the stats of the last step.
+    """
+    device = args.device
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    other = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': recipe['wd']}, {'params': other, 'weight_decay': 0.0}],
+                            lr=recipe['lr'], betas=(0.9, 0.95) if stage == 'lm' else (0.8, 0.99))
+    steps, step = recipe['steps'], 0
+    if args.resume and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ck['model'])
+        opt.load_state_dict(ck['optimizer'])
+        step, steps = ck['step'], ck['steps']
+        set_rng_state(ck['rng'])
+        if log.enabled:
+            print(f'{stage}: resuming from {ckpt_path} at step {step}/{steps}')
+
+    def lr_at(s):  # linear warmup, then cosine to 10% (nanoGPT's schedule)
+        if s < recipe['warmup']:
+            return recipe['lr'] * (s + 1) / recipe['warmup']
+        frac = (s - recipe['warmup']) / max(1, steps - recipe['warmup'])
+        return recipe['lr'] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+    def checkpoint():
+        if log.enabled:
+            save_atomic({'config': dataclasses.asdict(cfg), 'model': model.state_dict(), 'optimizer': opt.state_dict(),
+                         'step': step, 'steps': steps, 'rng': rng_state(), 'recipe': recipe, **(extra or {})},
+                        ckpt_path)
+
+    net = model
+    if ddp:
+        net = DDP(model)
+    if args.compile:
+        net = torch.compile(net)
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else torch.autocast('cpu', enabled=False)
+    model.train()
+    t_start, t_log, s_log, stats, done_here = time.time(), time.time(), step, {}, 0
+    try:
+        while step < steps:
+            for g in opt.param_groups:
+                g['lr'] = lr_at(step)
+            batch = get_batch(step).to(device, non_blocking=True)
+            with autocast:
+                loss, stats = net(batch, step) if stage == 'lm' else net(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            stats['grad_norm'] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+            opt.step()
+            step += 1
+            done_here += 1
+            if step % args.log_every == 0 or step == steps:
+                rate = (step - s_log) / (time.time() - t_log)
+                t_log, s_log = time.time(), step
+                eta = (steps - step) / max(rate, 1e-9)
+                parts = ' | '.join(f'{k} {v:.4g}' for k, v in stats.items())
+                log({'stage': stage, 'step': step, 'lr': lr_at(step - 1), 'steps_per_s': rate, **stats},
+                    f'{stage} {step:>5}/{steps} | {parts} | {rate:.2f} steps/s | ETA {fmt_time(eta)}')
+            if step % args.ckpt_every == 0:
+                checkpoint()
+            out_of_time = args.minutes is not None and time.time() - t_start > 60 * args.minutes
+            if out_of_time or (args.stop_after is not None and done_here >= args.stop_after):
+                if log.enabled:
+                    print(f'{stage}: stopping at step {step}/{steps} ({"time budget" if out_of_time else "--stop-after"}); '
+                          f'continue with --resume')
+                break
+    except KeyboardInterrupt:
+        if log.enabled:
+            print(f'\n{stage}: interrupted at step {step}; checkpoint saved, continue with --resume')
+        checkpoint()
+        raise SystemExit(130)
+    checkpoint()
+    if ddp:  # the replicas must hold identical weights (DDP all-reduces gradients); measure it
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        diff = (flat - ref).abs().max()
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        log({'stage': stage, 'replica_max_abs_diff': float(diff)}, f'{stage}: replicas differ by at most {float(diff):.3g}')
+    model.eval()
+    return step >= steps, stats
+
+
+# -----------------------------------------------------------------------------------------------
+# Stage 1: the VAE (paper §2)
+
+def load_audio_set(args):
+    """The training audio as a list of float32 arrays at data.SR: toy clips or the user's folder."""
+    if args.data:
+        clips = data.audio_folder(args.data, data.SR)
+        if not clips:
+            raise SystemExit(f'error: no wav/flac/ogg files in {args.data}')
+        return clips
+    return [c.wav for c in data.toy_clips('train', args.clips, TOY_CLIPS['seconds'])]
+
+
+def crop_batch(clips, step, seed, batch, length, rank=0):
+    """A batch of random crops, a pure function of (seed, step, rank) so a resumed run sees the same data."""
+    g = np.random.default_rng([seed, step, rank])
+    out = np.zeros((batch, length), np.float32)
+    for b in range(batch):
+        wav = clips[g.integers(len(clips))]
+        start = g.integers(max(1, len(wav) - length + 1))
+        piece = wav[start:start + length]
+        out[b, :len(piece)] = piece
+    return torch.from_numpy(out)
+
+
+def train_vae(args, clips, ddp, rank, log):
+    cfg = override(vae_lib.PAPER if args.preset == 'paper' else vae_lib.TOY, args.overrides['vae'])
+    recipe = dict(RECIPES['vae'], **({'steps': args.vae_steps} if args.vae_steps else {}))
+    torch.manual_seed(args.seed + rank)  # each stage seeds itself: a resumed run re-creates the same init
+    model = vae_lib.VAE(cfg).to(args.device)
+    length = int(recipe['crop'] * cfg.sample_rate) // model.hop * model.hop
+    if log.enabled:
+        print(f'vae: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {model.frame_rate:g} frames/s, '
+              f'{cfg.latent_dim} dims; {len(clips)} clips; {recipe["steps"]} steps of {recipe["batch"]} x {recipe["crop"]} s')
+    path = os.path.join(args.out, 'vae.pt')
+    finished, stats = train(
+        'vae', model, cfg, recipe,
+        lambda s: crop_batch(clips, s, args.seed, recipe['batch'], length, rank), path, args, ddp, log)
+    if finished:
+        # Standardise the latents for the LM (notes §2, §10a): TrigFlow assumes a known data std sigma_d,
+        # so the LM reads (mu - mean) / std and sigma_d = 1.
+        with torch.no_grad():
+            mus = [model.posterior(torch.from_numpy(w)[None].to(args.device))[0][0] for w in clips[:256]]
+        model.set_latent_stats(torch.cat(mus))
+        if log.enabled:
+            ck = torch.load(path, weights_only=False)
+            ck['model'] = model.state_dict()
+            ck['done'] = True
+            save_atomic(ck, path)
+    return model, finished, stats
+
+
+# -----------------------------------------------------------------------------------------------
+# Stage 2: the language model on cached latents (paper §3-§8)
+
+@torch.no_grad()
+def encode_all(vae, clips, device, cache):
+    """Encode the whole training set once (the LM never re-encodes audio) and cache it beside the VAE."""
+    if os.path.exists(cache):
+        return torch.load(cache, weights_only=False)
+    t0 = time.time()
+    latents = []
+    for i, wav in enumerate(clips):
+        latents.append(vae.encode(torch.from_numpy(wav)[None].to(device))[0].cpu())
+        if (i + 1) % 100 == 0 or i + 1 == len(clips):
+            rate = (i + 1) / (time.time() - t0)
+            print(f'encode {i + 1}/{len(clips)} clips | {rate:.1f} clips/s | ETA {fmt_time((len(clips) - i - 1) / rate)}',
+                  flush=True)
+    save_atomic(latents, cache)
+    return latents
+
+
+def window_batch(latents, step, seed, batch, length, rank=0):
+    """Random windows of `length` frames from the cached latent sequences; pure function of (seed, step)."""
+    g = np.random.default_rng([seed, step, rank, 1])
+    windows = []
+    for b in range(batch):
+        z = latents[g.integers(len(latents))]
+        start = g.integers(max(1, z.shape[0] - length + 1))
+        w = z[start:start + length]
+        if w.shape[0] < length:  # short user clips: repeat the last frame rather than invent silence latents
+            w = torch.cat([w, w[-1:].expand(length - w.shape[0], -1)])
+        windows.append(w)
+    return torch.stack(windows)
+
+
+def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
+    cfg = calm.PAPER if args.preset == 'paper' else calm.TOY
+    cfg = dataclasses.replace(cfg, latent_dim=vae.cfg.latent_dim)
+    flags = {'head_loss': args.head_loss, 'head_batch_mul': args.head_batch_mul, 'short_context': args.short_context}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    if args.no_noise_aug:
+        cfg = dataclasses.replace(cfg, noise_aug=False)
+    cfg = override(cfg, args.overrides['lm'])
+    recipe = dict(RECIPES['lm'], **({'steps': args.lm_steps} if args.lm_steps else {}))
+    cache = os.path.join(vae_dir, 'latents.pt')
+    if rank == 0:
+        latents = encode_all(vae, clips, args.device, cache)
+    if ddp:
+        dist.barrier()
+    if rank != 0:
+        latents = torch.load(cache, weights_only=False)
+    if args.device.startswith('cuda'):
+        latents = [z.pin_memory() for z in latents]
+    torch.manual_seed(args.seed + rank)
+    model = calm.CALM(cfg).to(args.device)
+    if log.enabled:
+        print(f'lm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, head loss {cfg.head_loss}, '
+              f'M={cfg.head_batch_mul}, K={cfg.short_context}, noise aug {cfg.noise_aug}; '
+              f'{recipe["steps"]} steps of {recipe["batch"]} x {cfg.context} frames')
+    return model, *train(
+        'lm', model, cfg, recipe,
+        lambda s: window_batch(latents, s, args.seed, recipe['batch'], cfg.context, rank),
+        os.path.join(args.out, 'calm.pt'), args, ddp, log, extra={'vae': os.path.abspath(os.path.join(vae_dir, 'vae.pt'))})
+
+
+def load_vae(path, device):
+    ck = torch.load(path, map_location=device, weights_only=False)
+    model = vae_lib.VAE(vae_lib.Config(**ck['config'])).to(device)
+    model.load_state_dict(ck['model'])
+    return model.eval(), ck
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
+    rank = 0
+    if ddp:  # launched by torchrun
+        dist.init_process_group('nccl' if args.device.startswith('cuda') else 'gloo')
+        rank = dist.get_rank()
+        if args.device.startswith('cuda'):
+            args.device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
+            torch.cuda.set_device(args.device)
+    if args.device.startswith('cuda'):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed + rank)  # the model's noise draws; the data order is seeded per step
+    np.random.seed(args.seed + rank)
+    os.makedirs(args.out, exist_ok=True)
+    log = Log(args.out, rank == 0)
+    t0 = time.time()
+    if log.enabled:
+        print(f'run folder {args.out} | device {args.device} | {"DDP x" + str(dist.get_world_size()) if ddp else "1 process"}')
+
+    clips = load_audio_set(args)
+    summary = {}
+    vae_dir = args.vae_from or args.out
+    vae_path = os.path.join(vae_dir, 'vae.pt')
+    if args.stage in ('all', 'vae'):
+        vae_done = False
+        if args.resume and os.path.exists(vae_path):
+            vae_done = torch.load(vae_path, weights_only=False).get('done', False)
+        if not vae_done:
+            _, finished, stats = train_vae(args, clips, ddp, rank, log)
+            summary['vae'] = stats
+            if not finished:
+                return
+    if args.stage in ('all', 'lm'):
+        if not os.path.exists(vae_path):
+            raise SystemExit(f'error: no VAE at {vae_path}: train it first (--stage vae) or pass --vae-from RUN_DIR')
+        if ddp:  # rank 0 may have just written the VAE
+            dist.barrier()
+        vae, _ = load_vae(vae_path, args.device)
+        _, finished, stats = train_lm(args, vae, clips, vae_dir, ddp, rank, log)
+        summary['lm'] = stats
+    if log.enabled:
+        print(f'\ndone in {fmt_time(time.time() - t0)}')
+        for stage, stats in summary.items():
+            print(f'  {stage}: final ' + ', '.join(f'{k} {v:.4g}' for k, v in stats.items()))
+        print(f'  checkpoints in {args.out}/ (sample with: python sample.py prompt.wav --ckpt {args.out})')
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
