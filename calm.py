@@ -1,0 +1,402 @@
+"""
+CALM: Continuous Audio Language Model (Rouard et al., arXiv 2509.06926), minimal and readable.
+
+    x_1..x_S  continuous VAE latents (standardised, so sigma_d = 1)
+    z_long_s  = T_long(noisy x_<s)                 causal Transformer, long context       (paper §3.2)
+    z_short_s = T_short(clean x_{s-K}..x_{s-1})    sliding-window Transformer, K frames   (paper §3.2)
+    z_s       = z_long_s + z_short_s
+    x_s      ~ head(noise, t, z_s)                  MAR adaLN MLP trained with TrigFlow or sCM (sCM §2-§4)
+
+Equation numbers "sCM (n)" refer to Lu & Song, arXiv 2410.11081; "MAR" to Li et al., arXiv 2406.11838.
+Runs standalone on random latents: `python calm.py` prints parameter counts and a timing.
+"""
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    latent_dim: int = 32          # D, set from the VAE
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    context: int = 100            # frames the backbone attends to (rolling KV cache past it)
+    short_context: int = 10       # K of the short-context Transformer (paper: 10); 0 disables it
+    short_layers: int = 2
+    head_width: int = 256
+    head_blocks: int = 3
+    head_loss: str = 'consistency'   # 'trigflow' (diffusion, sCM §2) or 'consistency' (sCT, sCM §4)
+    head_batch_mul: int = 4       # M: each z_s is reused M times with fresh (noise, t) (MAR; paper uses 8)
+    noise_aug: bool = True        # corrupt backbone inputs during training (Pasini et al.; paper §3.2)
+    sigma_d: float = 1.0          # data std of the (standardised) latents, TrigFlow's sigma_d
+    P_mean: float = -1.0          # log-normal time proposal tau ~ N(P_mean, P_std^2) (sCT CIFAR values)
+    P_std: float = 1.4
+    tangent_warmup: int = 1000    # steps over which r ramps 0 -> 1 (sCM §4.2 "tangent warmup")
+    adaptive_weight: bool = True  # learned w(t) (sCM §4.2, eq. 9)
+    t_eps: float = 1e-3           # clamp t into [t_eps, pi/2 - t_eps] for training
+    dropout: float = 0.0
+
+
+# Presets. PAPER: the music LM is MusicGen-medium sized (1.35B, 48 layers x 1536) on 128-dim latents at
+# 25 Hz; head and short-Transformer sizes are not in our notes, so those are our guesses. Never trained here.
+PAPER = Config(latent_dim=128, d_model=1536, n_layers=48, n_heads=24, context=750, short_context=10,
+               short_layers=4, head_width=1536, head_blocks=6, head_batch_mul=8, tangent_warmup=10000)
+# TOY: trains on 2 CPU cores in ~10 minutes (see README/report for the measured s/step).
+TOY = Config(latent_dim=32, d_model=256, n_layers=4, n_heads=4, context=100, short_context=10,
+             short_layers=2, head_width=256, head_blocks=3, head_batch_mul=4, tangent_warmup=500)
+
+HALF_PI = math.pi / 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Transformer with RoPE and a ring-buffer KV cache. Relative (rotary) positions make attention depend only
+# on distances, so the cache can roll past cfg.context at a flat per-frame cost, and the short-context
+# Transformer is the same module with a window of K.
+
+def rope(x, pos, inv_freq):
+    """Rotary embedding of x [B, H, S, hd] at integer positions pos [S]."""
+    ang = pos[:, None].float() * inv_freq[None, :]              # [S, hd/2]
+    cos, sin = ang.cos(), ang.sin()
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, d, n_heads, window):
+        super().__init__()
+        self.h, self.hd, self.window = n_heads, d // n_heads, window
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.register_buffer('inv_freq', 1.0 / 10000 ** (torch.arange(0, self.hd, 2).float() / self.hd),
+                             persistent=False)
+
+    def split(self, h, pos):
+        B, S, _ = h.shape
+        q, k, v = self.qkv(h).view(B, S, 3, self.h, self.hd).permute(2, 0, 3, 1, 4)
+        return rope(q, pos, self.inv_freq), rope(k, pos, self.inv_freq), v
+
+    def forward(self, h):
+        B, S, d = h.shape
+        q, k, v = self.split(h, torch.arange(S, device=h.device))
+        if S <= self.window:   # plain causal attention is the same as windowed attention here
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:                  # position s sees positions s-window+1..s: what the rolling cache sees
+            i = torch.arange(S, device=h.device)
+            band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=band)
+        return self.proj(y.transpose(1, 2).reshape(B, S, d))
+
+    def step(self, h, pos, cache):
+        """One new token h [B, 1, d] at absolute position pos; cache = (k [B,H,W,hd], v) ring buffers.
+        Softmax attention is order-free, so the ring needs no shifting: slot pos % W is overwritten."""
+        B = h.shape[0]
+        q, k, v = self.split(h, torch.tensor([pos], device=h.device))
+        ck, cv = cache
+        slot = pos % self.window
+        ck[:, :, slot] = k[:, :, 0]
+        cv[:, :, slot] = v[:, :, 0]
+        n = min(pos + 1, self.window)
+        y = F.scaled_dot_product_attention(q, ck[:, :, :n], cv[:, :, :n])
+        return self.proj(y.transpose(1, 2).reshape(B, 1, -1))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block."""
+    def __init__(self, d, n_heads, window, dropout):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = Attention(d, n_heads, window)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
+
+    def forward(self, h):
+        h = h + self.attn(self.ln1(h))
+        return h + self.mlp(self.ln2(h))
+
+    def step(self, h, pos, cache):
+        h = h + self.attn.step(self.ln1(h), pos, cache)
+        return h + self.mlp(self.ln2(h))
+
+
+class Transformer(nn.Module):
+    """Causal Transformer over frames; position s reads Linear(x_{s-1}) (a learned start frame at s=1)
+    and outputs the conditioning for x_s (paper §3.2). window = how many positions each one attends to."""
+    def __init__(self, D, d, n_layers, n_heads, window, dropout=0.0):
+        super().__init__()
+        self.d, self.n_heads, self.window = d, n_heads, window
+        self.inp = nn.Linear(D, d)
+        self.start = nn.Parameter(torch.randn(d) * 0.02)
+        self.blocks = nn.ModuleList([Block(d, n_heads, window, dropout) for _ in range(n_layers)])
+        self.ln_f = nn.LayerNorm(d)
+
+    def forward(self, x):
+        """x [B, S, D] -> z [B, S, d]; z[:, s] depends on x[:, :s] only (x is shifted right by one)."""
+        B = x.shape[0]
+        h = torch.cat([self.start.expand(B, 1, -1), self.inp(x[:, :-1])], dim=1)
+        for blk in self.blocks:
+            h = blk(h)
+        return self.ln_f(h)
+
+    def new_cache(self, B, device=None):
+        hd = self.d // self.n_heads
+        shape = (B, self.n_heads, self.window, hd)
+        return {'pos': 0, 'kv': [(torch.zeros(shape, device=device), torch.zeros(shape, device=device))
+                                 for _ in self.blocks]}
+
+    def step(self, x_prev, cache):
+        """x_prev [B, D] (the previous frame) or None for the first frame -> z [B, d]; one new token."""
+        B = cache['kv'][0][0].shape[0]
+        h = (self.start.expand(B, -1) if x_prev is None else self.inp(x_prev))[:, None]
+        for blk, kv in zip(self.blocks, cache['kv']):
+            h = blk.step(h, cache['pos'], kv)
+        cache['pos'] += 1
+        return self.ln_f(h[:, 0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# MLP head: MAR's residual MLP with adaptive LayerNorm (MAR §3.3 / its SimpleMLPAdaLN), computing
+# F_theta(x_t / sigma_d, t, z). Init as MAR: xavier Linear, zero biases, zero adaLN modulation and final
+# layer, so the head starts as the zero map and every block as the identity.
+
+def time_features(t, dim, scale=100.0):
+    """Sinusoidal features of t in [0, pi/2]. Moderate frequencies (max `scale` rad per unit t) keep
+    dF/dt, which the sCT tangent differentiates through, well-behaved (sCM §4.1 on time embeddings)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    ang = (scale * t)[:, None] * freqs[None]
+    return torch.cat([ang.cos(), ang.sin()], dim=-1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.ln = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(w, 3 * w))
+
+    def forward(self, h, c):
+        shift, scale, gate = self.ada(c).chunk(3, dim=-1)
+        return h + gate * self.mlp(self.ln(h) * (1 + scale) + shift)
+
+
+class Head(nn.Module):
+    def __init__(self, D, d_cond, w, n_blocks, n_freq=256):
+        super().__init__()
+        self.n_freq = n_freq
+        self.inp = nn.Linear(D, w)
+        self.time = nn.Sequential(nn.Linear(n_freq, w), nn.SiLU(), nn.Linear(w, w))
+        self.cond = nn.Linear(d_cond, w)
+        self.blocks = nn.ModuleList([ResBlock(w) for _ in range(n_blocks)])
+        self.ln_f = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
+        self.ada_f = nn.Sequential(nn.SiLU(), nn.Linear(w, 2 * w))
+        self.out = nn.Linear(w, D)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.time:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        for lin in [b.ada[-1] for b in self.blocks] + [self.ada_f[-1], self.out]:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x, t, z):
+        """x [N, D] = x_t / sigma_d, t [N], z [N, d_cond] -> F_theta [N, D]."""
+        c = self.time(time_features(t, self.n_freq)) + self.cond(z)
+        h = self.inp(x)
+        for blk in self.blocks:
+            h = blk(h, c)
+        shift, scale = self.ada_f(c).chunk(2, dim=-1)
+        return self.out(self.ln_f(h) * (1 + scale) + shift)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Samplers (module-level so tests can run them on an analytic F). F(x_scaled, t) -> F_theta.
+# Temperature tau (paper's Gaussian temperature heuristic): every noise draw has std sqrt(tau) * sigma_d.
+# For a Gaussian target the sampler is affine in its noises, so the output variance scales by tau.
+
+def consistency_times(steps):
+    """Intermediate times for N-step consistency sampling, starting at pi/2. sCM §5 uses t_mid = 1.1
+    for 2 steps; for more steps we continue geometrically in sigma = tan(t) from tan(1.1) ~ 1.96 down to
+    0.25 (our choice): N=4 -> t ~ (pi/2, 1.100, 0.611, 0.245)."""
+    if steps == 1:
+        return [HALF_PI]
+    sig = torch.logspace(math.log10(math.tan(1.1)), math.log10(0.25), steps - 1).tolist()
+    return [HALF_PI] + [math.atan(s) for s in sig]
+
+
+def consistency_sample(Fn, shape, steps=1, temperature=1.0, sigma_d=1.0, generator=None, times=None,
+                       device=None):
+    """sCM multistep sampling: x_0 = f(x_t, t) with f(x_t, t) = cos t x_t - sin t sigma_d F(x_t/sigma_d, t)
+    (sCM eq. 7, TrigFlow parameterisation); between steps re-noise x_0 to the next t."""
+    times = consistency_times(steps) if times is None else times
+    std = math.sqrt(temperature) * sigma_d
+    N = shape[0]
+    x0 = None
+    for i, t in enumerate(times):
+        noise = std * torch.randn(shape, generator=generator, device=device)
+        xt = noise if i == 0 else math.cos(t) * x0 + math.sin(t) * noise
+        tt = torch.full((N,), t, device=device)
+        x0 = math.cos(t) * xt - math.sin(t) * sigma_d * Fn(xt / sigma_d, tt)
+    return x0
+
+
+def trigflow_sample(Fn, shape, steps=100, temperature=1.0, sigma_d=1.0, generator=None, device=None):
+    """Integrate the PF-ODE dx/dt = sigma_d F(x/sigma_d, t) from pi/2 to 0 (sCM §2) on a uniform t grid,
+    with the TrigFlow DDIM step x_s = cos(t-s) x_t - sin(t-s) sigma_d F (first order, exact for the
+    trigonometric interpolant; with one step it is the consistency map f)."""
+    x = math.sqrt(temperature) * sigma_d * torch.randn(shape, generator=generator, device=device)
+    ts = torch.linspace(HALF_PI, 0.0, steps + 1).tolist()
+    for t, s in zip(ts[:-1], ts[1:]):
+        tt = torch.full((shape[0],), t, device=device)
+        x = math.cos(t - s) * x - math.sin(t - s) * sigma_d * Fn(x / sigma_d, tt)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+
+class CALM(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        D, d = cfg.latent_dim, cfg.d_model
+        self.long = Transformer(D, d, cfg.n_layers, cfg.n_heads, cfg.context, cfg.dropout)
+        self.short = (Transformer(D, d, cfg.short_layers, cfg.n_heads, cfg.short_context, cfg.dropout)
+                      if cfg.short_context > 0 else None)
+        self.head = Head(D, d, cfg.head_width, cfg.head_blocks)
+        # learned log-variance weight w(t) of sCM eq. 9, zero-init (starts as the plain MSE)
+        self.weight_net = nn.Linear(128, 1) if cfg.adaptive_weight else None
+        if self.weight_net is not None:
+            nn.init.zeros_(self.weight_net.weight)
+            nn.init.zeros_(self.weight_net.bias)
+
+    # --- conditioning z_s = z_long_s + z_short_s (paper §3.2) ---
+    def noise_augment(self, x):
+        """x~_s = sqrt(k_s) eps + sqrt(1 - k_s) x_s with one k_s ~ U(0,1) per frame (paper §3.2, k indexed
+        per frame). Only the backbone's inputs are corrupted; targets and T_short's inputs stay clean."""
+        k = torch.rand(x.shape[0], x.shape[1], 1, device=x.device)
+        return k.sqrt() * torch.randn_like(x) + (1 - k).sqrt() * x
+
+    def conditioning(self, x_long, x_short):
+        """z [B, S, d] for every frame: T_long reads x_long (noisy in training), T_short clean x_short.
+        Issue 6 (text conditioning + latent CFG) plugs in here: z_cfg = z_uncond + a (z_cond - z_uncond)."""
+        z = self.long(x_long)
+        return z + self.short(x_short) if self.short is not None else z
+
+    def forward(self, x, step=0):
+        """x [B, S, D] clean standardised latents -> (loss, stats). Teacher forcing: predicts every x_s."""
+        x_long = self.noise_augment(x) if (self.training and self.cfg.noise_aug) else x
+        z = self.conditioning(x_long, x)
+        return self.head_loss(z.reshape(-1, z.shape[-1]), x.reshape(-1, x.shape[-1]), step)
+
+    # --- head losses ---
+    def sample_t(self, n, device):
+        """Log-normal proposal t = arctan(e^tau / sigma_d), tau ~ N(P_mean, P_std^2) (sCM §4.2)."""
+        tau = self.cfg.P_mean + self.cfg.P_std * torch.randn(n, device=device)
+        t = torch.atan(tau.exp() / self.cfg.sigma_d)
+        return t.clamp(self.cfg.t_eps, HALF_PI - self.cfg.t_eps)
+
+    def head_loss(self, z, x0, step=0):
+        """z [N, d], x0 [N, D] -> (loss, stats). Head batch multiplier: each row repeated M times with its
+        own (noise, t); the backbone ran once (MAR §3.3, paper Table 14)."""
+        cfg, sd = self.cfg, self.cfg.sigma_d
+        M = cfg.head_batch_mul
+        z, x0 = z.repeat_interleave(M, 0), x0.repeat_interleave(M, 0)
+        t = self.sample_t(x0.shape[0], x0.device)
+        noise = sd * torch.randn_like(x0)
+        cos, sin = t.cos()[:, None], t.sin()[:, None]
+        xt = cos * x0 + sin * noise                       # TrigFlow interpolant (sCM eq. 5)
+        dxt = cos * noise - sin * x0                      # its velocity v_t = dx_t/dt
+        stats = {}
+        if cfg.head_loss == 'trigflow':                   # diffusion loss ||sigma_d F - v_t||^2 (sCM eq. 6)
+            err = ((sd * self.head(xt / sd, t, z) - dxt) ** 2).mean(-1)
+        elif cfg.head_loss == 'consistency':              # sCT loss (sCM eq. 8 + §4.2 tricks)
+            r = min(1.0, step / cfg.tangent_warmup) if cfg.tangent_warmup > 0 else 1.0
+            zd = z.detach()                               # theta^- = stop-grad(theta), backbone included
+            cs = cos * sin
+            with torch.no_grad():
+                # one JVP along (dx_t/dt / sigma_d, 1), both tangents scaled by cos t sin t (sCM §4.2)
+                F_minus, dF_cs = torch.func.jvp(lambda a, b: self.head(a, b, zd), (xt / sd, t),
+                                                (cs * dxt / sd, cs[:, 0]))
+                # g = -cos^2 t (sigma_d F^- - dx_t/dt) - r cos t sin t (x_t + sigma_d dF^-/dt)
+                g = -cos ** 2 * (sd * F_minus - dxt) - r * (cs * xt + sd * dF_cs)
+                gn = g.norm(dim=-1, keepdim=True)
+                g = g / (gn + 0.1)                        # tangent normalisation, c = 0.1 (sCM §4.2)
+            err = ((self.head(xt / sd, t, z) - F_minus - g) ** 2).mean(-1)
+            stats.update(r=r, g_norm=gn.mean().item())
+        else:
+            raise ValueError(f"head_loss must be 'trigflow' or 'consistency', got {cfg.head_loss!r}")
+        stats['mse'] = err.mean().item()
+        if self.weight_net is not None:                   # e^{w(t)} ||.||^2 / D - w(t)  (sCM eq. 9)
+            w = self.weight_net(time_features(t, 128))[:, 0]
+            err = w.exp() * err - w
+        loss = err.mean()
+        stats['loss'] = loss.item()
+        return loss, stats
+
+    # --- generation: per-frame pieces, exposed so evaluators can time backbone vs head ---
+    def new_state(self, B, device=None):
+        return {'long': self.long.new_cache(B, device),
+                'short': self.short.new_cache(B, device) if self.short is not None else None}
+
+    def step_backbone(self, x_prev, state):
+        """x_prev [B, D] (last frame, None at the start) -> z [B, d] for the next frame; one token each."""
+        z = self.long.step(x_prev, state['long'])
+        return z + self.short.step(x_prev, state['short']) if self.short is not None else z
+
+    def sample_head(self, z, steps=1, temperature=1.0, generator=None, times=None):
+        """z [N, d] -> x [N, D]: consistency steps or ODE steps depending on cfg.head_loss."""
+        Fn = lambda x, t: self.head(x, t, z)
+        shape, sd = (z.shape[0], self.cfg.latent_dim), self.cfg.sigma_d
+        if self.cfg.head_loss == 'consistency':
+            return consistency_sample(Fn, shape, steps, temperature, sd, generator, times, z.device)
+        return trigflow_sample(Fn, shape, steps, temperature, sd, generator, z.device)
+
+    @torch.inference_mode()
+    def generate(self, prompt=None, n_frames=100, steps=1, temperature=0.7, generator=None):
+        """prompt [B, P, D] or None -> [B, n_frames, D] new frames, streamed with the KV caches.
+        temperature 0.7 is pocket-tts's default; 1.0 samples the model's own distribution."""
+        B = 1 if prompt is None else prompt.shape[0]
+        device = next(self.parameters()).device
+        state = self.new_state(B, device)
+        x = None
+        if prompt is not None:                       # prefill frame by frame (same code path as sampling)
+            for p in range(prompt.shape[1]):
+                self.step_backbone(x, state)
+                x = prompt[:, p]
+        out = []
+        for _ in range(n_frames):
+            x = self.sample_head(self.step_backbone(x, state), steps, temperature, generator)
+            out.append(x)
+        return torch.stack(out, dim=1)
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+if __name__ == '__main__':   # smoke test on random latents: param counts, a training step, generation speed
+    torch.manual_seed(0)
+    print(f"PAPER params: {n_params(CALM(PAPER)) / 1e6:.1f}M")
+    for loss in ['trigflow', 'consistency']:
+        cfg = Config(**{**TOY.__dict__, 'head_loss': loss})
+        m = CALM(cfg)
+        x = torch.randn(32, cfg.context, cfg.latent_dim)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+        for i in range(3):
+            t0 = time.time()
+            loss_, st = m(x, step=i)
+            opt.zero_grad(); loss_.backward(); opt.step()
+        print(f"TOY {loss}: {n_params(m) / 1e6:.2f}M params, {time.time() - t0:.2f} s/step "
+              f"({torch.get_num_threads()} threads), stats {st}")
+        m.eval()
+        for steps in [1, 4]:
+            m.generate(None, 10, steps=steps)
+            t0 = time.time()
+            m.generate(None, 100, steps=steps)
+            print(f"  generate {steps} step(s): {(time.time() - t0) * 10:.2f} ms/frame")
