@@ -1,0 +1,541 @@
+"""
+Evaluate a trained CALM run folder (vae.pt + calm.pt) on held-out toy clips.
+
+    python evaluate.py --ckpt out/toy                     # all sections, prints tables
+    python evaluate.py --ckpt out/toy --json out/eval.json --clips 32 --steps 1,4
+    python evaluate.py --compare --vae-from out/toy --lm-steps 2000   # equal-budget ablations
+
+Sections and what each number is (paper §7, §10, §10a):
+- vae: reconstruction of held-out clips: note-pitch accuracy of the reconstruction (fraction of annotated
+  notes whose estimated MIDI pitch, rounded, equals the annotation; metrics.note_pitch_accuracy), log-mel
+  L1 and SI-SDR (dB) between clip and reconstruction. 'real' = the same pitch score on the clip itself
+  (the ceiling set by the pitch estimator).
+- continuation: the first --prompt-seconds of a held-out clip are encoded, the model continues for
+  --continue-seconds, the whole latent sequence is decoded, and the continued span is scored against the
+  clip's TRUE continuation:
+    note_acc  fraction of true notes (onset in the continued span, >= BOUNDARY_SKIP s after the prompt
+              boundary) whose pitch, estimated from the generated audio over the middle of the note's
+              span, equals the annotated MIDI pitch (rounded).
+    onset_r / onset_p / onset_f1  notes are transcribed from the generated audio (spectral-flux onsets +
+              f0 per segment, `transcribe` below); a true note is hit when a transcribed note with the
+              same pitch starts within +-tol s (default 0.1); recall / precision / F1 over all clips.
+    key       fraction of transcribed pitch classes inside the clip's scale (tonic + mode).
+    timbre    fraction of clips whose continuation the timbre detector assigns to the clip's family.
+    fd        Frechet distance (FAD-like, NOT from the model under test) between the set of continuations
+              and the real continuations of a DIFFERENT set of held-out clips; see `embed` / `frechet`.
+  Reference rows: 'real' = the true continuation itself (the metric's ceiling), 'vae' = the clip encoded
+  and decoded by the VAE (what a perfect LM could reach), 'other clip' = the true continuation of a
+  different held-out clip (chance level: right style, wrong notes), 'noise' = white noise (fd only).
+- speed: batch 1, torch.inference_mode, ms per generated frame at 1/4/100 sampler steps, derived head
+  cost per step and backbone cost per frame, real-time factor (generation s / audio s at the VAE frame
+  rate), and ms/frame for 10 s vs 30 s continuations.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+import data
+import metrics
+
+BOUNDARY_SKIP = 0.1  # s: true notes starting this close to the prompt boundary are not scored
+SCALES = {'major': (0, 2, 4, 5, 7, 9, 11), 'minor': (0, 2, 3, 5, 7, 8, 10)}  # natural minor
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+def load_run(run_dir, device='cpu'):
+    """(vae, model) in eval mode; sample.load when the lead's sample.py exists, else the contract format."""
+    try:
+        from sample import load
+        return load(run_dir, device=device)
+    except ImportError:
+        import vae as vae_lib
+        import calm as calm_lib
+        out = []
+        for name, lib, cls in (('vae.pt', vae_lib, vae_lib.VAE), ('calm.pt', calm_lib, calm_lib.CALM)):
+            ck = torch.load(os.path.join(run_dir, name), map_location=device, weights_only=False)
+            m = cls(lib.Config(**ck['config']))
+            m.load_state_dict(ck['model'])
+            out.append(m.to(device).eval())
+        return tuple(out)
+
+# -----------------------------------------------------------------------------
+# note transcription: spectral-flux onsets + f0 per segment
+
+
+def stft_mag(wav, n_fft=1024, hop=240):
+    """|STFT| [frames, n_fft//2+1] with a Hann window; frame i is centred at i*hop."""
+    wav = np.pad(np.asarray(wav, np.float32), (n_fft // 2, n_fft // 2))
+    n = 1 + max(0, (len(wav) - n_fft) // hop)
+    idx = np.arange(n_fft)[None, :] + hop * np.arange(n)[:, None]
+    return np.abs(np.fft.rfft(wav[idx] * np.hanning(n_fft), axis=1))
+
+
+def detect_onsets(wav, sr, hop_s=0.01, min_gap=0.06, delta=0.08, min_rms=1e-3):
+    """Onset times (s): peaks of the half-wave rectified spectral flux of log magnitudes (new energy
+    appearing in any band catches both pitch changes and re-attacks of the same pitch), above a local
+    mean + delta, at least min_gap apart, where the signal is not silent."""
+    hop = int(round(hop_s * sr))
+    mag = stft_mag(wav, hop=hop)
+    if len(mag) < 3:
+        return []
+    logmag = np.log(np.maximum(mag, 1e-3 * mag.max() + 1e-9))  # 60 dB range under the loudest bin
+    # SuperFlux-style (Boeck & Widmer 2013): compare with a max filter (+-3 bins) of the frame two hops back,
+    # so vibrato moving a partial across neighbouring bins is not taken for a new note.
+    prev = np.stack([np.roll(logmag, s, axis=1) for s in range(-3, 4)]).max(0)
+    flux = np.maximum(logmag[2:] - prev[:-2], 0).sum(1)
+    flux = np.concatenate([[0.0, 0.0], flux])
+    flux[-3:] = 0  # the last frames see the zero padding: an abrupt end is not a note
+    flux /= flux.max() + 1e-9
+    rms = np.sqrt((mag ** 2).sum(1) * 2) / mag.shape[1]  # a loudness proxy per frame
+    rms_gate = rms > max(min_rms, 1e-2 * rms.max())
+    w, gap = 10, max(1, int(round(min_gap / hop_s)))
+    onsets = []
+    for i in range(1, len(flux) - 1):
+        lo, hi = max(0, i - w), min(len(flux), i + w + 1)
+        if (flux[i] == flux[max(0, i - 3):i + 4].max() and flux[i] > flux[lo:hi].mean() + delta
+                and (rms_gate[i] or rms_gate[min(i + 2, len(flux) - 1)])):
+            if not onsets or i - onsets[-1] >= gap:
+                onsets.append(i)
+    return [i * hop_s for i in onsets]
+
+
+def transcribe(wav, sr, min_dur=0.04):
+    """Notes (data.Note) of a monophonic melody: one note per onset, lasting to the next onset (or the end
+    of the audio); pitch = rounded MIDI of metrics.estimate_f0 over the middle half of the segment;
+    unvoiced segments are dropped."""
+    onsets = detect_onsets(wav, sr)
+    end_t = len(wav) / sr
+    notes = []
+    for k, t in enumerate(onsets):
+        t_end = onsets[k + 1] if k + 1 < len(onsets) else end_t
+        if t_end - t < min_dur:
+            continue
+        f0 = segment_f0(wav, sr, t, t_end)
+        if f0 > 0:
+            notes.append(data.Note(onset=t, duration=t_end - t, pitch=int(round(metrics.hz_to_midi(f0)))))
+    return notes
+
+
+def segment_f0(wav, sr, t0, t1):
+    """metrics.estimate_f0 over the middle half of [t0, t1] (at least 40 ms when the span allows)."""
+    mid, half = (t0 + t1) / 2, max((t1 - t0) / 4, 0.02)
+    a, b = int(max(0, mid - half) * sr), int(min(len(wav) / sr, mid + half) * sr)
+    return metrics.estimate_f0(wav[a:b], sr) if b - a > 16 else 0.0
+
+# -----------------------------------------------------------------------------
+# timbre: nearest-centroid instrument family from harmonic partial ratios
+
+
+def harmonic_profile(wav, sr, n_harm=8, win=0.085, hop=0.1):
+    """Mean over voiced windows of the levels (dB, relative to the strongest partial, floored at -60) of
+    partials 1..n_harm at k*f0; None if nothing is voiced. Level ratios of partials are what tells a
+    clarinet-like (odd partials) from a saw-like or a sine-like tone, independent of pitch."""
+    n = int(win * sr)
+    feats = []
+    for a in range(0, len(wav) - n + 1, int(hop * sr)):
+        seg = wav[a:a + n]
+        if np.sqrt(np.mean(seg ** 2)) < 1e-3:
+            continue
+        f0 = metrics.estimate_f0(seg, sr)
+        if f0 <= 0:
+            continue
+        spec = np.abs(np.fft.rfft(seg * np.hanning(n), 8 * n))
+        df = sr / (8 * n)
+        levels = np.full(n_harm, 1e-9)
+        for k in range(1, n_harm + 1):
+            f = k * f0
+            if f < sr / 2 - 100:
+                w = max(0.03 * f, 2 * sr / n)  # +-3 % or +-2 bins of the unpadded window
+                levels[k - 1] = spec[int((f - w) / df):int((f + w) / df) + 1].max()
+        feats.append(np.maximum(20 * np.log10(levels / levels.max()), -60.0))
+    return np.mean(feats, 0) if feats else None
+
+
+class TimbreDetector:
+    """Fit on labelled clips (family centroids of harmonic_profile); predict the nearest family."""
+
+    def __init__(self, clips, sr=data.SR):
+        by_family = {}
+        for c in clips:
+            p = harmonic_profile(c.wav, sr)
+            if p is not None:
+                by_family.setdefault(c.meta['family'], []).append(p)
+        self.families = sorted(by_family)
+        self.centroids = np.stack([np.mean(by_family[f], 0) for f in self.families])
+        self.sr = sr
+
+    def predict(self, wav):
+        p = harmonic_profile(wav, self.sr)
+        if p is None:
+            return None
+        return self.families[int(np.argmin(((self.centroids - p) ** 2).sum(1)))]
+
+# -----------------------------------------------------------------------------
+# Frechet distance on a fixed embedding (FAD-like, nothing from the model under test)
+
+
+def embed(wavs, sr, dim=32, context=4, seed=0):
+    """Per-frame embeddings of a set of waveforms: `context` consecutive metrics.log_mel frames (stacked,
+    so short-time dynamics count) mapped by a fixed seeded Gaussian random projection to `dim` dims.
+    Returns [total frames, dim]. Same seed -> same projection for every set, so distances compare."""
+    mels = [metrics.log_mel(w, sr) for w in wavs]
+    n_mels = mels[0].shape[1]
+    proj = np.random.default_rng(seed).standard_normal((context * n_mels, dim)) / math.sqrt(context * n_mels)
+    rows = []
+    for m in mels:
+        if len(m) >= context:
+            stacked = np.concatenate([m[i:len(m) - context + 1 + i] for i in range(context)], 1)
+            rows.append(stacked @ proj)
+    return np.concatenate(rows, 0)
+
+
+def frechet(a, b):
+    """Frechet distance between Gaussians fitted to the rows of a and b:
+    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), matrix square roots by eigh of
+    symmetric matrices (numpy only)."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    ev, vec = np.linalg.eigh(s_a)
+    sqrt_a = (vec * np.sqrt(np.maximum(ev, 0))) @ vec.T
+    cross = np.linalg.eigvalsh(sqrt_a @ s_b @ sqrt_a)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.sqrt(np.maximum(cross, 0)).sum())
+
+# -----------------------------------------------------------------------------
+# scoring a continuation against the true one
+
+
+def true_notes(clip, t0, t1):
+    """Annotated notes with onset in [t0 + BOUNDARY_SKIP, t1) (and the note middle inside the audio)."""
+    return [n for n in clip.notes if t0 + BOUNDARY_SKIP <= n.onset < t1 and n.onset + n.duration / 2 < t1]
+
+
+def score_continuation(wav, clip, t0, t1, sr=data.SR, tol=0.1, detector=None):
+    """Counts for one clip; `wav` covers the clip's time axis (prompt + continuation, or the real clip)
+    and only [t0, t1) is scored. Aggregate with `summarise` (pooled over clips)."""
+    wav = np.asarray(wav, np.float32)[:int(t1 * sr)]
+    ref = true_notes(clip, t0, t1)
+    cont = wav[int(t0 * sr):]
+    gen = [n for n in transcribe(cont, sr)]
+    for n in gen:
+        n.onset += t0
+    gen = [n for n in gen if n.onset >= t0 + BOUNDARY_SKIP]
+    used, hits = set(), 0
+    for r in ref:  # greedy one-to-one matching: same pitch, closest onset within tol
+        cands = [(abs(g.onset - r.onset), j) for j, g in enumerate(gen)
+                 if j not in used and g.pitch == r.pitch and abs(g.onset - r.onset) <= tol]
+        if cands:
+            used.add(min(cands)[1])
+            hits += 1
+    scale = SCALES[clip.meta['mode']]
+    in_key = sum((g.pitch - clip.meta['tonic']) % 12 in scale for g in gen)
+    family = detector.predict(cont) if detector is not None else None
+    # metrics.note_pitch_accuracy per note (f0 over 30-75 % of the note's span); nan (note does not fit) = wrong
+    n_pitch = sum(metrics.note_pitch_accuracy(wav, [r], sr) == 1.0 for r in ref)
+    return dict(n_ref=len(ref), n_pitch=int(n_pitch),
+                n_hit=hits, n_gen=len(gen), n_in_key=in_key,
+                timbre=None if detector is None else float(family == clip.meta['family']))
+
+
+def summarise(counts, fd=None):
+    """Pool per-clip counts into the reported fractions (see the module docstring)."""
+    s = {k: sum(c[k] for c in counts) for k in ('n_ref', 'n_pitch', 'n_hit', 'n_gen', 'n_in_key')}
+    r = s['n_hit'] / max(s['n_ref'], 1)
+    p = s['n_hit'] / max(s['n_gen'], 1)
+    out = dict(note_acc=s['n_pitch'] / max(s['n_ref'], 1), onset_r=r, onset_p=p,
+               onset_f1=2 * r * p / (r + p) if r + p > 0 else 0.0, key=s['n_in_key'] / max(s['n_gen'], 1),
+               n_notes=s['n_ref'], n_gen=s['n_gen'])
+    timbres = [c['timbre'] for c in counts if c['timbre'] is not None]
+    out['timbre'] = float(np.mean(timbres)) if timbres else None
+    out['fd'] = fd
+    return out
+
+# -----------------------------------------------------------------------------
+# the sections
+
+
+class Progress:
+    """'[name] i/N  rate/s  ETA s' lines on stderr."""
+
+    def __init__(self, name, total):
+        self.name, self.total, self.t0 = name, total, time.time()
+
+    def __call__(self, i):
+        dt = time.time() - self.t0
+        rate = i / max(dt, 1e-9)
+        print(f"[{self.name}] {i}/{self.total}  {rate:.2f}/s  ETA {(self.total - i) / max(rate, 1e-9):.0f}s",
+              file=sys.stderr, flush=True)
+
+
+@torch.inference_mode()
+def eval_vae(vae, clips, device, batch=8):
+    sr, res = data.SR, dict(note_acc_real=[], note_acc=[], log_mel_l1=[], si_sdr=[])
+    prog = Progress('vae', len(clips))
+    for i in range(0, len(clips), batch):
+        chunk = clips[i:i + batch]
+        x = torch.tensor(np.stack([c.wav for c in chunk]), device=device)
+        y = vae.decode(vae.encode(x)).cpu().numpy()[:, :x.shape[1]]
+        for c, rec in zip(chunk, y):
+            res['note_acc_real'].append(metrics.note_pitch_accuracy(c.wav, c.notes, sr))
+            res['note_acc'].append(metrics.note_pitch_accuracy(rec, c.notes, sr))
+            res['log_mel_l1'].append(metrics.log_mel_l1(c.wav, rec, sr))
+            res['si_sdr'].append(metrics.si_sdr(c.wav, rec))
+        prog(min(i + batch, len(clips)))
+    return {k: float(np.mean(v)) for k, v in res.items()} | {'n_clips': len(clips)}
+
+
+def temp_kwargs(temperature):
+    return {} if temperature is None else {'temperature': temperature}  # None: the model's default
+
+
+def tlabel(temperature):
+    return 'default' if temperature is None else f'{temperature:g}'
+
+
+@torch.inference_mode()
+def generate_continuations(vae, model, clips, p_frames, c_frames, steps, temperature, seed, device, batch=8):
+    """Decoded prompt+continuation waveforms [N, (p+c)*hop] (numpy), one fixed generator per setting."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    hop, outs = vae.hop, []
+    prog = Progress(f'gen steps={steps} T={tlabel(temperature)}', len(clips))
+    for i in range(0, len(clips), batch):
+        x = torch.tensor(np.stack([c.wav[:p_frames * hop] for c in clips[i:i + batch]]), device=device)
+        prompt = vae.encode(x)
+        new = model.generate(prompt, c_frames, steps=steps, generator=g, **temp_kwargs(temperature))
+        outs.append(vae.decode(torch.cat([prompt, new], 1)).float().cpu().numpy())
+        prog(min(i + batch, len(clips)))
+    return np.concatenate(outs, 0)
+
+
+def eval_continuation(vae, model, clips, ref_clips, detector, args, device):
+    """Rows of scores (see module docstring). clips: scored clips; ref_clips: other held-out clips whose
+    real continuations are the Frechet reference set."""
+    sr, hop = data.SR, vae.hop
+    p_frames = int(round(args.prompt_seconds * vae.frame_rate))
+    c_frames = int(round(args.continue_seconds * vae.frame_rate))
+    t0, t1 = p_frames * hop / sr, min((p_frames + c_frames) * hop / sr, len(clips[0].wav) / sr)
+    cut = lambda w: np.asarray(w[int(t0 * sr):int(t1 * sr)], np.float32)
+    ref_emb = embed([cut(c.wav) for c in ref_clips], sr)
+
+    def row(wavs):
+        counts = [score_continuation(w, c, t0, t1, sr, args.tol, detector) for c, w in zip(clips, wavs)]
+        return summarise(counts, fd=frechet(embed([cut(w) for w in wavs], sr), ref_emb))
+
+    rows = {'real': row([c.wav for c in clips]),
+            'other clip': row([clips[(i + 1) % len(clips)].wav for i in range(len(clips))])}
+    noise = np.random.default_rng(args.seed).standard_normal((len(clips), len(clips[0].wav))).astype(np.float32) * 0.1
+    rows['noise'] = {'fd': frechet(embed([cut(w) for w in noise], sr), ref_emb)}
+    with torch.inference_mode():
+        x = torch.tensor(np.stack([c.wav[:(p_frames + c_frames) * hop] for c in clips]), device=device)
+        rows['vae'] = row(vae.decode(vae.encode(x)).float().cpu().numpy())
+    for steps in args.steps:
+        for temp in args.temperature:
+            wavs = generate_continuations(vae, model, clips, p_frames, c_frames, steps, temp, args.seed, device)
+            rows[f'calm steps={steps} T={tlabel(temp)}'] = row(wavs)
+    # does the prompt hold >= 2 repetitions of the motif? (the continuation is then predictable)
+    two_motifs = [len(c.meta['motif']) * 2 <= len(c.notes) and
+                  c.notes[2 * len(c.meta['motif']) - 1].onset < t0 for c in clips]
+    settings = dict(n_clips=len(clips), prompt_s=t0, continue_s=t1 - t0, tol=args.tol, seed=args.seed,
+                    prompt_has_2_motifs=float(np.mean(two_motifs)),
+                    fd_embedding='log-mel x4 frames -> seeded random projection to 32 dims, vs real '
+                                 f'continuations of {len(ref_clips)} other held-out clips')
+    return dict(settings=settings, rows=rows)
+
+
+@torch.inference_mode()
+def eval_speed(vae, model, clip, args, device):
+    """Batch-1 timings. ms/frame at steps in (1, 4, 100) over a 10 s continuation; the head cost per step
+    is the slope (t(100) - t(1)) / 99 and the backbone(+short context) cost per frame is t(1) - head; on a
+    consistency model '100 steps' is 100 evaluations of the same head (the per-step head cost is what is
+    measured), on a TrigFlow model it is the 100-step PF-ODE sampler."""
+    fr = vae.frame_rate
+    p = int(round(args.prompt_seconds * fr))
+    prompt = vae.encode(torch.tensor(clip.wav[None, :p * vae.hop], device=device))
+
+    def ms_per_frame(n, steps):
+        g = torch.Generator(device=device).manual_seed(0)
+        t = time.perf_counter()
+        model.generate(prompt, n, steps=steps, generator=g, **temp_kwargs(args.temperature[0]))
+        if device.startswith('cuda'):
+            torch.cuda.synchronize()
+        return 1000 * (time.perf_counter() - t) / n
+
+    ms_per_frame(4, 1)  # warm-up
+    n10, n30 = int(round(10 * fr)), int(round(30 * fr))
+    out = {f'ms_per_frame_steps{s}': ms_per_frame(n10, s) for s in (1, 4, 100)}
+    print('[speed] steps 1/4/100 done', file=sys.stderr, flush=True)
+    out['head_ms_per_step'] = (out['ms_per_frame_steps100'] - out['ms_per_frame_steps1']) / 99
+    out['backbone_ms_per_frame'] = out['ms_per_frame_steps1'] - out['head_ms_per_step']
+    for s in (1, 4, 100):
+        out[f'rtf_steps{s}'] = out[f'ms_per_frame_steps{s}'] / 1000 * fr  # generation s / audio s
+    out['ms_per_frame_10s_steps1'] = out['ms_per_frame_steps1']
+    out['ms_per_frame_30s_steps1'] = ms_per_frame(n30, 1)
+    lat = torch.zeros(1, n10, prompt.shape[-1], device=device)
+    t = time.perf_counter()
+    vae.decode(lat)
+    out['vae_decode_rtf'] = (time.perf_counter() - t) / 10.0
+    out['head_loss'] = getattr(getattr(model, 'cfg', None), 'head_loss', None)
+    out['threads'] = torch.get_num_threads()
+    return out
+
+# -----------------------------------------------------------------------------
+# printing
+
+
+def fmt(v):
+    return '-' if v is None else f'{v:.3f}' if isinstance(v, float) else str(v)
+
+
+def table(rows, cols):
+    """rows: {name: dict}; a fixed-width text table of the given columns."""
+    names = list(rows)
+    w0 = max([len('')] + [len(n) for n in names]) + 2
+    lines = [''.ljust(w0) + ''.join(c.rjust(10) for c in cols)]
+    for n in names:
+        lines.append(n.ljust(w0) + ''.join(fmt(rows[n].get(c)).rjust(10) for c in cols))
+    return '\n'.join(lines)
+
+
+CONT_COLS = ['note_acc', 'onset_r', 'onset_p', 'onset_f1', 'key', 'timbre', 'fd']
+
+
+def report(res):
+    out = []
+    if 'vae' in res:
+        out.append('== VAE reconstruction (held-out clips) ==\n' + table({'vae': res['vae']}, list(res['vae'])))
+    if 'timbre_detector' in res:
+        out.append(f"timbre detector accuracy on real held-out clips: {res['timbre_detector']['acc_real']:.3f} "
+                   f"(families: {', '.join(res['timbre_detector']['families'])})")
+    if 'continuation' in res:
+        c = res['continuation']
+        out.append('== Continuation == ' + json.dumps(c['settings']) + '\n' + table(c['rows'], CONT_COLS) +
+                   "\nchance = 'other clip' (a different held-out clip's true continuation); ceiling = 'real'")
+    if 'speed' in res:
+        out.append('== Speed (batch 1) ==\n' + '\n'.join(f'{k:28s} {fmt(v)}' for k, v in res['speed'].items()))
+    return '\n\n'.join(out)
+
+# -----------------------------------------------------------------------------
+# equal-budget comparisons (paper §10a ablations), trained by train.py
+
+
+BASE = ['--head-loss', 'consistency']  # the paper's ablations are on the consistency head
+VARIANTS = {
+    'consistency': BASE,
+    'trigflow': ['--head-loss', 'trigflow'],
+    'no_noise_aug': BASE + ['--no-noise-aug'],
+    'no_short_context': BASE + ['--short-context', '0'],
+    'head_batch_mul_1': BASE + ['--head-batch-mul', '1'],
+}
+
+
+def compare_rows(results, temperatures):
+    """One table from {variant: evaluate result}: per variant its calm rows; the temperature sweep on
+    'consistency'; plus the 'real' / 'other clip' reference rows of the first variant."""
+    rows = {}
+    for name, res in results.items():
+        for key, r in res['continuation']['rows'].items():
+            if key.startswith('calm'):
+                if name != 'consistency' and not key.endswith(f'T={tlabel(temperatures[0])}'):
+                    continue  # the sweep only on the default model
+                rows[f'{name} {key[5:]}'] = r
+    first = next(iter(results.values()))['continuation']['rows']
+    rows['(real)'], rows['(other clip)'] = first['real'], first['other clip']
+    return rows
+
+
+def run_compare(args):
+    results = {}
+    for name, extra in VARIANTS.items():
+        out = os.path.join(args.compare_dir, name)
+        if not os.path.exists(os.path.join(out, 'calm.pt')) or args.retrain:
+            cmd = [sys.executable, 'train.py', '--stage', 'lm', '--vae-from', args.vae_from, '--out', out,
+                   '--lm-steps', str(args.lm_steps), '--seed', str(args.seed)] + extra
+            print('[compare] ' + ' '.join(cmd), file=sys.stderr, flush=True)
+            subprocess.run(cmd, check=True)
+        a = argparse.Namespace(**vars(args))
+        if name == 'trigflow':
+            a.steps = [args.trigflow_steps]
+        if name != 'consistency':
+            a.temperature = args.temperature[:1]
+        results[name] = evaluate(out, a, sections=('continuation',))
+    rows = compare_rows(results, args.temperature)
+    text = (f'== Equal budget comparison: {args.lm_steps} LM steps each, VAE from {args.vae_from} ==\n'
+            + table(rows, CONT_COLS))
+    return dict(results=results, table=rows), text
+
+# -----------------------------------------------------------------------------
+
+
+def evaluate(run_dir, args, sections=('vae', 'continuation', 'speed')):
+    device = args.device
+    vae, model = load_run(run_dir, device)
+    res = {'run': run_dir}
+    n_cont = args.clips_cont
+    clips = data.toy_clips('heldout', max(args.clips, 2 * n_cont))
+    if 'vae' in sections:
+        res['vae'] = eval_vae(vae, clips[:args.clips], device)
+    if 'continuation' in sections:
+        detector = TimbreDetector(data.toy_clips('train', args.timbre_fit))
+        real = [detector.predict(c.wav) == c.meta['family'] for c in clips[:n_cont]]
+        res['timbre_detector'] = dict(acc_real=float(np.mean(real)), families=detector.families)
+        res['continuation'] = eval_continuation(vae, model, clips[:n_cont], clips[n_cont:2 * n_cont],
+                                                detector, args, device)
+    if 'speed' in sections and not args.skip_speed:
+        res['speed'] = eval_speed(vae, model, clips[0], args, device)
+    return res
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--ckpt', default='out/toy', help='run folder with vae.pt and calm.pt')
+    p.add_argument('--json', help='also write the results to this JSON file')
+    p.add_argument('--clips', type=int, default=64, help='held-out clips for the VAE section')
+    p.add_argument('--clips-cont', type=int, default=32, help='held-out clips for the continuation section')
+    p.add_argument('--steps', default='1,4', help='comma list of sampler steps for continuations')
+    p.add_argument('--temperature', default='default',
+                   help="comma list of temperatures (head noise variance); 'default': the model's own")
+    p.add_argument('--prompt-seconds', type=float, default=4.0)
+    p.add_argument('--continue-seconds', type=float, default=4.0)
+    p.add_argument('--tol', type=float, default=0.1, help='onset tolerance (s) for onset_r/p/f1')
+    p.add_argument('--timbre-fit', type=int, default=48, help='train clips used to fit the timbre detector')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--skip-vae', action='store_true')
+    p.add_argument('--skip-continuation', action='store_true')
+    p.add_argument('--skip-speed', action='store_true')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--threads', type=int, default=0, help='torch threads (0: leave as is)')
+    p.add_argument('--compare', action='store_true', help='train (train.py) and evaluate the ablation variants')
+    p.add_argument('--compare-dir', default='out/compare')
+    p.add_argument('--vae-from', default='out/toy', help='--compare: run folder whose VAE every variant reuses')
+    p.add_argument('--lm-steps', type=int, default=2000, help='--compare: LM steps for every variant')
+    p.add_argument('--trigflow-steps', type=int, default=100, help='--compare: sampler steps of the trigflow run')
+    p.add_argument('--retrain', action='store_true', help='--compare: retrain runs that already exist')
+    args = p.parse_args(argv)
+    args.steps = [int(s) for s in args.steps.split(',')]
+    args.temperature = [None if t == 'default' else float(t) for t in args.temperature.split(',')]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.compare:
+        res, text = run_compare(args)
+    else:
+        sections = [s for s in ('vae', 'continuation', 'speed') if not getattr(args, f'skip_{s}')]
+        res = evaluate(args.ckpt, args, sections)
+        text = report(res)
+    print(text)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, 'w') as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,171 @@
+"""evaluate.py: the scores are right on inputs whose answer is known (no model needed, no timed asserts)."""
+import argparse
+
+import numpy as np
+import pytest
+import soxr
+import torch
+
+import data
+import evaluate as ev
+
+SR = data.SR
+T0, T1 = 4.0, 8.0  # prompt boundary and clip end (s)
+
+
+@pytest.fixture(scope='module')
+def clips():
+    return data.toy_clips('heldout', 24)
+
+
+def transpose(clip, semitones):
+    """The clip with every note pitch-shifted by resampling its own segment (onset to next onset), so the
+    onsets stay exactly where they were; a shortened segment is padded with silence."""
+    wav, out = clip.wav, np.zeros_like(clip.wav)
+    starts = [int(n.onset * SR) for n in clip.notes] + [len(wav)]
+    ratio = 2 ** (semitones / 12)
+    for a, b in zip(starts[:-1], starts[1:]):
+        seg = soxr.resample(wav[a:b], SR * ratio, SR)[:b - a]  # played back at SR: pitch * ratio
+        out[a:a + len(seg)] = seg
+    return data.Clip(wav=out, notes=[data.Note(n.onset, n.duration, n.pitch + semitones) for n in clip.notes],
+                     meta=dict(clip.meta))
+
+
+def onset_recall(wav, notes, tol=0.1):
+    """Fraction of annotated notes with a transcribed onset within tol, whatever its pitch."""
+    got = [n.onset for n in ev.transcribe(wav, SR)]
+    return np.mean([any(abs(g - n.onset) <= tol for g in got) for n in notes])
+
+
+def test_clip_against_itself(clips):
+    s = ev.summarise([ev.score_continuation(c.wav, c, T0, T1) for c in clips[:6]])
+    assert s['n_notes'] > 20
+    assert s['note_acc'] >= 0.95
+    assert s['onset_r'] >= 0.85 and s['onset_p'] >= 0.85
+    assert s['key'] >= 0.95
+
+
+def test_transposed_copy_wrong_pitch_right_timing(clips):
+    for c in clips[:4]:
+        t = transpose(c, 1)
+        assert ev.summarise([ev.score_continuation(t.wav, t, T0, T1)])['note_acc'] >= 0.8  # the copy is clean
+        s = ev.summarise([ev.score_continuation(t.wav, c, T0, T1)])  # scored against the original's notes
+        assert s['note_acc'] <= 0.1 and s['onset_r'] <= 0.1
+        assert onset_recall(t.wav, ev.true_notes(c, T0, T1)) >= 0.85  # ... while the timing still matches
+
+
+def test_silence_scores_zero(clips):
+    s = ev.summarise([ev.score_continuation(np.zeros_like(c.wav), c, T0, T1) for c in clips[:3]])
+    assert s['note_acc'] == 0 and s['onset_r'] == 0 and s['onset_f1'] == 0 and s['n_gen'] == 0 and s['key'] == 0
+
+
+def test_transcriber_finds_annotated_notes(clips):
+    for c in clips[:4]:
+        ref = ev.true_notes(c, 0.0, len(c.wav) / SR)
+        got = ev.transcribe(c.wav, SR)
+        hit = [any(g.pitch == n.pitch and abs(g.onset - n.onset) <= 0.05 for g in got) for n in ref]
+        assert np.mean(hit) >= 0.9, (c.meta, len(ref), len(got))
+        assert len(got) <= 1.15 * len(ref) + 1  # few spurious notes
+
+
+def test_frechet_math():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((20000, 4))
+    b = rng.standard_normal((20000, 4)) * np.array([1, 2, 1, 1]) + np.array([3, 0, 0, 0])
+    # closed form for diagonal covariances: |mu_a - mu_b|^2 + sum (s_a - s_b)^2 = 9 + 1
+    assert ev.frechet(a, b) == pytest.approx(10.0, rel=0.05)
+    assert abs(ev.frechet(a, a)) < 1e-6
+
+
+def test_frechet_real_splits_vs_noise_and_transposed(clips):
+    cut = lambda w: w[int(T0 * SR):int(T1 * SR)]
+    a, b = clips[:12], clips[12:24]
+    emb_a = ev.embed([cut(c.wav) for c in a], SR)
+    real = ev.frechet(emb_a, ev.embed([cut(c.wav) for c in b], SR))
+    noise = ev.frechet(emb_a, ev.embed([0.1 * np.random.default_rng(1).standard_normal(4 * SR) for _ in b], SR))
+    octave = ev.frechet(emb_a, ev.embed([cut(transpose(c, 12).wav) for c in b], SR))
+    assert abs(ev.frechet(emb_a, emb_a)) < 1e-6
+    assert real < 0.1 * noise and real < 0.5 * octave, (real, noise, octave)
+
+
+def test_timbre_detector_on_clean_clips(clips):
+    det = ev.TimbreDetector(data.toy_clips('train', 24))
+    assert len(det.families) >= 2
+    acc = np.mean([det.predict(c.wav) == c.meta['family'] for c in clips])
+    assert acc >= 0.8, (acc, det.families)
+    assert det.predict(np.zeros(SR, np.float32)) is None
+
+
+# --- the whole continuation pipeline on a fake VAE and an oracle / silent LM --------------------------------
+
+class ReshapeVAE(torch.nn.Module):
+    """'Latents' are the raw samples of each frame: a perfect codec, 12.5 frames/s."""
+    hop, frame_rate = 1920, 12.5
+
+    def encode(self, wav):
+        T = -(-wav.shape[1] // self.hop) * self.hop
+        return torch.nn.functional.pad(wav, (0, T - wav.shape[1])).reshape(wav.shape[0], -1, self.hop)
+
+    def decode(self, lat):
+        return lat.reshape(lat.shape[0], -1)
+
+
+class FakeLM(torch.nn.Module):
+    """Returns the true continuation frames of the given clips (oracle) or zeros (silent)."""
+
+    def __init__(self, clips, oracle):
+        super().__init__()
+        self.lat = ReshapeVAE().encode(torch.tensor(np.stack([c.wav for c in clips])))
+        self.oracle, self.i = oracle, 0
+
+    def generate(self, prompt, n_frames, steps=1, temperature=0.7, generator=None):
+        B, P, _ = prompt.shape
+        out = self.lat[self.i:self.i + B, P:P + n_frames]
+        self.i = (self.i + B) % len(self.lat)
+        out = torch.cat([out, torch.zeros(B, n_frames - out.shape[1], out.shape[2])], 1)
+        return out if self.oracle else torch.zeros_like(out)
+
+
+def test_continuation_pipeline_oracle_and_silent(clips):
+    args = argparse.Namespace(prompt_seconds=T0, continue_seconds=T1 - T0, steps=[1], temperature=[None],
+                              seed=0, tol=0.1)
+    det = ev.TimbreDetector(data.toy_clips('train', 12))
+    scored, ref = clips[:4], clips[4:8]
+    res = ev.eval_continuation(ReshapeVAE(), FakeLM(scored, oracle=True), scored, ref, det, args, 'cpu')
+    rows = res['rows']
+    assert set(rows) >= {'real', 'vae', 'other clip', 'noise', 'calm steps=1 T=default'}
+    calm = rows['calm steps=1 T=default']
+    for k in ('note_acc', 'onset_r', 'key', 'fd'):  # the oracle continuation is the real one
+        assert calm[k] == pytest.approx(rows['real'][k], abs=1e-6)
+    assert calm['note_acc'] > rows['other clip']['note_acc']
+    silent = ev.eval_continuation(ReshapeVAE(), FakeLM(scored, oracle=False), scored, ref, det, args, 'cpu')
+    s = silent['rows']['calm steps=1 T=default']
+    assert s['note_acc'] == 0 and s['onset_r'] == 0
+    text = ev.report({'continuation': res})
+    assert 'calm steps=1 T=default' in text and 'other clip' in text
+
+
+def test_speed_section_runs():
+    args = argparse.Namespace(prompt_seconds=1.0, temperature=[None])
+    c = data.make_clip(data.clip_seed('heldout', 0), seconds=2.0)
+    out = ev.eval_speed(ReshapeVAE(), FakeLM([c], oracle=False), c, args, 'cpu')
+    for k in ('ms_per_frame_steps1', 'ms_per_frame_steps100', 'head_ms_per_step', 'backbone_ms_per_frame',
+              'rtf_steps1', 'ms_per_frame_30s_steps1', 'vae_decode_rtf'):
+        assert np.isfinite(out[k])
+
+
+def test_compare_table_from_fake_results():
+    def fake(names, acc):
+        rows = {'real': dict(note_acc=1.0), 'other clip': dict(note_acc=0.1)}
+        rows.update({n: dict(note_acc=acc, fd=1.0) for n in names})
+        return {'continuation': {'settings': {}, 'rows': rows}}
+    results = {'consistency': fake(['calm steps=4 T=0.7', 'calm steps=4 T=1'], 0.6),
+               'trigflow': fake(['calm steps=100 T=0.7'], 0.7),
+               'no_short_context': fake(['calm steps=4 T=0.7'], 0.2)}
+    rows = ev.compare_rows(results, [0.7, 1.0])
+    assert list(rows) == ['consistency steps=4 T=0.7', 'consistency steps=4 T=1', 'trigflow steps=100 T=0.7',
+                          'no_short_context steps=4 T=0.7', '(real)', '(other clip)']
+    assert rows['no_short_context steps=4 T=0.7']['note_acc'] == 0.2
+    text = ev.table(rows, ev.CONT_COLS)
+    assert 'trigflow steps=100 T=0.7' in text and '0.700' in text
+    assert set(ev.VARIANTS) == {'consistency', 'trigflow', 'no_noise_aug', 'no_short_context', 'head_batch_mul_1'}
