@@ -1,0 +1,305 @@
+"""Tests of calm.py: TrigFlow/sCM math, samplers, temperature, causality, KV cache, short context, head
+batch multiplier, noise augmentation, and a two-mode distribution test that an MSE predictor would fail."""
+import math
+import os
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import calm  # noqa: E402
+
+torch.set_num_threads(1)
+HP = settings(max_examples=15, deadline=None)
+
+
+def tiny(**kw):
+    base = dict(latent_dim=4, d_model=32, n_layers=2, n_heads=2, context=12, short_context=3,
+                short_layers=1, head_width=32, head_blocks=2, head_batch_mul=2, tangent_warmup=10)
+    return calm.Config(**{**base, **kw})
+
+
+def randomize(model, seed=0):
+    """Non-zero weights everywhere (the MAR init zeroes the head's output), so tests see a real network."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def gaussian_F(mu, s, sigma_d, kind):
+    """Exact F for a Gaussian target N(mu, s^2): 'trigflow' gives the velocity E[v_t | x_t] / sigma_d,
+    'consistency' the F whose f(x_t, t) is the exact PF-ODE endpoint (quantile map x_t -> x_0)."""
+    def Fn(xs, t):
+        t = t[:, None]
+        xt = sigma_d * xs
+        c, si = t.cos(), t.sin()
+        var = c ** 2 * s ** 2 + si ** 2 * sigma_d ** 2
+        if kind == 'trigflow':
+            e_x0 = mu + c * s ** 2 / var * (xt - c * mu)
+            e_z = si * sigma_d ** 2 / var * (xt - c * mu)
+            return (c * e_z - si * e_x0) / sigma_d
+        f = mu + s / var.sqrt() * (xt - c * mu)
+        return (c * xt - f) / (si * sigma_d)
+    return Fn
+
+
+# --- TrigFlow / sCM math ------------------------------------------------------------------------------
+
+@HP
+@given(st.floats(0.3, 3.0), st.integers(0, 1000))
+def test_trigflow_endpoints_and_variance_preservation(sigma_d, seed):
+    g = torch.Generator().manual_seed(seed)
+    x0, z = sigma_d * torch.randn(20000, 3, generator=g), sigma_d * torch.randn(20000, 3, generator=g)
+    xt, v = calm.trigflow_interp(x0, z, torch.zeros(20000))
+    assert torch.allclose(xt, x0) and torch.allclose(v, z)
+    xt, v = calm.trigflow_interp(x0, z, torch.full((20000,), math.pi / 2))
+    assert torch.allclose(xt, z, atol=1e-6) and torch.allclose(v, -x0, atol=1e-6)
+    t = torch.rand(20000, generator=g) * math.pi / 2
+    xt, _ = calm.trigflow_interp(x0, z, t)
+    assert abs(xt.var().item() / sigma_d ** 2 - 1) < 0.05   # Var(x_t) = sigma_d^2 for every t
+
+
+@HP
+@given(st.integers(0, 1000), st.floats(0.5, 2.0))
+def test_consistency_boundary_f_x_0_is_x(seed, sigma_d):
+    m = randomize(calm.CALM(tiny(sigma_d=sigma_d)), seed)
+    x, z = torch.randn(8, 4) * 3, torch.randn(8, 32)
+    f = calm.consistency_fn(lambda a, b: m.head(a, b, z), x, torch.zeros(8), sigma_d)
+    assert torch.equal(f, x)
+
+
+@HP
+@given(st.integers(0, 1000), st.floats(0.5, 2.0), st.floats(0.05, 1.5))
+def test_sct_tangent_matches_finite_difference(seed, sigma_d, t0):
+    """With r = 1, g = cos t * d f^-(x_t, t)/dt along the trajectory x_t + h dx_t/dt: check the JVP-built
+    tangent (signs, cos t sin t scalings, sigma_d factors) against a central difference of f (float64)."""
+    m = randomize(calm.CALM(tiny(sigma_d=sigma_d)), seed).double()
+    g_ = torch.Generator().manual_seed(seed)
+    N = 6
+    x0, z = torch.randn(N, 4, generator=g_).double(), sigma_d * torch.randn(N, 4, generator=g_).double()
+    cond = torch.randn(N, 32, generator=g_).double()
+    t = torch.full((N,), t0, dtype=torch.float64)
+    xt, dxt = calm.trigflow_interp(x0, z, t)
+    Fn = lambda a, b: m.head(a, b, cond)
+    F_minus, g = calm.sct_tangent(Fn, xt, t, dxt, sigma_d, r=1.0)
+    with torch.no_grad():
+        h = 1e-6
+        fp = calm.consistency_fn(Fn, xt + h * dxt, t + h, sigma_d)
+        fm = calm.consistency_fn(Fn, xt - h * dxt, t - h, sigma_d)
+    g_fd = t.cos()[:, None] * (fp - fm) / (2 * h)
+    assert torch.allclose(F_minus, Fn(xt / sigma_d, t))
+    assert torch.allclose(g, g_fd, rtol=1e-5, atol=1e-6), (g - g_fd).abs().max()
+    # r = 0 (start of the tangent warmup) keeps only the first term
+    _, g0 = calm.sct_tangent(Fn, xt, t, dxt, sigma_d, r=0.0)
+    assert torch.allclose(g0, -t.cos()[:, None] ** 2 * (sigma_d * F_minus - dxt))
+
+
+# --- samplers and temperature -------------------------------------------------------------------------
+
+@HP
+@given(st.integers(0, 1000), st.floats(0.0, 2.0))
+def test_one_step_sampling_is_f_of_scaled_noise(seed, temp):
+    m = randomize(calm.CALM(tiny()), seed)
+    z = torch.randn(5, 32)
+    x = m.sample_head(z, steps=1, temperature=temp, generator=torch.Generator().manual_seed(seed))
+    n = torch.randn(5, 4, generator=torch.Generator().manual_seed(seed))
+    ref = calm.consistency_fn(lambda a, b: m.head(a, b, z), math.sqrt(temp) * n, torch.full((5,), math.pi / 2))
+    assert torch.allclose(x, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize('steps', [1, 2, 3, 4])
+def test_multistep_consistency_visits_requested_times(steps):
+    seen = []
+    Fn = lambda x, t: (seen.append(t.unique().tolist()), torch.zeros_like(x))[1]
+    times = [math.pi / 2, 1.3, 0.7, 0.2][:steps]
+    calm.consistency_sample(Fn, (3, 2), steps, times=times)
+    assert seen == [[pytest.approx(t)] for t in times]
+    seen.clear()
+    calm.consistency_sample(Fn, (3, 2), steps)          # default schedule: pi/2, then 1.1 (sCM), decreasing
+    got = [s[0] for s in seen]
+    assert len(got) == steps and got[0] == pytest.approx(math.pi / 2)
+    assert all(a > b for a, b in zip(got, got[1:]))
+    if steps >= 2:
+        assert got[1] == pytest.approx(1.1)
+    seen.clear()
+    calm.trigflow_sample(Fn, (3, 2), steps)             # ODE: from pi/2, decreasing, one call per step
+    got = [s[0] for s in seen]
+    assert got == pytest.approx(calm.trigflow_times(steps)[:-1]) and len(got) == steps
+    assert got[0] == pytest.approx(math.pi / 2) and all(a > b > 0 for a, b in zip(got, got[1:]))
+
+
+@HP
+@given(st.floats(-2, 2), st.floats(0.2, 2.0), st.floats(0.5, 2.0), st.floats(0.0, 1.5),
+       st.sampled_from(['consistency', 'trigflow']), st.sampled_from([1, 2, 4]))
+def test_temperature_scales_variance_on_gaussian_target(mu, s, sigma_d, temp, kind, steps):
+    """With the exact F of a Gaussian target the sampler is affine in its noise draws, so with the same
+    draws x(temp) - x(0) = sqrt(temp) (x(1) - x(0)) exactly: the variance scales by temp, temp 0 is the
+    deterministic mean path; at temp 1 the samples have the target's mean and variance."""
+    Fn = gaussian_F(mu, s, sigma_d, kind)
+    sampler = calm.consistency_sample if kind == 'consistency' else calm.trigflow_sample
+    n_steps = steps if kind == 'consistency' else 100
+    run = lambda tp, seed=0: sampler(Fn, (20000, 1), n_steps, tp, sigma_d, torch.Generator().manual_seed(seed))
+    x0, x1, xt = run(0.0), run(1.0), run(temp)
+    assert torch.equal(x0, run(0.0, seed=1))                        # temperature 0: deterministic
+    assert torch.allclose(xt - x0, math.sqrt(temp) * (x1 - x0), atol=1e-4 * (1 + s))
+    tol = 0.05 if kind == 'consistency' else 0.1    # 100 first-order ODE steps shrink the variance ~5%
+    assert abs(x1.mean().item() - mu) < 0.05 * s + 0.02
+    assert abs(x1.var().item() / s ** 2 - 1) < tol
+    if temp > 0.1:
+        assert abs(xt.var().item() / (temp * s ** 2) - 1) < tol
+
+
+# --- backbone, KV cache, short context ----------------------------------------------------------------
+
+@HP
+@given(st.integers(0, 9), st.integers(0, 1000))
+def test_backbone_is_causal(j, seed):
+    """z_s conditions x_s and reads x_<s: changing frame j changes nothing at positions <= j."""
+    m = randomize(calm.CALM(tiny()), seed)
+    x = torch.randn(2, 10, 4)
+    y = x.clone()
+    y[:, j] += 1.0
+    za, zb = m.conditioning(x, x), m.conditioning(y, y)
+    assert torch.equal(za[:, :j + 1], zb[:, :j + 1])
+    if j + 1 < 10:
+        assert not torch.allclose(za[:, j + 1], zb[:, j + 1])
+
+
+@HP
+@given(st.integers(0, 15), st.integers(1, 5), st.integers(0, 1000))
+def test_short_context_sees_only_K_frames(j, K, seed):
+    """T_short at position s reads x_{s-K}..x_{s-1}: frame j reaches positions j+1..j+K only."""
+    m = randomize(calm.CALM(tiny(short_context=K, short_layers=2)), seed)
+    x = torch.randn(1, 16, 4)
+    y = x.clone()
+    y[:, j] += 1.0
+    za, zb = m.short(x), m.short(y)
+    assert torch.equal(za[:, :j + 1], zb[:, :j + 1])
+    assert torch.equal(za[:, j + K + 1:], zb[:, j + K + 1:])
+    for s in range(j + 1, min(j + K + 1, 16)):
+        assert not torch.allclose(za[:, s], zb[:, s])
+
+
+@pytest.mark.parametrize('S', [7, 12, 30])   # below, at, and well past cfg.context (rolling cache)
+@pytest.mark.parametrize('K', [0, 3])
+def test_kv_cache_steps_equal_full_forward(S, K):
+    torch.manual_seed(0)
+    m = randomize(calm.CALM(tiny(short_context=K)))
+    x = torch.randn(2, S, 4)
+    full = m.conditioning(x, x)
+    state, prev, zs = m.new_state(2), None, []
+    for s in range(S):
+        zs.append(m.step_backbone(prev, state))
+        prev = x[:, s]
+    assert torch.allclose(torch.stack(zs, 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize('head_loss', ['consistency', 'trigflow'])
+def test_generate_equals_full_forward(head_loss):
+    """Temperature 0 makes sampling a deterministic function of z, so the streamed frames must be what a
+    full forward pass over [prompt, generated] conditions the head with; also past the context."""
+    m = randomize(calm.CALM(tiny(head_loss=head_loss)))
+    with torch.no_grad():
+        for p in m.head.parameters():
+            p.mul_(0.3)   # keep the generated sequence bounded
+    prompt = torch.randn(2, 3, 4)
+    gen = m.generate(prompt, 20, steps=2, temperature=0.0)
+    assert gen.shape == (2, 20, 4) and torch.isfinite(gen).all()
+    seq = torch.cat([prompt, gen], 1)
+    with torch.no_grad():
+        z = m.conditioning(seq, seq)[:, 3:]
+        ref = torch.stack([m.sample_head(z[:, s], 2, 0.0) for s in range(20)], 1)
+    assert torch.allclose(gen, ref, atol=1e-5)
+    assert m.generate(None, 5, steps=1).shape == (1, 5, 4)          # empty prompt
+
+
+# --- training pieces ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('head_loss', ['consistency', 'trigflow'])
+@pytest.mark.parametrize('M', [1, 3])
+def test_head_batch_multiplier_repeats_conditioning_M_times(head_loss, M):
+    m = calm.CALM(tiny(head_loss=head_loss, head_batch_mul=M)).train()
+    calls = []
+    m.head.register_forward_hook(lambda mod, inp, out: calls.append(inp))
+    x = torch.randn(2, 5, 4)
+    z_seen = []
+    orig = m.conditioning
+    m.conditioning = lambda a, b: (z_seen.append(orig(a, b)), z_seen[-1])[1]
+    loss, stats = m(x, step=3)
+    assert torch.isfinite(loss)
+    _, t, z = calls[-1]                      # the call that carries gradients
+    z0 = z_seen[0].reshape(10, -1)
+    assert z.shape[0] == 10 * M
+    assert torch.equal(z, z0.repeat_interleave(M, 0))       # each row exactly M times, in a block
+    if M > 1:   # independent time draws within a block
+        assert (t.view(10, M).std(1) > 0).all()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_noise_augmentation_corrupts_backbone_inputs_only():
+    m = calm.CALM(tiny()).train()
+    x = torch.randn(3, 8, 4)
+    seen = {}
+    m.long.register_forward_pre_hook(lambda mod, inp: seen.__setitem__('long', inp[0]))
+    m.short.register_forward_pre_hook(lambda mod, inp: seen.__setitem__('short', inp[0]))
+    orig = m.head_loss
+    m.head_loss = lambda z, x0, step: (seen.__setitem__('target', x0), orig(z, x0, step))[1]
+    m(x, step=0)
+    assert torch.equal(seen['target'], x.reshape(-1, 4))      # targets stay clean
+    assert torch.equal(seen['short'], x)                      # T_short reads clean frames
+    assert not torch.allclose(seen['long'], x)                # T_long reads noisy frames
+    m.eval()
+    m(x, step=0)
+    assert torch.equal(seen['long'], x)                       # no corruption outside training
+    m.train()
+    m.cfg.noise_aug = False
+    m(x, step=0)
+    assert torch.equal(seen['long'], x)
+
+
+def test_checkpoint_roundtrip_and_tangent_warmup():
+    cfg = tiny()
+    m = calm.CALM(cfg)
+    m2 = calm.CALM(calm.Config(**asdict(cfg)))
+    m2.load_state_dict(m.state_dict())
+    _, st0 = m(torch.randn(2, 5, 4), step=0)
+    _, st1 = m(torch.randn(2, 5, 4), step=5)
+    _, st2 = m(torch.randn(2, 5, 4), step=50)
+    assert (st0['r'], st1['r'], st2['r']) == (0.0, 0.5, 1.0)
+
+
+# --- distribution: two modes, which an MSE predictor would average ------------------------------------
+
+@pytest.mark.parametrize('head_loss,steps', [('consistency', 1), ('trigflow', 100)])
+def test_head_recovers_two_modes(head_loss, steps):
+    """x = +-1 + 0.05 noise with P(+) = 0.7, independent of the conditioning: the MSE answer would be 0.4.
+    Trains the head alone for a few seconds; samples must put 0.7 +- 0.1 of their mass on the + mode and
+    nearly all of it near +-1."""
+    torch.manual_seed(0)
+    cfg = calm.Config(latent_dim=1, d_model=8, n_layers=1, n_heads=1, context=4, short_context=0,
+                      head_width=64, head_blocks=2, head_loss=head_loss, head_batch_mul=1, tangent_warmup=100)
+    m = calm.CALM(cfg)
+    params = list(m.head.parameters()) + list(m.weight_net.parameters())
+    opt = torch.optim.Adam(params, lr=2e-3)
+    n_iter = 600
+    for i in range(n_iter):
+        for gr in opt.param_groups:
+            gr['lr'] = 2e-3 * (1 - i / n_iter)
+        z = torch.randn(512, 8)
+        x0 = torch.where(torch.rand(512, 1) < 0.7, 1.0, -1.0) + 0.05 * torch.randn(512, 1)
+        loss, _ = m.head_loss(z, x0, i)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        x = m.eval().sample_head(torch.randn(4000, 8), steps, 1.0, torch.Generator().manual_seed(1))[:, 0]
+    frac_pos = (x > 0).float().mean().item()
+    near_modes = ((x.abs() - 1).abs() < 0.25).float().mean().item()
+    assert abs(frac_pos - 0.7) < 0.1, frac_pos
+    assert near_modes > 0.8, near_modes
