@@ -1,0 +1,129 @@
+"""The causal audio VAE (vae.py): frame arithmetic, causality, KL, latent statistics, training."""
+import dataclasses
+
+import numpy as np
+import torch
+from hypothesis import given, settings, strategies as st
+
+import data
+import vae
+
+# Tiny but complete: 3 strided stages (hop 24), residual units, a 2-layer causal Transformer with a
+# 3-frame attention window (shorter than the test inputs, so the sliding window is exercised too).
+TINY = vae.Config(ratios=(4, 3, 2), channels=4, max_channels=16, latent_dim=4, d_model=16,
+                  n_transformer_layers=2, n_heads=2, context=3, stft_sizes=(64, 32))
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    return vae.VAE(dataclasses.replace(TINY, **kw)).eval()
+
+
+def test_presets_are_12_5_frames_per_second():
+    for cfg in (vae.PAPER, vae.TOY):
+        m = vae.VAE(cfg)
+        assert m.hop == 1920 and m.frame_rate == 12.5 and cfg.sample_rate == 24000
+    assert vae.PAPER.ratios == (6, 5, 4, 4, 4) and vae.PAPER.latent_dim == 32
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 2))
+def test_frame_count_and_output_length(T, B):
+    m = tiny()
+    x = m.encode(torch.randn(B, T))
+    S = -(-T // m.hop)
+    assert x.shape == (B, S, TINY.latent_dim) and m.n_frames(T) == S
+    assert m.decode(x).shape == (B, S * m.hop)
+    loss, stats = m(torch.randn(B, T))  # the training loss works on any length too
+    assert torch.isfinite(loss) and set(stats) >= {'loss', 'l1', 'stft', 'kl'}
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10 * 24 - 1), st.integers(0, 1000))
+def test_encoder_is_causal(p, seed):
+    # Latent s sees samples < (s + 1) * hop only (left-padded convs, causal windowed attention):
+    # perturbing samples >= p leaves every latent with (s + 1) * hop <= p unchanged, and changes the others.
+    m = tiny()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 10 * m.hop, generator=g)
+    y = x.clone()
+    y[:, p:] += torch.randn(1, y.shape[1] - p, generator=g)
+    a, b = m.posterior(x)[0], m.posterior(y)[0]
+    n_safe = p // m.hop
+    assert torch.equal(a[:, :n_safe], b[:, :n_safe])
+    assert not torch.allclose(a[:, n_safe], b[:, n_safe])  # the frame holding sample p does change
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 9), st.integers(0, 1000))
+def test_decoder_is_causal(s, seed):
+    # Output sample t depends on latents <= t // hop only.
+    m = tiny()
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(1, 10, TINY.latent_dim, generator=g)
+    w = z.clone()
+    w[:, s:] += torch.randn(1, 10 - s, TINY.latent_dim, generator=g)
+    a, b = m.decode(z), m.decode(w)
+    assert torch.equal(a[:, :s * m.hop], b[:, :s * m.hop])
+    assert not torch.allclose(a[:, s * m.hop:(s + 1) * m.hop], b[:, s * m.hop:(s + 1) * m.hop])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(-5, 5), min_size=8, max_size=8), st.lists(st.floats(-5, 5), min_size=8, max_size=8))
+def test_kl_nonnegative(mu, logvar):
+    mu, logvar = torch.tensor(mu).view(2, 1, 4), torch.tensor(logvar).view(2, 1, 4)
+    assert vae.kl_divergence(mu, logvar) >= 0
+    assert vae.kl_divergence(torch.zeros(3, 5, 4), torch.zeros(3, 5, 4)) == 0  # posterior == prior
+    assert vae.kl_divergence(mu + 1.0, logvar) > 0
+
+
+def test_latent_stats_standardise_and_round_trip():
+    m = tiny()
+    wav = torch.randn(2, 10 * m.hop)
+    mu, _ = m.posterior(wav)
+    m.set_latent_stats(mu.reshape(-1, TINY.latent_dim))
+    x = m.encode(wav).reshape(-1, TINY.latent_dim)
+    assert torch.allclose(x.mean(0), torch.zeros(TINY.latent_dim), atol=1e-5)
+    assert torch.allclose(x.std(0), torch.ones(TINY.latent_dim), atol=1e-4)
+    # decode() un-standardises: same audio as decoding the raw mean
+    assert torch.allclose(m.decode(m.encode(wav)), m.decode_raw(mu), atol=1e-5)
+    # the statistics travel with the state dict (the checkpoint format of train.py)
+    m2 = vae.VAE(vae.Config(**dataclasses.asdict(m.cfg)))
+    m2.load_state_dict(m.state_dict())
+    assert torch.equal(m2.latent_std, m.latent_std)
+
+
+def test_discriminator_losses():
+    cfg = dataclasses.replace(TINY, discriminator=True, disc_channels=4)
+    d = vae.make_discriminator(cfg)
+    real, fake = torch.randn(2, 4096), torch.randn(2, 4096, requires_grad=True)
+    assert vae.disc_loss(d, real, fake.detach()) >= 0
+    adv, feat = vae.generator_adv_loss(d, real, fake)
+    (adv + feat).backward()
+    assert fake.grad is not None and torch.isfinite(fake.grad).all()
+    _, feat_same = vae.generator_adv_loss(d, real, real)
+    assert feat_same == 0
+
+
+def test_short_training_lowers_reconstruction_loss():
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY, ratios=(8, 4, 2), channels=8, max_channels=32, stft_sizes=(512, 128))
+    m = vae.VAE(cfg)
+    clips = data.toy_clips('train', 4, seconds=1.0)
+    batch = torch.from_numpy(np.stack([c.wav[:6144] for c in clips]))
+
+    def recon():  # deterministic: decode the posterior mean
+        with torch.no_grad():
+            mu, _ = m.posterior(batch)
+            y = m.decode_raw(mu)
+            return float(vae.stft_loss(batch, y, cfg.stft_sizes) + (y - batch).abs().mean())
+
+    before = recon()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    for _ in range(40):
+        loss, _ = m(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = recon()
+    assert after < 0.8 * before, (before, after)
