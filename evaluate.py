@@ -10,9 +10,10 @@ Sections and what each number is (paper §7, §10, §10a):
   notes whose estimated MIDI pitch, rounded, equals the annotation; metrics.note_pitch_accuracy), log-mel
   L1 and SI-SDR (dB) between clip and reconstruction. 'real' = the same pitch score on the clip itself
   (the ceiling set by the pitch estimator).
-- continuation: the first --prompt-seconds of a held-out clip are encoded, the model continues for
-  --continue-seconds, the whole latent sequence is decoded, and the continued span is scored against the
-  clip's TRUE continuation:
+- continuation: the prompt of a held-out clip (default: per clip, its first two repetitions of the motif,
+  4.9 s on average; or a fixed --prompt-seconds) is encoded, the model continues for --continue-seconds
+  (batch 1, fixed seed), the whole latent sequence is decoded, and the continued span is scored against
+  the clip's TRUE continuation (pooled over clips):
     note_acc  fraction of true notes (onset in the continued span, >= BOUNDARY_SKIP s after the prompt
               boundary) whose pitch, estimated from the generated audio over the middle of the note's
               span, equals the annotated MIDI pitch (rounded).
@@ -21,14 +22,21 @@ Sections and what each number is (paper §7, §10, §10a):
               same pitch starts within +-tol s (default 0.1); recall / precision / F1 over all clips.
     key       fraction of transcribed pitch classes inside the clip's scale (tonic + mode).
     timbre    fraction of clips whose continuation the timbre detector assigns to the clip's family.
-    fd        Frechet distance (FAD-like, NOT from the model under test) between the set of continuations
-              and the real continuations of a DIFFERENT set of held-out clips; see `embed` / `frechet`.
+    fd        Frechet distance (FAD-like; the embedding owes nothing to the model under test) between the
+              set of continued spans and the real continued spans of a DIFFERENT set of held-out clips.
+              Embedding: metrics.log_mel frames (80 mels, natural log, hop 256 samples), 4 consecutive
+              frames stacked (320 values) times a fixed seed-0 Gaussian matrix N(0, 1/320) -> 32 dims, one
+              vector per frame; mean and covariance over all frames of a set; `frechet` below. The 'real'
+              row is the floor (two real splits); white noise scores ~10-30x higher.
   Reference rows: 'real' = the true continuation itself (the metric's ceiling), 'vae' = the clip encoded
   and decoded by the VAE (what a perfect LM could reach), 'other clip' = the true continuation of a
-  different held-out clip (chance level: right style, wrong notes), 'noise' = white noise (fd only).
-- speed: batch 1, torch.inference_mode, ms per generated frame at 1/4/100 sampler steps, derived head
-  cost per step and backbone cost per frame, real-time factor (generation s / audio s at the VAE frame
-  rate), and ms/frame for 10 s vs 30 s continuations.
+  different held-out clip (chance level: right style, wrong notes; no fd, a set-level distance does not
+  see the swap), 'noise' = white noise (fd only).
+- speed: batch 1, torch.inference_mode, best of 2 runs: ms per generated frame at 1/4/100 sampler steps
+  over a 10 s continuation (the sampler cfg.head_loss picks: consistency steps, or TrigFlow ODE steps; on
+  a consistency model '100 steps' = 100 evaluations of the same head, i.e. the head cost per step), the
+  head cost per step (slope) and backbone cost per frame derived from them, real-time factor (generation
+  s / audio s at the VAE frame rate), ms/frame for 10 s vs 30 s continuations, VAE decoding RTF.
 """
 import argparse
 import json
@@ -214,8 +222,9 @@ def frechet(a, b):
 
 
 def true_notes(clip, t0, t1):
-    """Annotated notes with onset in [t0 + BOUNDARY_SKIP, t1) (and the note middle inside the audio)."""
-    return [n for n in clip.notes if t0 + BOUNDARY_SKIP <= n.onset < t1 and n.onset + n.duration / 2 < t1]
+    """Annotated notes with onset >= t0 + BOUNDARY_SKIP whose measured part (metrics.note_pitch_accuracy reads
+    30-75 % of the note) ends before t1."""
+    return [n for n in clip.notes if t0 + BOUNDARY_SKIP <= n.onset and n.onset + 0.75 * n.duration <= t1]
 
 
 def score_continuation(wav, clip, t0, t1, sr=data.SR, tol=0.1, detector=None):
@@ -282,7 +291,7 @@ def eval_vae(vae, clips, device, batch=8):
     for i in range(0, len(clips), batch):
         chunk = clips[i:i + batch]
         x = torch.tensor(np.stack([c.wav for c in chunk]), device=device)
-        y = vae.decode(vae.encode(x)).cpu().numpy()[:, :x.shape[1]]
+        y = vae.decode(vae.encode(x)).float().cpu().numpy()[:, :x.shape[1]]
         for c, rec in zip(chunk, y):
             res['note_acc_real'].append(metrics.note_pitch_accuracy(c.wav, c.notes, sr))
             res['note_acc'].append(metrics.note_pitch_accuracy(rec, c.notes, sr))
@@ -300,53 +309,67 @@ def tlabel(temperature):
     return 'default' if temperature is None else f'{temperature:g}'
 
 
+def prompt_frames(clip, frame_rate, prompt_seconds=None):
+    """Prompt length in latent frames: `prompt_seconds` when given, else (auto) the whole frames before the
+    third repetition of the motif starts, so the prompt holds two full repetitions and the continuation is
+    predictable (its last ~0.1 s may be cut). A fixed 4 s prompt holds two repetitions in only ~17 % of toy
+    clips (motifs of 4-6 notes at 86-170 BPM last 1.5-5 s)."""
+    if prompt_seconds:
+        return int(round(prompt_seconds * frame_rate))
+    # end BOUNDARY_SKIP before the third repetition's first note, so that note is scored too
+    return int((clip.notes[2 * len(clip.meta['motif'])].onset - BOUNDARY_SKIP) * frame_rate)
+
+
 @torch.inference_mode()
-def generate_continuations(vae, model, clips, p_frames, c_frames, steps, temperature, seed, device, batch=8):
-    """Decoded prompt+continuation waveforms [N, (p+c)*hop] (numpy), one fixed generator per setting."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    hop, outs = vae.hop, []
-    prog = Progress(f'gen steps={steps} T={tlabel(temperature)}', len(clips))
-    for i in range(0, len(clips), batch):
-        x = torch.tensor(np.stack([c.wav[:p_frames * hop] for c in clips[i:i + batch]]), device=device)
-        prompt = vae.encode(x)
-        new = model.generate(prompt, c_frames, steps=steps, generator=g, **temp_kwargs(temperature))
-        outs.append(vae.decode(torch.cat([prompt, new], 1)).float().cpu().numpy())
-        prog(min(i + batch, len(clips)))
-    return np.concatenate(outs, 0)
+def continue_clip(vae, model, clip, p, c, steps, temperature, generator, device):
+    """Encode the first p frames of the clip, generate c frames, decode prompt + continuation -> numpy wav.
+    Batch 1: prompts differ in length. A prompt longer than the model context keeps its last part (as
+    sample.py does) for the model; the decoded audio keeps the whole prompt so times match the clip."""
+    prompt = vae.encode(torch.tensor(clip.wav[None, :p * vae.hop], device=device))
+    ctx = getattr(getattr(model, 'cfg', None), 'context', p)
+    new = model.generate(prompt[:, -ctx:], c, steps=steps, generator=generator, **temp_kwargs(temperature))
+    return vae.decode(torch.cat([prompt, new], 1))[0].float().cpu().numpy()
 
 
 def eval_continuation(vae, model, clips, ref_clips, detector, args, device):
-    """Rows of scores (see module docstring). clips: scored clips; ref_clips: other held-out clips whose
-    real continuations are the Frechet reference set."""
-    sr, hop = data.SR, vae.hop
-    p_frames = int(round(args.prompt_seconds * vae.frame_rate))
-    c_frames = int(round(args.continue_seconds * vae.frame_rate))
-    t0, t1 = p_frames * hop / sr, min((p_frames + c_frames) * hop / sr, len(clips[0].wav) / sr)
-    cut = lambda w: np.asarray(w[int(t0 * sr):int(t1 * sr)], np.float32)
-    ref_emb = embed([cut(c.wav) for c in ref_clips], sr)
+    """Rows of scores (see module docstring). clips: the scored clips (long enough for prompt + continuation);
+    ref_clips: other held-out clips whose real continuations are the Frechet reference set."""
+    sr, hop, fr = data.SR, vae.hop, vae.frame_rate
+    c = int(round(args.continue_seconds * fr))
+    spans = lambda cl: [(p, p + c) for p in (prompt_frames(x, fr, args.prompt_seconds) for x in cl)]
+    span, ref_span = spans(clips), spans(ref_clips)
+    cut = lambda w, s: np.asarray(w[s[0] * hop:s[1] * hop], np.float32)  # the continued span of a wav
+    ref_emb = embed([cut(x.wav, s) for x, s in zip(ref_clips, ref_span)], sr)
 
-    def row(wavs):
-        counts = [score_continuation(w, c, t0, t1, sr, args.tol, detector) for c, w in zip(clips, wavs)]
-        return summarise(counts, fd=frechet(embed([cut(w) for w in wavs], sr), ref_emb))
+    def row(wavs, with_fd=True):
+        counts = [score_continuation(w, x, a * hop / sr, b * hop / sr, sr, args.tol, detector)
+                  for x, w, (a, b) in zip(clips, wavs, span)]
+        fd = frechet(embed([cut(w, s) for w, s in zip(wavs, span)], sr), ref_emb) if with_fd else None
+        return summarise(counts, fd=fd)
 
-    rows = {'real': row([c.wav for c in clips]),
-            'other clip': row([clips[(i + 1) % len(clips)].wav for i in range(len(clips))])}
-    noise = np.random.default_rng(args.seed).standard_normal((len(clips), len(clips[0].wav))).astype(np.float32) * 0.1
-    rows['noise'] = {'fd': frechet(embed([cut(w) for w in noise], sr), ref_emb)}
+    rows = {'real': row([x.wav for x in clips]),
+            # a set-level distance cannot see that clips were swapped: no fd for this row
+            'other clip': row([clips[(i + 1) % len(clips)].wav for i in range(len(clips))], with_fd=False)}
+    rng = np.random.default_rng(args.seed)
+    rows['noise'] = {'fd': frechet(embed([0.1 * rng.standard_normal(c * hop) for _ in clips], sr), ref_emb)}
     with torch.inference_mode():
-        x = torch.tensor(np.stack([c.wav[:(p_frames + c_frames) * hop] for c in clips]), device=device)
-        rows['vae'] = row(vae.decode(vae.encode(x)).float().cpu().numpy())
+        rows['vae'] = row([vae.decode(vae.encode(torch.tensor(x.wav[None, :b * hop], device=device)))[0]
+                           .float().cpu().numpy() for x, (a, b) in zip(clips, span)])
     for steps in args.steps:
         for temp in args.temperature:
-            wavs = generate_continuations(vae, model, clips, p_frames, c_frames, steps, temp, args.seed, device)
+            g = torch.Generator(device=device).manual_seed(args.seed)  # same noise for every setting
+            prog, wavs = Progress(f'gen steps={steps} T={tlabel(temp)}', len(clips)), []
+            for i, (x, (a, b)) in enumerate(zip(clips, span)):
+                wavs.append(continue_clip(vae, model, x, a, b - a, steps, temp, g, device))
+                prog(i + 1)
             rows[f'calm steps={steps} T={tlabel(temp)}'] = row(wavs)
-    # does the prompt hold >= 2 repetitions of the motif? (the continuation is then predictable)
-    two_motifs = [len(c.meta['motif']) * 2 <= len(c.notes) and
-                  c.notes[2 * len(c.meta['motif']) - 1].onset < t0 for c in clips]
-    settings = dict(n_clips=len(clips), prompt_s=t0, continue_s=t1 - t0, tol=args.tol, seed=args.seed,
-                    prompt_has_2_motifs=float(np.mean(two_motifs)),
-                    fd_embedding='log-mel x4 frames -> seeded random projection to 32 dims, vs real '
-                                 f'continuations of {len(ref_clips)} other held-out clips')
+    m = [len(x.meta['motif']) for x in clips]
+    two = [2 * k <= len(x.notes) and x.notes[2 * k - 1].onset < a * hop / sr for x, k, (a, b) in zip(clips, m, span)]
+    settings = dict(n_clips=len(clips), prompt_s_mean=float(np.mean([a for a, b in span])) / fr,
+                    prompt='auto (2 motif repetitions)' if not args.prompt_seconds else f'{args.prompt_seconds} s',
+                    continue_s=c / fr, tol=args.tol, seed=args.seed, prompt_has_2_motifs=float(np.mean(two)),
+                    fd_embedding='metrics.log_mel, 4 stacked frames -> seeded random projection to 32 dims; '
+                                 f'reference = real continuations of {len(ref_clips)} other held-out clips')
     return dict(settings=settings, rows=rows)
 
 
@@ -357,20 +380,24 @@ def eval_speed(vae, model, clip, args, device):
     consistency model '100 steps' is 100 evaluations of the same head (the per-step head cost is what is
     measured), on a TrigFlow model it is the 100-step PF-ODE sampler."""
     fr = vae.frame_rate
-    p = int(round(args.prompt_seconds * fr))
+    p = prompt_frames(clip, fr, args.prompt_seconds)
     prompt = vae.encode(torch.tensor(clip.wav[None, :p * vae.hop], device=device))
+    prompt = prompt[:, -getattr(getattr(model, 'cfg', None), 'context', p):]
 
-    def ms_per_frame(n, steps):
-        g = torch.Generator(device=device).manual_seed(0)
-        t = time.perf_counter()
-        model.generate(prompt, n, steps=steps, generator=g, **temp_kwargs(args.temperature[0]))
-        if device.startswith('cuda'):
-            torch.cuda.synchronize()
-        return 1000 * (time.perf_counter() - t) / n
+    def ms_per_frame(n, steps, repeats=2):  # best of `repeats`: the machine may be shared
+        best = float('inf')
+        for _ in range(repeats):
+            g = torch.Generator(device=device).manual_seed(0)
+            t = time.perf_counter()
+            model.generate(prompt, n, steps=steps, generator=g, **temp_kwargs(args.temperature[0]))
+            if device.startswith('cuda'):
+                torch.cuda.synchronize()
+            best = min(best, 1000 * (time.perf_counter() - t) / n)
+        return best
 
-    ms_per_frame(4, 1)  # warm-up
+    ms_per_frame(4, 1, repeats=1)  # warm-up
     n10, n30 = int(round(10 * fr)), int(round(30 * fr))
-    out = {f'ms_per_frame_steps{s}': ms_per_frame(n10, s) for s in (1, 4, 100)}
+    out = {f'ms_per_frame_steps{s}': ms_per_frame(n10, s, repeats=1 if s == 100 else 2) for s in (1, 4, 100)}
     print('[speed] steps 1/4/100 done', file=sys.stderr, flush=True)
     out['head_ms_per_step'] = (out['ms_per_frame_steps100'] - out['ms_per_frame_steps1']) / 99
     out['backbone_ms_per_frame'] = out['ms_per_frame_steps1'] - out['head_ms_per_step']
@@ -398,9 +425,10 @@ def table(rows, cols):
     """rows: {name: dict}; a fixed-width text table of the given columns."""
     names = list(rows)
     w0 = max([len('')] + [len(n) for n in names]) + 2
-    lines = [''.ljust(w0) + ''.join(c.rjust(10) for c in cols)]
+    w = [max(10, len(c) + 2) for c in cols]
+    lines = [''.ljust(w0) + ''.join(c.rjust(k) for c, k in zip(cols, w))]
     for n in names:
-        lines.append(n.ljust(w0) + ''.join(fmt(rows[n].get(c)).rjust(10) for c in cols))
+        lines.append(n.ljust(w0) + ''.join(fmt(rows[n].get(c)).rjust(k) for c, k in zip(cols, w)))
     return '\n'.join(lines)
 
 
@@ -412,7 +440,7 @@ def report(res):
     if 'vae' in res:
         out.append('== VAE reconstruction (held-out clips) ==\n' + table({'vae': res['vae']}, list(res['vae'])))
     if 'timbre_detector' in res:
-        out.append(f"timbre detector accuracy on real held-out clips: {res['timbre_detector']['acc_real']:.3f} "
+        out.append(f"timbre detector accuracy on the real continuations: {fmt(res['timbre_detector']['acc_real'])} "
                    f"(families: {', '.join(res['timbre_detector']['families'])})")
     if 'continuation' in res:
         c = res['continuation']
@@ -437,8 +465,8 @@ VARIANTS = {
 
 
 def compare_rows(results, temperatures):
-    """One table from {variant: evaluate result}: per variant its calm rows; the temperature sweep on
-    'consistency'; plus the 'real' / 'other clip' reference rows of the first variant."""
+    """One table from {variant: evaluate result}: per variant its calm rows at the first temperature, the
+    whole temperature sweep on 'consistency'; plus the reference rows (real / vae / other clip) of the first."""
     rows = {}
     for name, res in results.items():
         for key, r in res['continuation']['rows'].items():
@@ -447,11 +475,16 @@ def compare_rows(results, temperatures):
                     continue  # the sweep only on the default model
                 rows[f'{name} {key[5:]}'] = r
     first = next(iter(results.values()))['continuation']['rows']
-    rows['(real)'], rows['(other clip)'] = first['real'], first['other clip']
+    rows['(real)'], rows['(vae)'], rows['(other clip)'] = first['real'], first['vae'], first['other clip']
     return rows
 
 
+SWEEP = [0.7, 0.0, 0.4, 1.0]  # temperatures for the default model when none are given; the first for all
+
+
 def run_compare(args):
+    if args.temperature == [None]:
+        args.temperature = SWEEP
     results = {}
     for name, extra in VARIANTS.items():
         out = os.path.join(args.compare_dir, name)
@@ -460,6 +493,8 @@ def run_compare(args):
                    '--lm-steps', str(args.lm_steps), '--seed', str(args.seed)] + extra
             print('[compare] ' + ' '.join(cmd), file=sys.stderr, flush=True)
             subprocess.run(cmd, check=True)
+        if not os.path.exists(os.path.join(out, 'vae.pt')):  # --vae-from runs hold calm.pt only
+            os.symlink(os.path.abspath(os.path.join(args.vae_from, 'vae.pt')), os.path.join(out, 'vae.pt'))
         a = argparse.Namespace(**vars(args))
         if name == 'trigflow':
             a.steps = [args.trigflow_steps]
@@ -479,15 +514,18 @@ def evaluate(run_dir, args, sections=('vae', 'continuation', 'speed')):
     vae, model = load_run(run_dir, device)
     res = {'run': run_dir}
     n_cont = args.clips_cont
-    clips = data.toy_clips('heldout', max(args.clips, 2 * n_cont))
     if 'vae' in sections:
-        res['vae'] = eval_vae(vae, clips[:args.clips], device)
+        res['vae'] = eval_vae(vae, data.toy_clips('heldout', args.clips), device)
+    # long enough for any prompt: two repetitions of the slowest motif take < 11 s
+    seconds = (args.prompt_seconds or 11.0) + args.continue_seconds + 0.5
+    clips = data.toy_clips('heldout', 2 * n_cont, seconds=seconds)
     if 'continuation' in sections:
         detector = TimbreDetector(data.toy_clips('train', args.timbre_fit))
-        real = [detector.predict(c.wav) == c.meta['family'] for c in clips[:n_cont]]
-        res['timbre_detector'] = dict(acc_real=float(np.mean(real)), families=detector.families)
         res['continuation'] = eval_continuation(vae, model, clips[:n_cont], clips[n_cont:2 * n_cont],
                                                 detector, args, device)
+        # the detector checked on real audio: its accuracy on the true continuations (row 'real')
+        res['timbre_detector'] = dict(acc_real=res['continuation']['rows']['real']['timbre'],
+                                      families=detector.families, n_fit=args.timbre_fit)
     if 'speed' in sections and not args.skip_speed:
         res['speed'] = eval_speed(vae, model, clips[0], args, device)
     return res
@@ -502,7 +540,8 @@ def main(argv=None):
     p.add_argument('--steps', default='1,4', help='comma list of sampler steps for continuations')
     p.add_argument('--temperature', default='default',
                    help="comma list of temperatures (head noise variance); 'default': the model's own")
-    p.add_argument('--prompt-seconds', type=float, default=4.0)
+    p.add_argument('--prompt-seconds', type=float, default=None,
+                   help='fixed prompt length (default: per clip, two repetitions of its motif)')
     p.add_argument('--continue-seconds', type=float, default=4.0)
     p.add_argument('--tol', type=float, default=0.1, help='onset tolerance (s) for onset_r/p/f1')
     p.add_argument('--timbre-fit', type=int, default=48, help='train clips used to fit the timbre detector')

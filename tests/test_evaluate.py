@@ -96,6 +96,14 @@ def test_timbre_detector_on_clean_clips(clips):
     assert det.predict(np.zeros(SR, np.float32)) is None
 
 
+def test_auto_prompt_holds_two_motif_repetitions():
+    for c in data.toy_clips('heldout', 20, seconds=16.0):
+        m, t0 = len(c.meta['motif']), ev.prompt_frames(c, 12.5) / 12.5
+        assert c.notes[2 * m - 1].onset < t0  # the second repetition's last note starts inside the prompt
+        assert t0 + ev.BOUNDARY_SKIP <= c.notes[2 * m].onset < t0 + ev.BOUNDARY_SKIP + 0.08  # 3rd is scored
+        assert [n.pitch for n in c.notes[:2 * m]] == c.meta['motif'] * 2
+
+
 # --- the whole continuation pipeline on a fake VAE and an oracle / silent LM --------------------------------
 
 class ReshapeVAE(torch.nn.Module):
@@ -126,10 +134,13 @@ class FakeLM(torch.nn.Module):
         return out if self.oracle else torch.zeros_like(out)
 
 
-def test_continuation_pipeline_oracle_and_silent(clips):
-    args = argparse.Namespace(prompt_seconds=T0, continue_seconds=T1 - T0, steps=[1], temperature=[None],
-                              seed=0, tol=0.1)
+@pytest.mark.parametrize('prompt_seconds', [T0, None])  # fixed 4 s, or auto (two motif repetitions)
+def test_continuation_pipeline_oracle_and_silent(clips, prompt_seconds):
+    args = argparse.Namespace(prompt_seconds=prompt_seconds, continue_seconds=T1 - T0, steps=[1],
+                              temperature=[None], seed=0, tol=0.1)
     det = ev.TimbreDetector(data.toy_clips('train', 12))
+    if prompt_seconds is None:
+        clips = data.toy_clips('heldout', 8, seconds=15.5)
     scored, ref = clips[:4], clips[4:8]
     res = ev.eval_continuation(ReshapeVAE(), FakeLM(scored, oracle=True), scored, ref, det, args, 'cpu')
     rows = res['rows']
@@ -156,7 +167,7 @@ def test_speed_section_runs():
 
 def test_compare_table_from_fake_results():
     def fake(names, acc):
-        rows = {'real': dict(note_acc=1.0), 'other clip': dict(note_acc=0.1)}
+        rows = {'real': dict(note_acc=1.0), 'vae': dict(note_acc=0.9), 'other clip': dict(note_acc=0.1)}
         rows.update({n: dict(note_acc=acc, fd=1.0) for n in names})
         return {'continuation': {'settings': {}, 'rows': rows}}
     results = {'consistency': fake(['calm steps=4 T=0.7', 'calm steps=4 T=1'], 0.6),
@@ -164,7 +175,7 @@ def test_compare_table_from_fake_results():
                'no_short_context': fake(['calm steps=4 T=0.7'], 0.2)}
     rows = ev.compare_rows(results, [0.7, 1.0])
     assert list(rows) == ['consistency steps=4 T=0.7', 'consistency steps=4 T=1', 'trigflow steps=100 T=0.7',
-                          'no_short_context steps=4 T=0.7', '(real)', '(other clip)']
+                          'no_short_context steps=4 T=0.7', '(real)', '(vae)', '(other clip)']
     assert rows['no_short_context steps=4 T=0.7']['note_acc'] == 0.2
     text = ev.table(rows, ev.CONT_COLS)
     assert 'trigflow steps=100 T=0.7' in text and '0.700' in text
