@@ -2,12 +2,13 @@
 CALM: Continuous Audio Language Model (Rouard et al., arXiv 2509.06926), minimal and readable.
 
     x_1..x_S  continuous VAE latents (standardised, so sigma_d = 1)
-    z_long_s  = T_long(noisy x_<s)                 causal Transformer, long context       (paper §3.2)
-    z_short_s = T_short(clean x_{s-K}..x_{s-1})    sliding-window Transformer, K frames   (paper §3.2)
+    z_long_s  = T_long(noisy x_<s)                 causal Transformer, long context       (paper §3)
+    z_short_s = T_short(clean x_{s-K}..x_{s-1})    sliding-window Transformer, K frames   (paper §3)
     z_s       = z_long_s + z_short_s
-    x_s      ~ head(noise, t, z_s)                  MAR adaLN MLP trained with TrigFlow or sCM (sCM §2-§4)
+    x_s      ~ head(noise, t, z_s)                  MAR adaLN MLP trained with TrigFlow or sCM (sCM §3-§4)
 
-Equation numbers "sCM (n)" refer to Lu & Song, arXiv 2410.11081; "MAR" to Li et al., arXiv 2406.11838.
+"paper §3" is the CALM method section; "sCM §n" refers to Lu & Song, arXiv 2410.11081 (§3 TrigFlow and
+sCT, §4.1 architecture, §4.2 training objective tricks); "MAR" to Li et al., arXiv 2406.11838.
 Runs standalone on random latents: `python calm.py` prints parameter counts and a timing.
 """
 import math
@@ -30,14 +31,14 @@ class Config:
     short_layers: int = 2
     head_width: int = 256
     head_blocks: int = 3
-    head_loss: str = 'consistency'   # 'trigflow' (diffusion, sCM §2) or 'consistency' (sCT, sCM §4)
+    head_loss: str = 'consistency'   # 'trigflow' (diffusion, sCM §3) or 'consistency' (sCT, sCM §3-4)
     head_batch_mul: int = 4       # M: each z_s is reused M times with fresh (noise, t) (MAR; paper uses 8)
-    noise_aug: bool = True        # corrupt backbone inputs during training (Pasini et al.; paper §3.2)
+    noise_aug: bool = True        # corrupt backbone inputs during training (Pasini et al.; paper §3)
     sigma_d: float = 1.0          # data std of the (standardised) latents, TrigFlow's sigma_d
     P_mean: float = -1.0          # log-normal time proposal tau ~ N(P_mean, P_std^2) (sCT CIFAR values)
     P_std: float = 1.4
     tangent_warmup: int = 1000    # steps over which r ramps 0 -> 1 (sCM §4.2 "tangent warmup")
-    adaptive_weight: bool = True  # learned w(t) (sCM §4.2, eq. 9)
+    adaptive_weight: bool = True  # learned w(t) (sCM §4.2 adaptive weighting; paper §3 trains w jointly)
     t_eps: float = 1e-3           # clamp t into [t_eps, pi/2 - t_eps] for training
     dropout: float = 0.0
 
@@ -124,7 +125,7 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     """Causal Transformer over frames; position s reads Linear(x_{s-1}) (a learned start frame at s=1)
-    and outputs the conditioning for x_s (paper §3.2). windows[l] = how many positions layer l attends to
+    and outputs the conditioning for x_s (paper §3). windows[l] = how many positions layer l attends to
     (stacked windows add up: the receptive field is sum(w_l - 1) + 1 positions)."""
     def __init__(self, D, d, n_heads, windows, dropout=0.0):
         super().__init__()
@@ -221,19 +222,19 @@ class Head(nn.Module):
 # For a Gaussian target the sampler is affine in its noises, so the output variance scales by tau.
 
 def trigflow_interp(x0, noise, t):
-    """TrigFlow (sCM eq. 5): x_t = cos t x_0 + sin t z, z ~ N(0, sigma_d^2 I), and its velocity
+    """TrigFlow (sCM §3): x_t = cos t x_0 + sin t z, z ~ N(0, sigma_d^2 I), and its velocity
     v_t = dx_t/dt = cos t z - sin t x_0 (the diffusion target). t [N] -> broadcast over D."""
     cos, sin = t.cos()[:, None], t.sin()[:, None]
     return cos * x0 + sin * noise, cos * noise - sin * x0
 
 
 def consistency_fn(Fn, xt, t, sigma_d=1.0):
-    """f_theta(x_t, t) = cos t x_t - sin t sigma_d F(x_t / sigma_d, t) (sCM eq. 7); f(x, 0) = x always."""
+    """f_theta(x_t, t) = cos t x_t - sin t sigma_d F(x_t / sigma_d, t) (sCM §3); f(x, 0) = x always."""
     return t.cos()[:, None] * xt - t.sin()[:, None] * sigma_d * Fn(xt / sigma_d, t)
 
 
 def sct_tangent(Fn, xt, t, dxt, sigma_d=1.0, r=1.0):
-    """sCT tangent (sCM eq. 8 with §4.2 tangent warmup r), before normalisation:
+    """sCT tangent (sCM §3 with the §4.2 tangent warmup r), before normalisation:
         g = -cos^2 t (sigma_d F^- - dx_t/dt) - r cos t sin t (x_t + sigma_d dF^-/dt)
     which is cos t * d f^-/dt along the trajectory when r = 1. dF^-/dt comes from one forward-mode JVP
     along (dx_t/dt / sigma_d, 1) with both tangents scaled by cos t sin t, as sCM does for stability.
@@ -259,7 +260,7 @@ def consistency_times(steps):
 def consistency_sample(Fn, shape, steps=1, temperature=1.0, sigma_d=1.0, generator=None, times=None,
                        device=None):
     """sCM multistep sampling: x_0 = f(x_t, t) with f(x_t, t) = cos t x_t - sin t sigma_d F(x_t/sigma_d, t)
-    (sCM eq. 7, TrigFlow parameterisation); between steps re-noise x_0 to the next t."""
+    (sCM §3, TrigFlow parameterisation); between steps re-noise x_0 to the next t."""
     times = consistency_times(steps) if times is None else times
     std = math.sqrt(temperature) * sigma_d
     N = shape[0]
@@ -284,7 +285,7 @@ def trigflow_times(steps, tan_max=160.0, tan_min=0.004, rho=7.0):
 
 
 def trigflow_sample(Fn, shape, steps=100, temperature=1.0, sigma_d=1.0, generator=None, device=None):
-    """Integrate the PF-ODE dx/dt = sigma_d F(x/sigma_d, t) from pi/2 to 0 (sCM §2), one network call
+    """Integrate the PF-ODE dx/dt = sigma_d F(x/sigma_d, t) from pi/2 to 0 (sCM §3), one network call
     per step, with the TrigFlow DDIM step x_s = cos(t-s) x_t - sin(t-s) sigma_d F(x_t/sigma_d, t)
     (= re-noising the predicted x_0 with the predicted noise; it is EDM's Euler step in x/cos t
     coordinates and, from pi/2 to 0 in one step, the consistency map f)."""
@@ -315,15 +316,15 @@ class CALM(nn.Module):
         self.short = (Transformer(D, d, cfg.n_heads, short_windows(cfg.short_context, cfg.short_layers),
                                   cfg.dropout) if cfg.short_context > 0 else None)
         self.head = Head(D, d, cfg.head_width, cfg.head_blocks)
-        # learned log-variance weight w(t) of sCM eq. 9, zero-init (starts as the plain MSE)
+        # learned log-variance weight w(t) of sCM §4.2, zero-init (starts as the plain MSE)
         self.weight_net = nn.Linear(128, 1) if cfg.adaptive_weight else None
         if self.weight_net is not None:
             nn.init.zeros_(self.weight_net.weight)
             nn.init.zeros_(self.weight_net.bias)
 
-    # --- conditioning z_s = z_long_s + z_short_s (paper §3.2) ---
+    # --- conditioning z_s = z_long_s + z_short_s (paper §3) ---
     def noise_augment(self, x):
-        """x~_s = sqrt(k_s) eps + sqrt(1 - k_s) x_s with one k_s ~ U(0,1) per frame (paper §3.2, k indexed
+        """x~_s = sqrt(k_s) eps + sqrt(1 - k_s) x_s with one k_s ~ U(0,1) per frame (paper §3, k indexed
         per frame). Only the backbone's inputs are corrupted; targets and T_short's inputs stay clean."""
         k = torch.rand(x.shape[0], x.shape[1], 1, device=x.device)
         return k.sqrt() * torch.randn_like(x) + (1 - k).sqrt() * x
@@ -357,9 +358,9 @@ class CALM(nn.Module):
         noise = sd * torch.randn_like(x0)
         xt, dxt = trigflow_interp(x0, noise, t)
         stats = {}
-        if cfg.head_loss == 'trigflow':                   # diffusion loss ||sigma_d F - v_t||^2 (sCM eq. 6)
+        if cfg.head_loss == 'trigflow':                   # diffusion loss ||sigma_d F - v_t||^2 (sCM §3)
             err = ((sd * self.head(xt / sd, t, z) - dxt) ** 2).mean(-1)
-        elif cfg.head_loss == 'consistency':              # sCT loss (sCM eq. 8 + §4.2 tricks)
+        elif cfg.head_loss == 'consistency':              # sCT loss (sCM §3 + §4.2 tricks; paper §3 loss)
             r = min(1.0, step / cfg.tangent_warmup) if cfg.tangent_warmup > 0 else 1.0
             zd = z.detach()                               # theta^- = stop-grad(theta), backbone included
             F_minus, g = sct_tangent(lambda a, b: self.head(a, b, zd), xt, t, dxt, sd, r)
@@ -370,7 +371,7 @@ class CALM(nn.Module):
         else:
             raise ValueError(f"head_loss must be 'trigflow' or 'consistency', got {cfg.head_loss!r}")
         stats['mse'] = err.mean().item()
-        if self.weight_net is not None:                   # e^{w(t)} ||.||^2 / D - w(t)  (sCM eq. 9)
+        if self.weight_net is not None:                   # e^{w(t)} ||.||^2 / D - w(t)  (sCM §4.2)
             w = self.weight_net(time_features(t, 128))[:, 0]
             err = w.exp() * err - w
         loss = err.mean()
@@ -382,11 +383,13 @@ class CALM(nn.Module):
         return {'long': self.long.new_cache(B, device),
                 'short': self.short.new_cache(B, device) if self.short is not None else None}
 
+    @torch.no_grad()
     def step_backbone(self, x_prev, state):
         """x_prev [B, D] (last frame, None at the start) -> z [B, d] for the next frame; one token each."""
         z = self.long.step(x_prev, state['long'])
         return z + self.short.step(x_prev, state['short']) if self.short is not None else z
 
+    @torch.no_grad()
     def sample_head(self, z, steps=1, temperature=1.0, generator=None, times=None):
         """z [N, d] -> x [N, D]: consistency steps or ODE steps depending on cfg.head_loss."""
         Fn = lambda x, t: self.head(x, t, z)
@@ -396,9 +399,10 @@ class CALM(nn.Module):
         return trigflow_sample(Fn, shape, steps, temperature, sd, generator, z.device)
 
     @torch.inference_mode()
-    def generate(self, prompt=None, n_frames=100, steps=1, temperature=0.7, generator=None):
+    def generate(self, prompt=None, n_frames=100, steps=1, temperature=0.8, generator=None):
         """prompt [B, P, D] or None -> [B, n_frames, D] new frames, streamed with the KV caches.
-        temperature 0.7 is pocket-tts's default; 1.0 samples the model's own distribution."""
+        temperature 0.8: the paper's best for speech continuation (Gaussian temperature, noise std
+        sqrt(tau), paper §3-§4; pocket-tts uses 0.7); 1.0 samples the model's own distribution."""
         B = 1 if prompt is None else prompt.shape[0]
         device = next(self.parameters()).device
         state = self.new_state(B, device)
