@@ -26,17 +26,21 @@ import vae as vae_lib
 
 def load(run_dir, device='cpu'):
     """(vae, model) from a run folder written by train.py, both in eval mode. The configs travel in the
-    checkpoints, so no flag has to repeat them."""
-    models = []
-    for name, module in (('vae.pt', vae_lib), ('calm.pt', calm)):
-        path = os.path.join(run_dir, name)
+    checkpoints, so no flag has to repeat them. A run trained with --vae-from finds its VAE through the
+    path stored in calm.pt."""
+    def read(path):
         if not os.path.isfile(path):
             raise ValueError(f'no checkpoint {path}: train one with `python train.py --toy` or pass --ckpt RUN_DIR')
-        ck = torch.load(path, map_location=device, weights_only=False)
-        model = (module.VAE if module is vae_lib else module.CALM)(module.Config(**ck['config']))
-        model.load_state_dict(ck['model'])
-        models.append(model.to(device).eval())
-    return tuple(models)
+        return torch.load(path, map_location=device, weights_only=False)
+
+    ck = read(os.path.join(run_dir, 'calm.pt'))
+    model = calm.CALM(calm.Config(**ck['config']))
+    model.load_state_dict(ck['model'])
+    vae_path = os.path.join(run_dir, 'vae.pt')
+    vk = read(vae_path if os.path.isfile(vae_path) else ck.get('vae', vae_path))
+    vae = vae_lib.VAE(vae_lib.Config(**vk['config']))
+    vae.load_state_dict(vk['model'])
+    return vae.to(device).eval(), model.to(device).eval()
 
 
 def parse_args(argv=None):

@@ -138,11 +138,12 @@ def fmt_time(s):
 # -----------------------------------------------------------------------------------------------
 # One training loop for both stages
 
-def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra=None):
+def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra=None, validate=None):
     """Train `model` for recipe['steps'] steps of AdamW with linear warmup + cosine decay.
 
     get_batch(step) must be a pure function of the step (resume reproduces the data order);
-    model(batch, step) returns (loss, stats). Returns the stats of the last step.
+    model(batch, step) returns (loss, stats); validate(), if given, returns held-out stats, logged at
+    every checkpoint. Returns (finished, stats of the last step and validation).
     """
     device = args.device
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -201,6 +202,10 @@ def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra
                     f'{stage} {step:>5}/{steps} | {parts} | {rate:.2f} steps/s | ETA {fmt_time(eta)}')
             if step % args.ckpt_every == 0:
                 checkpoint()
+                if validate is not None and step < steps:
+                    stats.update(validate())
+                    log({'stage': stage, 'step': step, **stats}, f'{stage} {step:>5}/{steps} | held-out ' +
+                        ' | '.join(f'{k} {v:.4g}' for k, v in stats.items() if k.startswith('val')))
             out_of_time = args.minutes is not None and time.time() - t_start > 60 * args.minutes
             if out_of_time or (args.stop_after is not None and done_here >= args.stop_after):
                 if log.enabled:
@@ -213,6 +218,10 @@ def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra
         checkpoint()
         raise SystemExit(130)
     checkpoint()
+    if validate is not None and step >= steps:
+        stats.update(validate())
+        log({'stage': stage, 'step': step, **stats}, f'{stage} {step:>5}/{steps} | held-out ' +
+            ' | '.join(f'{k} {v:.4g}' for k, v in stats.items() if k.startswith('val')))
     if ddp:  # the replicas must hold identical weights (DDP all-reduces gradients); measure it
         flat = torch.cat([p.detach().flatten() for p in model.parameters()])
         ref = flat.clone()
@@ -310,6 +319,18 @@ def window_batch(latents, step, seed, batch, length, rank=0):
     return torch.stack(windows)
 
 
+@torch.no_grad()
+def lm_validate(model, val):
+    """Held-out, teacher-forced: the head's temperature-0 one-step prediction of every frame from the true
+    past. The sCT loss itself (adaptive weight, moving target F^-) does not show progress; this does."""
+    model.eval()
+    z = model.conditioning(val, val)
+    gen = torch.Generator(val.device).manual_seed(0)  # leaves the global RNG alone: resume stays exact
+    pred = model.sample_head(z.flatten(0, 1), steps=1, temperature=0.0, generator=gen).view_as(val)
+    model.train()
+    return {'val_mse': float(((pred - val) ** 2).mean()), 'val_var': float(val.var())}
+
+
 def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
     cfg = calm.PAPER if args.preset == 'paper' else calm.TOY
     cfg = dataclasses.replace(cfg, latent_dim=vae.cfg.latent_dim)
@@ -334,10 +355,19 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
         print(f'lm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, head loss {cfg.head_loss}, '
               f'M={cfg.head_batch_mul}, K={cfg.short_context}, noise aug {cfg.noise_aug}; '
               f'{recipe["steps"]} steps of {recipe["batch"]} x {cfg.context} frames')
+    # Held-out windows for validation: toy held-out clips, or (own data) a fixed batch of training windows.
+    if args.data:
+        val = window_batch(latents, 2**31, args.seed, 16, cfg.context)
+    else:
+        with torch.no_grad():
+            val = torch.cat([vae.encode(torch.from_numpy(c.wav)[None].to(args.device))[:, :cfg.context]
+                             for c in data.toy_clips('heldout', 16, TOY_CLIPS['seconds'])])
+    val = val.to(args.device)
     return model, *train(
         'lm', model, cfg, recipe,
         lambda s: window_batch(latents, s, args.seed, recipe['batch'], cfg.context, rank),
-        os.path.join(args.out, 'calm.pt'), args, ddp, log, extra={'vae': os.path.abspath(os.path.join(vae_dir, 'vae.pt'))})
+        os.path.join(args.out, 'calm.pt'), args, ddp, log, extra={'vae': os.path.abspath(os.path.join(vae_dir, 'vae.pt'))},
+        validate=lambda: lm_validate(model, val))
 
 
 def load_vae(path, device):
