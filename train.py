@@ -32,7 +32,7 @@ import vae as vae_lib
 # Training recipes (not model shape: that lives in vae.Config / calm.Config). Toy values are sized
 # so that `python train.py --toy` finishes in ~20 min on 2 CPU cores.
 RECIPES = {
-    'vae': dict(steps=900, batch=16, crop=1.0, lr=1e-3, warmup=50, wd=0.0),
+    'vae': dict(steps=1500, batch=16, crop=1.0, lr=2e-3, warmup=50, wd=0.0),
     'lm': dict(steps=900, batch=32, lr=1e-3, warmup=50, wd=0.01),
 }
 TOY_CLIPS = dict(n=512, seconds=8.0)  # toy training set: 512 clips x 8 s (~68 min of audio)
@@ -387,6 +387,9 @@ def main(argv=None):
         if args.device.startswith('cuda'):
             args.device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
             torch.cuda.set_device(args.device)
+    # CPU: flush denormal floats to zero. Small weights/activations late in training otherwise fall into
+    # the denormal range and each step got ~6x slower (measured on the toy VAE: 0.28 -> 1.6 s/step).
+    torch.set_flush_denormal(True)
     if args.device.startswith('cuda'):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
