@@ -48,7 +48,7 @@ class Config:
 PAPER = Config(latent_dim=128, d_model=1536, n_layers=48, n_heads=24, context=750, short_context=10,
                short_layers=4, head_width=1536, head_blocks=6, head_batch_mul=8, tangent_warmup=10000)
 # TOY: trains on 2 CPU cores in ~10 minutes (see README/report for the measured s/step).
-TOY = Config(latent_dim=32, d_model=256, n_layers=4, n_heads=4, context=100, short_context=10,
+TOY = Config(latent_dim=16, d_model=256, n_layers=4, n_heads=4, context=64, short_context=10,
              short_layers=2, head_width=256, head_blocks=3, head_batch_mul=4, tangent_warmup=500)
 
 HALF_PI = math.pi / 2

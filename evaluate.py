@@ -496,8 +496,6 @@ def run_compare(args):
                    '--lm-steps', str(args.lm_steps), '--seed', str(args.seed), '--device', args.device] + extra
             print('[compare] ' + ' '.join(cmd), file=sys.stderr, flush=True)
             subprocess.run(cmd, check=True)
-        if not os.path.exists(os.path.join(out, 'vae.pt')):  # --vae-from runs hold calm.pt only
-            os.symlink(os.path.abspath(os.path.join(args.vae_from, 'vae.pt')), os.path.join(out, 'vae.pt'))
         a = argparse.Namespace(**vars(args))
         if name == 'trigflow':
             a.steps = [args.trigflow_steps]
@@ -565,6 +563,7 @@ def main(argv=None):
     args.temperature = [None if t == 'default' else float(t) for t in args.temperature.split(',')]
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # CPU: denormal floats slow long generations down many times
     if args.compare:
         res, text = run_compare(args)
     else:

@@ -33,7 +33,7 @@ import vae as vae_lib
 # so that `python train.py --toy` finishes in ~20 min on 2 CPU cores.
 RECIPES = {
     'vae': dict(steps=1500, batch=16, crop=1.0, lr=2e-3, warmup=50, wd=0.0),
-    'lm': dict(steps=900, batch=32, lr=1e-3, warmup=50, wd=0.01),
+    'lm': dict(steps=700, batch=32, lr=1e-3, warmup=50, wd=0.01),
 }
 TOY_CLIPS = dict(n=512, seconds=8.0)  # toy training set: 512 clips x 8 s (~68 min of audio)
 

@@ -20,6 +20,15 @@ TINY = ['--clips', '6', '--vae.channels=4', '--vae.n_transformer_layers=0', '--v
         '--lm.short_layers=1', '--lm.head_width=32', '--lm.head_blocks=1', '--log-every', '1']
 
 
+def train_main(argv):
+    """train.main in-process, then undo its process-wide CPU flush-to-zero: hypothesis (other test files)
+    refuses to generate floats when subnormals cannot be represented."""
+    try:
+        train.main(argv)
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def run(*args, check=True):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
@@ -39,7 +48,7 @@ def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp('run')
     mp = pytest.MonkeyPatch()
     tiny_recipes(mp)
-    train.main(['--toy', '--out', str(out), '--vae-steps', '4', '--lm-steps', '4', *TINY])
+    train_main(['--toy', '--out', str(out), '--vae-steps', '4', '--lm-steps', '4', *TINY])
     mp.undo()
     return out
 
@@ -110,10 +119,10 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     tiny_recipes(monkeypatch)
     full, cut = tmp_path / 'full', tmp_path / 'cut'
     common = ['--toy', '--vae-steps', '3', '--lm-steps', '5', '--ckpt-every', '1', *TINY]
-    train.main(['--out', str(full), *common])
-    train.main(['--out', str(cut), '--stop-after', '2', *common])           # stops inside the VAE stage
-    train.main(['--out', str(cut), '--stop-after', '3', '--resume', *common])  # VAE done, LM stops at 2
-    train.main(['--out', str(cut), '--resume', *common])
+    train_main(['--out', str(full), *common])
+    train_main(['--out', str(cut), '--stop-after', '2', *common])           # stops inside the VAE stage
+    train_main(['--out', str(cut), '--stop-after', '3', '--resume', *common])  # VAE done, LM stops at 2
+    train_main(['--out', str(cut), '--resume', *common])
     for name in ('vae.pt', 'calm.pt'):
         a = torch.load(full / name, weights_only=False)
         b = torch.load(cut / name, weights_only=False)
