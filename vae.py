@@ -8,7 +8,8 @@ reads the (standardised) posterior mean.
     vae = VAE(TOY)
     x = vae.encode(wav)       # [B, T] -> [B, ceil(T / hop), D], standardised posterior mean
     wav_hat = vae.decode(x)   # [B, S, D] -> [B, S * hop]
-    loss, stats = vae(wav)    # training: L1 + multi-resolution STFT + kl_weight * KL
+    loss, stats = vae(wav)    # training: L1 + multi-res STFT (+ adversarial) + kl_weight * KL;
+                              # TOY: a loss on the decoded log-magnitudes (spectral_loss) + kl_weight * KL
 
 Everything is causal: latent s depends only on samples < (s + 1) * hop, and output sample t only on
 latents <= t // hop, so the codec can stream (paper §2: Mimi is causal; CALM generates frame by frame).
