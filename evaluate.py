@@ -60,20 +60,9 @@ SCALES = {'major': (0, 2, 4, 5, 7, 9, 11), 'minor': (0, 2, 3, 5, 7, 8, 10)}  # n
 
 
 def load_run(run_dir, device='cpu'):
-    """(vae, model) in eval mode; sample.load when the lead's sample.py exists, else the contract format."""
-    try:
-        from sample import load
-        return load(run_dir, device=device)
-    except ImportError:
-        import vae as vae_lib
-        import calm as calm_lib
-        out = []
-        for name, lib, cls in (('vae.pt', vae_lib, vae_lib.VAE), ('calm.pt', calm_lib, calm_lib.CALM)):
-            ck = torch.load(os.path.join(run_dir, name), map_location=device, weights_only=False)
-            m = cls(lib.Config(**ck['config']))
-            m.load_state_dict(ck['model'])
-            out.append(m.to(device).eval())
-        return tuple(out)
+    """(vae, model) in eval mode, exactly as sample.py loads them."""
+    from sample import load
+    return load(run_dir, device=device)
 
 # -----------------------------------------------------------------------------
 # note transcription: spectral-flux onsets + f0 per segment
