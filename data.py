@@ -102,6 +102,17 @@ def render_note(f0, n, family, rng):
 # -----------------------------------------------------------------------------------------------
 # Clips
 
+def draw_attributes(rng):
+    """The first draws of make_clip: (tonic, mode, tempo, tempo_class, family). Shared with
+    clip_description so a clip's description costs no audio rendering."""
+    tonic = int(rng.integers(12))
+    mode = 'major' if rng.random() < 0.5 else 'minor'
+    tempo = float(rng.uniform(*TEMPO_RANGE))
+    tempo_class = 'slow' if tempo < 114 else ('medium' if tempo < 142 else 'fast')
+    family = FAMILIES[rng.integers(len(FAMILIES))]
+    return tonic, mode, tempo, tempo_class, family
+
+
 def make_clip(seed: int, seconds: float = 8.0, accompaniment: bool = False) -> Clip:
     """A deterministic toy clip: a motif of 4-6 scale notes repeated at a fixed tempo by one instrument.
 
@@ -109,11 +120,7 @@ def make_clip(seed: int, seconds: float = 8.0, accompaniment: bool = False) -> C
     it is off by default so the melody's pitch stays trivially measurable.
     """
     rng = np.random.default_rng(seed)
-    tonic = int(rng.integers(12))
-    mode = 'major' if rng.random() < 0.5 else 'minor'
-    tempo = float(rng.uniform(*TEMPO_RANGE))
-    tempo_class = 'slow' if tempo < 114 else ('medium' if tempo < 142 else 'fast')
-    family = FAMILIES[rng.integers(len(FAMILIES))]
+    tonic, mode, tempo, tempo_class, family = draw_attributes(rng)
     beat = 60.0 / tempo
 
     # Motif: scale degrees around a home tonic in the middle of the range, kept inside PITCH_RANGE.
@@ -175,6 +182,35 @@ def clip_seed(split: str, i: int) -> int:
 
 def toy_clips(split, n, seconds=8.0, accompaniment=False):
     return [make_clip(clip_seed(split, i), seconds, accompaniment) for i in range(n)]
+
+
+# -----------------------------------------------------------------------------------------------
+# Descriptions: the toy's "text" (issue 6). A clip is described by its generating attributes,
+# "<family> <mode> <tempo_class>", over a fixed 10-word vocabulary; word id = index in VOCAB.
+
+MODES, TEMPO_CLASSES = ('major', 'minor'), ('slow', 'medium', 'fast')
+VOCAB = FAMILIES + MODES + TEMPO_CLASSES
+
+
+def description(meta) -> str:
+    return f"{meta['family']} {meta['mode']} {meta['tempo_class']}"
+
+
+def clip_description(seed: int) -> str:
+    """description(make_clip(seed).meta) without rendering the audio."""
+    _, mode, _, tempo_class, family = draw_attributes(np.random.default_rng(seed))
+    return f'{family} {mode} {tempo_class}'
+
+
+def tokenize(text: str) -> list:
+    """'flute minor fast' -> word ids; any word outside VOCAB raises ValueError (one line naming it and
+    listing the vocabulary). Order and repetition are free; an empty text is the null condition."""
+    words = text.lower().split()
+    unknown = [w for w in words if w not in VOCAB]
+    if unknown:
+        raise ValueError(f"unknown word(s) {', '.join(map(repr, unknown))}; "
+                         f"vocabulary: {' '.join(VOCAB)}")
+    return [VOCAB.index(w) for w in words]
 
 
 # -----------------------------------------------------------------------------------------------
