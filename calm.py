@@ -41,6 +41,8 @@ class Config:
     adaptive_weight: bool = True  # learned w(t) (sCM §4.2 adaptive weighting; paper §3 trains w jointly)
     t_eps: float = 1e-3           # clamp t into [t_eps, pi/2 - t_eps] for training
     dropout: float = 0.0
+    n_text: int = 0               # text vocabulary size (data.VOCAB); 0 = unconditional model, no embedding
+    cond_dropout: float = 0.2     # per-sequence prob. of training on the null condition (notes §10a: 20%)
 
 
 # Presets. PAPER: the music LM is MusicGen-medium sized (1.35B, 48 layers x 1536) on 128-dim latents at
@@ -135,10 +137,13 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList([Block(d, n_heads, w, dropout) for w in windows])
         self.ln_f = nn.LayerNorm(d)
 
-    def forward(self, x):
-        """x [B, S, D] -> z [B, S, d]; z[:, s] depends on x[:, :s] only (x is shifted right by one)."""
+    def forward(self, x, c=None):
+        """x [B, S, D] -> z [B, S, d]; z[:, s] depends on x[:, :s] only (x is shifted right by one).
+        c [B, d] (optional): a condition added to every input position, start frame included."""
         B = x.shape[0]
         h = torch.cat([self.start.expand(B, 1, -1), self.inp(x[:, :-1])], dim=1)
+        if c is not None:
+            h = h + c[:, None]
         for blk in self.blocks:
             h = blk(h)
         return self.ln_f(h)
@@ -148,10 +153,12 @@ class Transformer(nn.Module):
         return {'pos': 0, 'kv': [(torch.zeros(sh, device=device), torch.zeros(sh, device=device))
                                  for sh in shapes]}
 
-    def step(self, x_prev, cache):
+    def step(self, x_prev, cache, c=None):
         """x_prev [B, D] (the previous frame) or None for the first frame -> z [B, d]; one new token."""
         B = cache['kv'][0][0].shape[0]
         h = (self.start.expand(B, -1) if x_prev is None else self.inp(x_prev))[:, None]
+        if c is not None:
+            h = h + c[:, None]
         for blk, kv in zip(self.blocks, cache['kv']):
             h = blk.step(h, cache['pos'], kv)
         cache['pos'] += 1
@@ -316,6 +323,11 @@ class CALM(nn.Module):
         self.short = (Transformer(D, d, cfg.n_heads, short_windows(cfg.short_context, cfg.short_layers),
                                   cfg.dropout) if cfg.short_context > 0 else None)
         self.head = Head(D, d, cfg.head_width, cfg.head_blocks)
+        # Text conditioning (notes §9, issue 6): one embedding per word, id n_text = padding = the null
+        # condition (a zero row: the empty description). See CALM.condition.
+        self.text = nn.Embedding(cfg.n_text + 1, d, padding_idx=cfg.n_text) if cfg.n_text > 0 else None
+        if self.text is not None:
+            nn.init.normal_(self.text.weight[:cfg.n_text], std=0.02)
         # learned log-variance weight w(t) of sCM §4.2, zero-init (starts as the plain MSE)
         self.weight_net = nn.Linear(128, 1) if cfg.adaptive_weight else None
         if self.weight_net is not None:
@@ -329,16 +341,35 @@ class CALM(nn.Module):
         k = torch.rand(x.shape[0], x.shape[1], 1, device=x.device)
         return k.sqrt() * torch.randn_like(x) + (1 - k).sqrt() * x
 
-    def conditioning(self, x_long, x_short):
+    def conditioning(self, x_long, x_short, c=None):
         """z [B, S, d] for every frame: T_long reads x_long (noisy in training), T_short clean x_short.
-        Issue 6 (text conditioning + latent CFG) plugs in here: z_cfg = z_uncond + a (z_cond - z_uncond)."""
-        z = self.long(x_long)
+        c [B, d]: the text condition, seen by T_long only (CALM.condition)."""
+        z = self.long(x_long, c)
         return z + self.short(x_short) if self.short is not None else z
 
-    def forward(self, x, step=0):
-        """x [B, S, D] clean standardised latents -> (loss, stats). Teacher forcing: predicts every x_s."""
+    def condition(self, text):
+        """text [B, L] word ids (pad = cfg.n_text) -> c [B, d], the sum of the word embeddings; all-pad rows
+        (the null condition) give c = 0, i.e. exactly the unconditional network. c is ADDED to every input
+        of T_long (start frame included) rather than prepended as prefix tokens: a prefix would be evicted
+        by the ring-buffer KV cache once generation runs past cfg.context, an added vector never is. The
+        paper's music models take a text (CLAP) conditioner (samples page, "Text-to-Music" update); how it
+        enters the backbone we could not confirm, so the summed-and-added vector is our choice. T_short
+        stays unconditioned: it restores local detail (paper §3). Training: each sequence is replaced by
+        the null condition with probability cfg.cond_dropout (notes §9/§10a) to learn z_uncond for CFG."""
+        if self.text is None:
+            raise ValueError('this model has no text conditioning (n_text = 0): sample without --text')
+        c = (self.text(text) * (text != self.cfg.n_text)[..., None]).sum(1)   # pads count 0, even if edited
+        if self.training and self.cfg.cond_dropout > 0:
+            keep = torch.rand(c.shape[0], device=c.device) >= self.cfg.cond_dropout
+            c = c * keep[:, None].to(c.dtype)
+        return c
+
+    def forward(self, x, step=0, text=None):
+        """x [B, S, D] clean standardised latents, text [B, L] ids or None -> (loss, stats). Teacher forcing:
+        predicts every x_s."""
+        c = self.condition(text) if text is not None else None   # drawn first: noise draws follow it
         x_long = self.noise_augment(x) if (self.training and self.cfg.noise_aug) else x
-        z = self.conditioning(x_long, x)
+        z = self.conditioning(x_long, x) if c is None else self.conditioning(x_long, x, c)
         return self.head_loss(z.reshape(-1, z.shape[-1]), x.reshape(-1, x.shape[-1]), step)
 
     # --- head losses ---
@@ -379,14 +410,31 @@ class CALM(nn.Module):
         return loss, stats
 
     # --- generation: per-frame pieces, exposed so evaluators can time backbone vs head ---
-    def new_state(self, B, device=None):
-        return {'long': self.long.new_cache(B, device),
-                'short': self.short.new_cache(B, device) if self.short is not None else None}
+    def new_state(self, B, device=None, text=None, cfg_alpha=None):
+        """Caches for batch B. text [B, L] ids: conditional; with cfg_alpha also guided, with a second T_long
+        cache for the null branch ('long_null')."""
+        state = {'long': self.long.new_cache(B, device),
+                 'short': self.short.new_cache(B, device) if self.short is not None else None,
+                 'c': None, 'alpha': None}
+        if text is not None:
+            state['c'] = self.condition(text.to(device))
+            if cfg_alpha is not None:
+                state['alpha'], state['long_null'] = cfg_alpha, self.long.new_cache(B, device)
+        return state
 
     @torch.no_grad()
     def step_backbone(self, x_prev, state):
-        """x_prev [B, D] (last frame, None at the start) -> z [B, d] for the next frame; one token each."""
-        z = self.long.step(x_prev, state['long'])
+        """x_prev [B, D] (last frame, None at the start) -> z [B, d] for the next frame; one token each.
+        Latent CFG (notes §9): z_cfg = z_uncond + alpha (z_cond - z_uncond) on T_long's output, one T_long
+        pass per branch; T_short's output is added once, after the mix, and the head runs once per frame
+        (guided 1-step sampling is still 1 head call). torch.lerp computes end - (end - start)(1 - w) for
+        w >= 0.5, so alpha = 1 gives z_cond and alpha = 0 gives z_uncond bit for bit. The branches are two
+        batch-B passes, not one 2B batch: a 2B matmul rounds differently from a B one (measured 2e-7 on
+        CPU), which would break the exact alpha = 0 / 1 equalities with unguided sampling (tests)."""
+        c, alpha = state.get('c'), state.get('alpha')
+        z = self.long.step(x_prev, state['long'], c)
+        if alpha is not None:   # the null branch reads the same frames with c = None (= the zero condition)
+            z = torch.lerp(self.long.step(x_prev, state['long_null']), z, alpha)
         return z + self.short.step(x_prev, state['short']) if self.short is not None else z
 
     @torch.no_grad()
@@ -399,13 +447,17 @@ class CALM(nn.Module):
         return trigflow_sample(Fn, shape, steps, temperature, sd, generator, z.device)
 
     @torch.inference_mode()
-    def generate(self, prompt=None, n_frames=100, steps=1, temperature=0.8, generator=None):
+    def generate(self, prompt=None, n_frames=100, steps=1, temperature=0.8, generator=None, text=None,
+                 cfg_alpha=None):
         """prompt [B, P, D] or None -> [B, n_frames, D] new frames, streamed with the KV caches.
         temperature 0.8: the paper's best for speech continuation (Gaussian temperature, noise std
-        sqrt(tau), paper §3-§4; pocket-tts uses 0.7); 1.0 samples the model's own distribution."""
-        B = 1 if prompt is None else prompt.shape[0]
+        sqrt(tau), paper §3-§4; pocket-tts uses 0.7); 1.0 samples the model's own distribution.
+        text [B, L] word ids (None: the null condition); cfg_alpha: latent CFG strength (None: no guidance,
+        conditional branch only). Only the head draws noise, one [B, D] draw per step whatever the mode,
+        so a seed gives the same noises guided or not."""
+        B = prompt.shape[0] if prompt is not None else (1 if text is None else text.shape[0])
         device = next(self.parameters()).device
-        state = self.new_state(B, device)
+        state = self.new_state(B, device, text, cfg_alpha)
         x = None
         if prompt is not None:                       # prefill frame by frame (same code path as sampling)
             for p in range(prompt.shape[1]):
@@ -416,6 +468,12 @@ class CALM(nn.Module):
             x = self.sample_head(self.step_backbone(x, state), steps, temperature, generator)
             out.append(x)
         return torch.stack(out, dim=1)
+
+
+def pad_text(ids, n_text):
+    """Lists of word ids -> LongTensor [B, L] padded with n_text (the null id)."""
+    L = max([1] + [len(i) for i in ids])
+    return torch.tensor([list(i) + [n_text] * (L - len(i)) for i in ids], dtype=torch.long)
 
 
 def n_params(model):
