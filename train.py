@@ -184,9 +184,12 @@ def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra
         while step < steps:
             for g in opt.param_groups:
                 g['lr'] = lr_at(step)
-            batch = get_batch(step).to(device, non_blocking=True)
+            batch, text = get_batch(step), None
+            if isinstance(batch, tuple):  # (latents, description ids): a text-conditioned LM (issue 6)
+                batch, text = batch[0], batch[1].to(device)
+            batch = batch.to(device, non_blocking=True)
             with autocast:
-                loss, stats = net(batch, step) if stage == 'lm' else net(batch)
+                loss, stats = net(batch, step, text) if stage == 'lm' else net(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             stats['grad_norm'] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
@@ -305,17 +308,23 @@ def encode_all(vae, clips, device, cache):
     return latents
 
 
-def window_batch(latents, step, seed, batch, length, rank=0):
-    """Random windows of `length` frames from the cached latent sequences; pure function of (seed, step)."""
+def window_batch(latents, step, seed, batch, length, rank=0, texts=None):
+    """Random windows of `length` frames from the cached latent sequences; pure function of (seed, step).
+    texts (one list of word ids per cached clip, issue 6): also return each window's clip description as
+    ids [batch, L] (calm.pad_text); the windows drawn are the same with or without texts."""
     g = np.random.default_rng([seed, step, rank, 1])
-    windows = []
+    windows, ids = [], []
     for b in range(batch):
-        z = latents[g.integers(len(latents))]
+        i = g.integers(len(latents))
+        z = latents[i]
+        ids.append(texts[i] if texts is not None else [])
         start = g.integers(max(1, z.shape[0] - length + 1))
         w = z[start:start + length]
         if w.shape[0] < length:  # short user clips: repeat the last frame rather than invent silence latents
             w = torch.cat([w, w[-1:].expand(length - w.shape[0], -1)])
         windows.append(w)
+    if texts is not None:
+        return torch.stack(windows), calm.pad_text(ids, len(data.VOCAB))
     return torch.stack(windows)
 
 
@@ -338,7 +347,13 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
     cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
     if args.no_noise_aug:
         cfg = dataclasses.replace(cfg, noise_aug=False)
+    if not args.data and 'n_text' not in args.overrides['lm']:
+        cfg = dataclasses.replace(cfg, n_text=len(data.VOCAB))  # toy runs are text-conditioned (issue 6)
     cfg = override(cfg, args.overrides['lm'])
+    if args.data and cfg.n_text:
+        raise SystemExit('error: text conditioning needs the toy descriptions; --data runs are unconditional')
+    if cfg.n_text and cfg.n_text != len(data.VOCAB):
+        raise SystemExit(f'error: --lm.n_text must be 0 or {len(data.VOCAB)} (the toy vocabulary)')
     recipe = dict(RECIPES['lm'], **({'steps': args.lm_steps} if args.lm_steps else {}))
     cache = os.path.join(vae_dir, 'latents.pt')
     if rank == 0:
@@ -349,11 +364,16 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
         latents = torch.load(cache, weights_only=False)
     if args.device.startswith('cuda'):
         latents = [z.pin_memory() for z in latents]
+    # Toy clip i of the cache is data.clip_seed('train', i): its description is a pure function of i, kept
+    # beside the latents as word ids (no audio re-rendered).
+    texts = ([data.tokenize(data.clip_description(data.clip_seed('train', i))) for i in range(len(latents))]
+             if cfg.n_text else None)
     torch.manual_seed(args.seed + rank)
     model = calm.CALM(cfg).to(args.device)
     if log.enabled:
         print(f'lm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, head loss {cfg.head_loss}, '
-              f'M={cfg.head_batch_mul}, K={cfg.short_context}, noise aug {cfg.noise_aug}; '
+              f'M={cfg.head_batch_mul}, K={cfg.short_context}, noise aug {cfg.noise_aug}, '
+              f'text {"n_text=%d, dropout %g" % (cfg.n_text, cfg.cond_dropout) if cfg.n_text else "off"}; '
               f'{recipe["steps"]} steps of {recipe["batch"]} x {cfg.context} frames')
     # Held-out windows for validation: toy held-out clips, or (own data) a fixed batch of training windows.
     if args.data:
@@ -365,7 +385,7 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
     val = val.to(args.device)
     return model, *train(
         'lm', model, cfg, recipe,
-        lambda s: window_batch(latents, s, args.seed, recipe['batch'], cfg.context, rank),
+        lambda s: window_batch(latents, s, args.seed, recipe['batch'], cfg.context, rank, texts),
         os.path.join(args.out, 'calm.pt'), args, ddp, log, extra={'vae': os.path.abspath(os.path.join(vae_dir, 'vae.pt'))},
         validate=lambda: lm_validate(model, val))
 
