@@ -9,6 +9,12 @@ encoded by the VAE, continued frame by frame by the language model with its KV c
 token and `--steps` head calls per 80 ms frame), and the whole latent sequence is decoded, so the
 output wav holds the prompt (as the VAE reconstructs it) followed by the continuation, with no seam.
 A prompt longer than the model's context keeps only its last context-length part.
+
+Text (toy runs, issue 6): `python sample.py --text "flute minor fast" --seconds 8` generates from nothing
+(-> out/flute_minor_fast.wav); with a prompt, the text steers the continuation. Words come from the toy
+vocabulary (family: flute clarinet string organ bell; mode: major minor; tempo: slow medium fast), any
+subset in any order. Guidance is latent CFG (notes §9): z = z_uncond + cfg (z_cond - z_uncond) on the
+backbone output, one head call per frame. Without --text a text-conditioned model uses its null condition.
 """
 import argparse
 import os
@@ -45,7 +51,11 @@ def load(run_dir, device='cpu'):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('prompt', help='audio file to continue (wav, flac, ogg, ...)')
+    p.add_argument('prompt', nargs='?', help='audio file to continue (wav, flac, ogg, ...); optional with --text')
+    p.add_argument('--text', help='description to condition on, e.g. "flute minor fast" (text-conditioned runs)')
+    p.add_argument('--cfg', type=float, default=1.5,
+                   help='latent classifier-free guidance strength alpha, used only with --text (default 1.5, '
+                        'pocket-tts\'s text CFG; 1 = plain conditional sampling, 0 = unconditional)')
     p.add_argument('--ckpt', default='out/toy', help='run folder with vae.pt and calm.pt (default: out/toy)')
     p.add_argument('--seconds', type=float, default=10.0, help='seconds of continuation to generate (default 10)')
     p.add_argument('--steps', type=int, default=1,
@@ -53,21 +63,32 @@ def parse_args(argv=None):
     p.add_argument('--temperature', type=float, default=None,
                    help='Gaussian temperature: variance of the head noise (default: the model config\'s)')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--out', help='output wav: prompt + continuation (default: <prompt>_calm.wav beside the prompt)')
+    p.add_argument('--out', help='output wav: prompt + continuation (default: <prompt>_calm.wav beside the prompt; '
+                                 'without a prompt: out/<text words joined by _>.wav)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    out = args.out or os.path.splitext(args.prompt)[0] + '_calm.wav'
-    if os.path.exists(args.prompt) and os.path.exists(out) and os.path.samefile(args.prompt, out):
+    if args.prompt is None and args.text is None:
+        raise ValueError('give a prompt audio file, or --text "..." to generate from nothing')
+    ids = None if args.text is None else data.tokenize(args.text)  # unknown words: fail before any work
+    if ids is not None and not ids:
+        raise ValueError(f'--text is empty; vocabulary: {" ".join(data.VOCAB)}')
+    if args.prompt is None:
+        out = args.out or os.path.join('out', '_'.join(args.text.lower().split()) + '.wav')
+    else:
+        out = args.out or os.path.splitext(args.prompt)[0] + '_calm.wav'
+    if args.prompt and os.path.exists(args.prompt) and os.path.exists(out) and os.path.samefile(args.prompt, out):
         raise ValueError(f'refusing to overwrite the prompt {args.prompt}: choose another --out')
     if args.seconds <= 0 or args.steps < 1:
         raise ValueError('--seconds must be > 0 and --steps >= 1')
     vae, model = load(args.ckpt, args.device)
+    if ids is not None and not model.cfg.n_text:
+        raise ValueError(f'{args.ckpt} holds an unconditional model (trained without text): drop --text')
     sr = vae.cfg.sample_rate
-    wav = data.load_audio(args.prompt, sr)
+    wav = data.load_audio(args.prompt, sr) if args.prompt else np.zeros(vae.hop, np.float32)
     n_prompt = len(wav) // vae.hop  # whole frames only: a padded partial frame would encode silence
     if n_prompt < 1:
         raise ValueError(f'{args.prompt}: the prompt is shorter than one frame ({vae.hop / sr * 1000:.0f} ms)')
@@ -82,21 +103,27 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     gen = torch.Generator(args.device).manual_seed(args.seed)
     kwargs = {} if args.temperature is None else {'temperature': args.temperature}
+    if ids is not None:
+        kwargs.update(text=calm.pad_text([ids], model.cfg.n_text), cfg_alpha=args.cfg)
     with torch.inference_mode():
         prompt = vae.encode(torch.from_numpy(wav)[None].to(args.device))
+        if not args.prompt:  # from nothing: the model starts at its learned start frame
+            prompt, n_prompt = prompt[:, :0], 0
         t0 = time.time()
-        new = model.generate(prompt, n_new, steps=args.steps, generator=gen, **kwargs)
+        new = model.generate(prompt if n_prompt else None, n_new, steps=args.steps, generator=gen, **kwargs)
         t_gen = time.time() - t0
         audio = vae.decode(torch.cat([prompt, new], dim=1))[0].float().cpu().numpy()
         t_all = time.time() - t0
     if not np.isfinite(audio).all():
         raise ValueError('the model produced non-finite audio (is the checkpoint trained?)')
     # Write then rename: an interrupted run never leaves a half-written file behind.
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + '.tmp.wav'
     sf.write(tmp, np.clip(audio, -1, 1), sr, subtype='PCM_16')
     os.replace(tmp, out)
     secs = n_new / vae.frame_rate
-    print(f'wrote {out}: {n_prompt / vae.frame_rate:.1f} s prompt + {secs:.1f} s continuation at {sr} Hz')
+    print(f'wrote {out}: {n_prompt / vae.frame_rate:.1f} s prompt + {secs:.1f} s continuation at {sr} Hz'
+          + (f' | text "{args.text}", cfg {args.cfg:g}' if ids is not None else ''))
     print(f'generation {t_gen:.2f} s for {secs:.1f} s of audio: real-time factor {t_gen / secs:.3f} '
           f'({1000 * t_gen / n_new:.1f} ms/frame, {args.steps} head step(s)); with decoding {t_all / secs:.3f}')
 
