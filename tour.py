@@ -161,20 +161,24 @@ def main(argv=None):
 
     print('[1/6] the toy data')
     short = data.make_clip(data.clip_seed('heldout', args.clip))      # the same clip, its first 8 s
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, height_ratios=[1, 2.5])
+    fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(10, 7.5), sharex=True, height_ratios=[1, 2.2, 1.3])
     m = short.meta
     fig.suptitle(f"01 data: held-out toy clip {args.clip}: {m['family']}, {note_name(m['tonic'] + 60)[:-1]} "
-                 f"{m['mode']}, {m['tempo']:.0f} BPM, motif of {len(m['motif'])} notes repeated")
+                 f"{m['mode']}, {m['tempo']:.0f} BPM, a motif of {len(m['motif'])} notes repeated")
     a1.plot(np.arange(len(short.wav)) / sr, short.wav, lw=0.3, color='k')
     a1.set_ylabel('amplitude')
     a1.set_title('waveform (24 kHz)', fontsize=10)
-    show_mel(a2, short.wav, sr, title='log-mel spectrogram (metrics.log_mel) with the annotated notes (clip.notes) '
-                                      'boxed at their fundamental')
-    for n in short.notes:   # box the note's f0 band (one semitone high) over its duration
-        lo, hi = hz_to_mel_bin(data.midi_to_hz([n.pitch - 0.5, n.pitch + 0.5]), sr)
-        a2.add_patch(plt.Rectangle((n.onset, lo), n.duration, hi - lo, fill=False, ec='cyan', lw=1.2))
-        a2.text(n.onset, hi + 0.3, note_name(n.pitch), color='cyan', fontsize=7, va='bottom')
-    a2.set_xlabel('time (s)')
+    show_mel(a2, short.wav, sr, title='log-mel spectrogram (metrics.log_mel); cyan: the annotated fundamental '
+                                      'of each note, the bright lines above it are its harmonics')
+    for n in short.notes:
+        a2.hlines(hz_to_mel_bin(data.midi_to_hz(n.pitch), sr), n.onset, n.onset + n.duration, color='cyan', lw=1)
+    piano_roll(a3, short.notes, 'tab:cyan', None)
+    for n in short.notes:
+        a3.text(n.onset + 0.02, n.pitch + 0.6, note_name(n.pitch), fontsize=7, va='bottom')
+    a3.set_ylim(min(n.pitch for n in short.notes) - 2, max(n.pitch for n in short.notes) + 4)
+    a3.set_ylabel('MIDI pitch')
+    a3.set_title('the annotations clip.notes (onset, duration, MIDI pitch) as a piano roll', fontsize=10)
+    a3.set_xlabel('time (s)')
     fig.tight_layout()
     save(fig, os.path.join(out, '01_data.png'), written)
 
@@ -202,7 +206,7 @@ def main(argv=None):
 
     print('[3/6] TrigFlow and consistency')
     fig = plt.figure(figsize=(12, 8))
-    gs = fig.add_gridspec(2, 3, width_ratios=[3, 3, 1.2], height_ratios=[1, 1.4])
+    gs = fig.add_gridspec(2, 3, width_ratios=[0.8, 3, 3], height_ratios=[1, 1.4])
     fig.suptitle('03 TrigFlow: x_t = cos(t) x_0 + sin(t) z, data at t = 0, noise at t = pi/2; '
                  'the head learns to go back')
     # (a) one real latent frame noised along t
@@ -222,7 +226,8 @@ def main(argv=None):
     n_show = 14
     ts8, x8 = sampler_paths(n_show, 8, args.seed)                     # row 0: the noises everything starts from
     ts_ode, x_ode = ode_paths(x8[0])
-    ax = fig.add_subplot(gs[1, 0])
+    ax_z = fig.add_subplot(gs[1, 0])
+    ax = fig.add_subplot(gs[1, 1], sharey=ax_z)
     ax.plot(ts_ode, x_ode, color='tab:blue', lw=1, alpha=0.8)
     ax.plot(ts8, x8, 'o--', color='tab:orange', ms=3, lw=0.8, alpha=0.9)
     ax.plot(np.zeros(n_show), x_ode[-1], '*', color='tab:green', ms=10)
@@ -232,16 +237,15 @@ def main(argv=None):
     ax.plot([], [], '*', color='tab:green', ms=10, label='consistency map f(z, pi/2) = ODE endpoint')
     ax.plot([], [], 'X', color='tab:red', ms=10, label='TrigFlow in 1 step: the mean, for every z')
     ax.set_xlim(math.pi / 2 + 0.05, -0.05)                           # time runs from noise to data
-    ax.set_xlabel('t (sampling runs right to left... to t = 0)')
-    ax.set_ylabel('x')
+    ax.set_xlabel('t (reversed: sampling runs from noise at pi/2 to data at 0)')
     ax.legend(fontsize=7, loc='lower left')
-    ax.set_title('(b) 1-D toy 0.3 N(-1, .1) + 0.7 N(+1, .1), unit std, exact F', fontsize=10)
+    ax.set_title('(b) 1-D toy: 0.3 N(-1, 0.1^2) + 0.7 N(+1, 0.1^2), rescaled to std 1', fontsize=10)
     # (c) where 4000 noises land: histograms over x
     ts_, xs1 = sampler_paths(4000, 1, args.seed + 1)
     _, xs8 = sampler_paths(4000, 8, args.seed + 1)
     _, xe = ode_paths(xs1[0], 100)
     grid = np.linspace(-2, 2, 400)
-    ax = fig.add_subplot(gs[1, 1])
+    ax = fig.add_subplot(gs[1, 2])
     bins = np.linspace(-2, 2, 81)
     ax.hist(xe[-1], bins, density=True, color='tab:green', alpha=0.5, label='consistency map (exact, 1 call)')
     ax.hist(xs8[-1], bins, density=True, histtype='step', color='tab:orange', lw=1.5, label='TrigFlow 8 steps')
@@ -251,11 +255,12 @@ def main(argv=None):
     ax.set_ylabel('density')
     ax.legend(fontsize=7, loc='upper left')
     ax.set_title('(c) where 4000 noises land', fontsize=10)
-    ax = fig.add_subplot(gs[1, 2])                                    # the noise the paths start from
-    ax.hist(xs1[0], bins, density=True, orientation='horizontal', color='grey')
-    ax.plot(np.exp(-grid ** 2 / 2) / math.sqrt(2 * math.pi), grid, 'k', lw=1)
-    ax.set_title('noise z ~ N(0, 1)\n(t = pi/2)', fontsize=10)
-    ax.set_xlabel('density')
+    ax_z.hist(xs1[0], bins, density=True, orientation='horizontal', color='grey')   # where the paths start
+    ax_z.plot(np.exp(-grid ** 2 / 2) / math.sqrt(2 * math.pi), grid, 'k', lw=1)
+    ax_z.invert_xaxis()
+    ax_z.set_title('noise z ~ N(0, 1)', fontsize=10)
+    ax_z.set_xlabel('density')
+    ax_z.set_ylabel('x')
     fig.text(0.01, 0.005, 'Nothing is trained in (b) and (c): F is the exact velocity E[v_t | x_t] of the toy. '
              'The consistency head (calm.consistency_sample) is trained to reproduce the green map in one call.',
              fontsize=8)
@@ -298,12 +303,13 @@ def main(argv=None):
     piano_roll(ax[2], [n for n in clip.notes if t0 <= n.onset < t1], 'tab:green', 'expected notes (clip.notes)')
     piano_roll(ax[2], gen, 'tab:red', 'transcribed from the generation (evaluate.transcribe)', alpha=0.6, height=0.5)
     pitches = [n.pitch for n in clip.notes if n.onset < t1] + [n.pitch for n in gen]
-    ax[2].set_ylim(min(pitches) - 2, max(pitches) + 2)
+    ax[2].set_ylim(min(pitches) - 2, max(pitches) + 6)   # room for the legend
+    ax[2].set_xlim(0, t1)
     ax[2].set_ylabel('MIDI pitch')
     ax[2].set_xlabel('time (s)')
     ax[2].set_title(f"piano roll: {score['n_pitch']}/{score['n_ref']} expected notes at the right pitch, "
                     f"{score['n_hit']} matched in onset and pitch (+-0.1 s)", fontsize=10)
-    ax[2].legend(fontsize=7, loc='upper left')
+    ax[2].legend(fontsize=7, loc='upper left', ncol=3)
     fig.tight_layout()
     save(fig, os.path.join(out, '05_continuation.png'), written)
 
@@ -312,15 +318,20 @@ def main(argv=None):
     recs = [json.loads(line) for line in open(log_path)] if os.path.isfile(log_path) else []
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
     fig.suptitle(f'06 training: {log_path}')
+    labels = {'loss': 'loss (train)', 'spec': 'spectral loss (train)',
+              'mse': "head-loss error (train; the sCT/TrigFlow target, not a frame error)"}
     for a, stage, keys in ((ax[0], 'vae', ('loss', 'spec')), (ax[1], 'lm', ('mse',))):
         train_recs = [r for r in recs if r.get('stage') == stage and 'val_mse' not in r and 'step' in r]
         for k in keys:
             pts = [(r['step'], r[k]) for r in train_recs if k in r]
             if pts:
-                a.plot(*zip(*pts), label=f'{k} (train)')
-        val = [(r['step'], r['val_mse']) for r in recs if r.get('stage') == stage and 'val_mse' in r]
-        if val:
-            a.plot(*zip(*val), 'o', color='k', label='val_mse (held-out, teacher-forced)')
+                a.plot(*zip(*pts), label=labels[k])
+        val = [r for r in recs if r.get('stage') == stage and 'val_mse' in r]
+        if val:   # train.lm_validate: teacher-forced 1-step prediction at temperature 0 of held-out frames
+            a.plot([r['step'] for r in val], [r['val_mse'] for r in val], 'o-', color='k', ms=4,
+                   label='val_mse: held-out next-frame error (teacher-forced, tau 0)')
+            a.plot([r['step'] for r in val], [r['val_var'] for r in val], '--', color='grey',
+                   label='val_var: error of predicting the mean frame')
         a.set_yscale('log')
         a.set_xlabel('step')
         if stage == 'vae':
@@ -332,10 +343,9 @@ def main(argv=None):
                 a2.set_ylabel('KL')
                 a2.legend(fontsize=7, loc='upper center')
         else:
-            a.set_title("LM: the head's regression error mse (log y; 'loss' adds the learned weight w(t))",
-                        fontsize=10)
+            a.set_title('LM: head loss and held-out next-frame error (log y)', fontsize=10)
         if a.lines:
-            a.legend(fontsize=7, loc='upper right')
+            a.legend(fontsize=7, loc='best', framealpha=0.6)
         else:
             a.text(0.5, 0.5, f'no {stage} records in log.jsonl', ha='center', transform=a.transAxes)
     fig.tight_layout()
