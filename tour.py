@@ -332,7 +332,6 @@ def main(argv=None):
                    label='val_mse: held-out next-frame error (teacher-forced, tau 0)')
             a.plot([r['step'] for r in val], [r['val_var'] for r in val], '--', color='grey',
                    label='val_var: error of predicting the mean frame')
-        a.set_yscale('log')
         a.set_xlabel('step')
         if stage == 'vae':
             a.set_title('VAE: loss = spectral loss + kl_weight * KL (log y)', fontsize=10)
@@ -345,6 +344,7 @@ def main(argv=None):
         else:
             a.set_title('LM: head loss and held-out next-frame error (log y)', fontsize=10)
         if a.lines:
+            a.set_yscale('log')
             a.legend(fontsize=7, loc='best', framealpha=0.6)
         else:
             a.text(0.5, 0.5, f'no {stage} records in log.jsonl', ha='center', transform=a.transAxes)
