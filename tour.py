@@ -57,10 +57,11 @@ def hz_to_mel_bin(f, sr):
 def show_mel(ax, wav, sr, t0=0.0, title=None, fmax=6000):
     """log-mel image of wav starting at time t0 (s); the y axis stops at fmax, where the toy's
     harmonics have faded, so the melody's region gets the space."""
-    S = metrics.log_mel(wav, sr)                          # [frames, mels], hop 256
+    mel = metrics.log_mel(wav, sr)                        # [frames, mels], hop 256
     top = int(math.ceil(hz_to_mel_bin(fmax, sr)))
-    ax.imshow(S[:, :top].T, origin='lower', aspect='auto', cmap='magma', vmin=S.max() - 12, vmax=S.max(),
-              extent=(t0, t0 + len(S) * 256 / sr, -0.5, top - 0.5))
+    # natural-log power: show the top 12 (~52 dB) so silence is black and every harmonic visible
+    ax.imshow(mel[:, :top].T, origin='lower', aspect='auto', cmap='magma', vmin=mel.max() - 12, vmax=mel.max(),
+              extent=(t0, t0 + len(mel) * 256 / sr, -0.5, top - 0.5))
     hz = [f for f in (100, 250, 500, 1000, 2000, 4000) if f < fmax]
     ax.set_yticks(hz_to_mel_bin(hz, sr), [f'{f:g}' for f in hz])
     ax.set_ylabel('Hz (mel scale)')
@@ -160,7 +161,7 @@ def main(argv=None):
     written = []
 
     print('[1/6] the toy data')
-    short = data.make_clip(data.clip_seed('heldout', args.clip))      # the same clip, its first 8 s
+    short = data.make_clip(data.clip_seed('heldout', args.clip))      # the same notes, cut at 8 s
     fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(10, 7.5), sharex=True, height_ratios=[1, 2.2, 1.3])
     m = short.meta
     fig.suptitle(f"01 data: held-out toy clip {args.clip}: {m['family']}, {note_name(m['tonic'] + 60)[:-1]} "
