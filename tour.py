@@ -306,6 +306,7 @@ def main(argv=None):
     pitches = [n.pitch for n in clip.notes if n.onset < t1] + [n.pitch for n in gen]
     ax[2].set_ylim(min(pitches) - 2, max(pitches) + 6)   # room for the legend
     ax[2].set_xlim(0, t1)
+    ax[2].yaxis.get_major_locator().set_params(integer=True)   # MIDI pitches are integers
     ax[2].set_ylabel('MIDI pitch')
     ax[2].set_xlabel('time (s)')
     ax[2].set_title(f"piano roll: {score['n_pitch']}/{score['n_ref']} expected notes at the right pitch, "
