@@ -17,7 +17,7 @@ import calm  # noqa: E402
 import data  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
-from test_train import TINY, run, tiny_recipes, train_main  # noqa: E402
+from test_train import run  # noqa: E402
 
 torch.set_num_threads(1)
 NT = len(data.VOCAB)
@@ -153,36 +153,26 @@ def test_toy_batch_carries_each_windows_description():
 
 # --- sample.py ----------------------------------------------------------------------------------------
 
-@pytest.fixture(scope='module')
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp('run')
-    mp = pytest.MonkeyPatch()
-    tiny_recipes(mp)
-    train_main(['--toy', '--out', str(out), '--vae-steps', '3', '--lm-steps', '3', *TINY])
-    mp.undo()
-    return out
-
-
-def test_toy_run_is_text_conditioned(run_dir):
-    _, model = sample.load(str(run_dir))
+def test_toy_run_is_text_conditioned(tiny_run):
+    _, model = sample.load(str(tiny_run))
     assert model.cfg.n_text == NT and model.cfg.cond_dropout == 0.2
 
 
-def test_sample_text_from_nothing(run_dir, tmp_path):
+def test_sample_text_from_nothing(tiny_run, tmp_path):
     out = tmp_path / 'gen.wav'
-    r = run('sample.py', '--text', 'flute minor fast', '--cfg', '2', '--seconds', '1.5', '--ckpt', str(run_dir),
+    r = run('sample.py', '--text', 'flute minor fast', '--cfg', '2', '--seconds', '1.5', '--ckpt', str(tiny_run),
             '--out', str(out))
     assert 'real-time factor' in r.stdout and 'cfg 2' in r.stdout
     wav, sr = sf.read(out)
-    vae, _ = sample.load(str(run_dir))
+    vae, _ = sample.load(str(tiny_run))
     assert sr == vae.cfg.sample_rate and len(wav) == round(1.5 * vae.frame_rate) * vae.hop
     assert np.isfinite(wav).all()
 
 
 @pytest.mark.parametrize('argv', [['--text', 'flute jazzy minor'], []])
-def test_sample_text_errors_are_one_line(run_dir, tmp_path, argv):
+def test_sample_text_errors_are_one_line(tiny_run, tmp_path, argv):
     out = tmp_path / 'x.wav'
-    r = run('sample.py', *argv, '--ckpt', str(run_dir), '--out', str(out), check=False)
+    r = run('sample.py', *argv, '--ckpt', str(tiny_run), '--out', str(out), check=False)
     assert r.returncode == 1
     assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not out.exists() and not list(tmp_path.glob('*'))

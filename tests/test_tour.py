@@ -10,20 +10,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train import TINY, tiny_recipes, train_main  # noqa: E402  (the tiny run recipe of the train tests)
+
 
 FIGURES = ['01_data.png', '02_vae.png', '03_trigflow.png', '04_temperature.png', '05_continuation.png',
            '06_training.png']
-
-
-@pytest.fixture(scope='module')
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp('tour_run')
-    mp = pytest.MonkeyPatch()
-    tiny_recipes(mp)
-    train_main(['--toy', '--out', str(out), '--vae-steps', '3', '--lm-steps', '3', *TINY])
-    mp.undo()
-    return out
 
 
 def png_size(path):
