@@ -9,8 +9,6 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 
 FIGURES = ['01_data.png', '02_vae.png', '03_trigflow.png', '04_temperature.png', '05_continuation.png',
            '06_training.png']
