@@ -1,5 +1,5 @@
-"""Shared fixtures: one tiny trained run (VAE + text-conditioned LM, 3 steps each) for the tests that only
-read a checkpoint (test_cond's sample tests, test_tour)."""
+"""Shared fixtures: one tiny trained run (VAE + text-conditioned LM, 4 steps each) for the tests that only
+read a checkpoint (test_train's sampling tests, test_cond, test_tour)."""
 import os
 import sys
 
@@ -14,6 +14,6 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp('tiny_run')
     mp = pytest.MonkeyPatch()
     tiny_recipes(mp)
-    train_main(['--toy', '--out', str(out), '--vae-steps', '3', '--lm-steps', '3', *TINY])
+    train_main(['--toy', '--out', str(out), '--vae-steps', '4', '--lm-steps', '4', *TINY])
     mp.undo()
     return out

@@ -42,15 +42,10 @@ def tiny_recipes(monkeypatch):
     monkeypatch.setitem(train.RECIPES, 'lm', dict(train.RECIPES['lm'], batch=4, warmup=2))
 
 
-@pytest.fixture(scope='module')
-def run_dir(tmp_path_factory):
-    """One tiny run through the whole pipeline, shared by the sampling tests."""
-    out = tmp_path_factory.mktemp('run')
-    mp = pytest.MonkeyPatch()
-    tiny_recipes(mp)
-    train_main(['--toy', '--out', str(out), '--vae-steps', '4', '--lm-steps', '4', *TINY])
-    mp.undo()
-    return out
+@pytest.fixture
+def run_dir(tiny_run):
+    """The tiny run through the whole pipeline (tests/conftest.py), shared by the sampling tests."""
+    return tiny_run
 
 
 def test_pipeline_writes_loadable_checkpoints_and_logs(run_dir):
