@@ -565,7 +565,8 @@ VARIANTS = {
     'consistency': BASE,
     'trigflow': ['--head-loss', 'trigflow'],
     'no_noise_aug': BASE + ['--no-noise-aug'],
-    'no_short_context': BASE + ['--short-context', '0'],
+    # the toy default has no short-context Transformer (calm.TOY), so this ablation ADDS the paper's K = 10
+    'short_context_10': BASE + ['--short-context', '10'],
     'head_batch_mul_1': BASE + ['--head-batch-mul', '1'],
 }
 

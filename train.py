@@ -3,7 +3,7 @@ Train calm: first the audio VAE, then the CALM language model on its latents.
 
     python train.py --toy                     # the whole toy pipeline on this CPU (~20 min), -> out/toy
     python train.py --data my_audio/ --out out/mine
-    python train.py --stage lm --vae-from out/toy --out out/no_short --short-context 0
+    python train.py --stage lm --vae-from out/toy --out out/with_short --short-context 10
     torchrun --nproc_per_node=2 train.py --toy   # DistributedDataParallel (gloo on CPU, nccl on GPU)
 
 Data flows one way (paper §2-§3): wav -> VAE encoder -> latents (encoded ONCE and cached, standardised

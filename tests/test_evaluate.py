@@ -172,11 +172,11 @@ def test_compare_table_from_fake_results():
         return {'continuation': {'settings': {}, 'rows': rows}}
     results = {'consistency': fake(['calm steps=4 T=0.7', 'calm steps=4 T=1'], 0.6),
                'trigflow': fake(['calm steps=100 T=0.7'], 0.7),
-               'no_short_context': fake(['calm steps=4 T=0.7'], 0.2)}
+               'short_context_10': fake(['calm steps=4 T=0.7'], 0.2)}
     rows = ev.compare_rows(results, [0.7, 1.0])
     assert list(rows) == ['consistency steps=4 T=0.7', 'consistency steps=4 T=1', 'trigflow steps=100 T=0.7',
-                          'no_short_context steps=4 T=0.7', '(real)', '(vae)', '(other clip)']
-    assert rows['no_short_context steps=4 T=0.7']['note_acc'] == 0.2
+                          'short_context_10 steps=4 T=0.7', '(real)', '(vae)', '(other clip)']
+    assert rows['short_context_10 steps=4 T=0.7']['note_acc'] == 0.2
     text = ev.table(rows, ev.CONT_COLS)
     assert 'trigflow steps=100 T=0.7' in text and '0.700' in text
-    assert set(ev.VARIANTS) == {'consistency', 'trigflow', 'no_noise_aug', 'no_short_context', 'head_batch_mul_1'}
+    assert set(ev.VARIANTS) == {'consistency', 'trigflow', 'no_noise_aug', 'short_context_10', 'head_batch_mul_1'}
