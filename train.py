@@ -1,7 +1,7 @@
 """
 Train calm: first the audio VAE, then the CALM language model on its latents.
 
-    python train.py --toy                     # the whole toy pipeline on this CPU (~20 min), -> out/toy
+    python train.py --toy                     # the whole toy pipeline on this CPU (~18.5 min), -> out/toy
     python train.py --data my_audio/ --out out/mine
     python train.py --stage lm --vae-from out/toy --out out/with_short --short-context 10
     torchrun --nproc_per_node=2 train.py --toy   # DistributedDataParallel (gloo on CPU, nccl on GPU)
@@ -30,7 +30,7 @@ import data
 import vae as vae_lib
 
 # Training recipes (not model shape: that lives in vae.Config / calm.Config). Toy values are sized
-# so that `python train.py --toy` finishes in ~20 min on 2 CPU cores.
+# so that `python train.py --toy` finishes in ~18.5 min on 2 CPU cores (at most 20).
 RECIPES = {
     'vae': dict(steps=1500, batch=16, crop=1.0, lr=2e-3, warmup=50, wd=0.0),
     'lm': dict(steps=950, batch=32, lr=2e-3, warmup=50, wd=0.01),
