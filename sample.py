@@ -121,6 +121,9 @@ def main(argv=None):
     tmp = out + '.tmp.wav'
     sf.write(tmp, np.clip(audio, -1, 1), sr, subtype='PCM_16')
     os.replace(tmp, out)
+    n_clip = int((np.abs(audio) > 1).sum())
+    if n_clip:  # 16-bit wav holds [-1, 1]: say so rather than clip silently
+        print(f'note: {n_clip} samples ({100 * n_clip / audio.size:.3f}%) beyond [-1, 1] were clipped', file=sys.stderr)
     secs = n_new / vae.frame_rate
     print(f'wrote {out}: {n_prompt / vae.frame_rate:.1f} s prompt + {secs:.1f} s continuation at {sr} Hz'
           + (f' | text "{args.text}", cfg {args.cfg:g}' if ids is not None else ''))
