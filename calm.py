@@ -50,11 +50,11 @@ class Config:
 # 25 Hz; head and short-Transformer sizes are not in our notes, so those are our guesses. Never trained here.
 PAPER = Config(latent_dim=128, d_model=1536, n_layers=48, n_heads=24, context=750, short_context=10,
                short_layers=4, head_width=1536, head_blocks=6, head_batch_mul=8, tangent_warmup=10000)
-# TOY: trains on 2 CPU cores in ~12 minutes (README: measured s/step). A small backbone (d 128, 3 layers)
+# TOY: trains on 2 CPU cores in ~11 minutes (README: measured s/step). A small backbone (d 128, 3 layers)
 # for speed: the head's sCT step (its JVP) dominates the cost; not tuned further. 600 of the 950 toy
 # steps use the TrigFlow loss before sCT takes over (diffusion_steps, see CALM.head_loss). No short-context
 # Transformer (short_context=0, the paper's ablation): at this budget it made continuations worse on every
-# measure we have (README, "Why the toy model does not continue the motif yet"); `--short-context 10` restores it.
+# measure we have (README, "What the toy LM learns"); `--short-context 10` restores it.
 TOY = Config(latent_dim=16, d_model=128, n_layers=3, n_heads=4, context=64, short_context=0,
              short_layers=2, head_width=256, head_blocks=3, head_batch_mul=4, tangent_warmup=200,
              diffusion_steps=600)
