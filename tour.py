@@ -29,7 +29,7 @@ import evaluate
 import metrics
 from sample import load
 
-DPI = 60          # modest resolution: the six PNGs stay around 450 KB in all
+DPI = 60          # modest resolution: the six PNGs stay around 550 KB in all
 N_MELS = 80       # metrics.log_mel's default
 TEMPERATURES = (0.0, 0.5, 0.8, 1.0)
 

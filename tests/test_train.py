@@ -42,34 +42,28 @@ def tiny_recipes(monkeypatch):
     monkeypatch.setitem(train.RECIPES, 'lm', dict(train.RECIPES['lm'], batch=4, warmup=2))
 
 
-@pytest.fixture
-def run_dir(tiny_run):
-    """The tiny run through the whole pipeline (tests/conftest.py), shared by the sampling tests."""
-    return tiny_run
-
-
-def test_pipeline_writes_loadable_checkpoints_and_logs(run_dir):
-    vae, model = sample.load(str(run_dir))
+def test_pipeline_writes_loadable_checkpoints_and_logs(tiny_run):
+    vae, model = sample.load(str(tiny_run))
     assert vae.cfg.latent_dim == model.cfg.latent_dim == 8
-    records = [json.loads(line) for line in open(run_dir / 'log.jsonl')]
+    records = [json.loads(line) for line in open(tiny_run / 'log.jsonl')]
     assert [r['step'] for r in records if r['stage'] == 'vae'] == [1, 2, 3, 4]
     assert [r['step'] for r in records if r['stage'] == 'lm' and 'val_mse' not in r] == [1, 2, 3, 4]
     assert [r['step'] for r in records if 'val_mse' in r] == [4]  # held-out check at the end (ckpt-every 100)
     assert all(np.isfinite(r['loss']) for r in records)
-    assert os.path.exists(run_dir / 'latents.pt')
+    assert os.path.exists(tiny_run / 'latents.pt')
     # the VAE checkpoint carries the latent statistics the LM was trained with
     assert not torch.allclose(vae.latent_std, torch.ones_like(vae.latent_std))
 
 
-def test_sample_end_to_end(run_dir, tmp_path):
+def test_sample_end_to_end(tiny_run, tmp_path):
     prompt = tmp_path / 'prompt.flac'  # another format and rate than the model's, and stereo
     t = np.arange(int(0.5 * 44100)) / 44100
     sf.write(prompt, np.stack([0.3 * np.sin(2 * np.pi * 440 * t)] * 2, 1), 44100)
     out = tmp_path / 'cont.wav'
-    r = run('sample.py', str(prompt), '--ckpt', str(run_dir), '--seconds', '1', '--out', str(out))
+    r = run('sample.py', str(prompt), '--ckpt', str(tiny_run), '--seconds', '1', '--out', str(out))
     assert 'real-time factor' in r.stdout
     wav, sr = sf.read(out)
-    vae, _ = sample.load(str(run_dir))
+    vae, _ = sample.load(str(tiny_run))
     assert sr == vae.cfg.sample_rate
     n_prompt = int(0.5 * sr) // vae.hop
     assert len(wav) == (n_prompt + round(1 * vae.frame_rate)) * vae.hop
@@ -77,7 +71,7 @@ def test_sample_end_to_end(run_dir, tmp_path):
 
 
 @pytest.mark.parametrize('kind', ['missing', 'directory', 'empty', 'garbage', 'nan', 'too_short'])
-def test_sample_bad_inputs_fail_cleanly(run_dir, tmp_path, kind):
+def test_sample_bad_inputs_fail_cleanly(tiny_run, tmp_path, kind):
     path = tmp_path / f'{kind}.wav'
     if kind == 'directory':
         path.mkdir()
@@ -90,17 +84,17 @@ def test_sample_bad_inputs_fail_cleanly(run_dir, tmp_path, kind):
     elif kind == 'too_short':
         sf.write(path, 0.1 * np.ones(100), 24000)
     out = tmp_path / 'out.wav'
-    r = run('sample.py', str(path), '--ckpt', str(run_dir), '--out', str(out), check=False)
+    r = run('sample.py', str(path), '--ckpt', str(tiny_run), '--out', str(out), check=False)
     assert r.returncode != 0
     assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not out.exists() and not list(tmp_path.glob('*.tmp*'))
 
 
-def test_sample_never_overwrites_the_prompt(run_dir, tmp_path):
+def test_sample_never_overwrites_the_prompt(tiny_run, tmp_path):
     prompt = tmp_path / 'p.wav'
     sf.write(prompt, 0.1 * np.random.default_rng(0).standard_normal(24000), 24000)
     before = prompt.read_bytes()
-    r = run('sample.py', str(prompt), '--ckpt', str(run_dir), '--out', str(prompt), check=False)
+    r = run('sample.py', str(prompt), '--ckpt', str(tiny_run), '--out', str(prompt), check=False)
     assert r.returncode != 0 and prompt.read_bytes() == before
 
 
