@@ -34,6 +34,7 @@ class Config:
     head_loss: str = 'consistency'   # 'trigflow' (diffusion, sCM §3) or 'consistency' (sCT, sCM §3-4)
     head_batch_mul: int = 4       # M: each z_s is reused M times with fresh (noise, t) (MAR; paper uses 8)
     noise_aug: bool = True        # corrupt backbone inputs during training (Pasini et al.; paper §3)
+    noise_max: float = 1.0        # noise level k ~ U(0, noise_max) (paper §3: U(0, 1))
     sigma_d: float = 1.0          # data std of the (standardised) latents, TrigFlow's sigma_d
     P_mean: float = -1.0          # log-normal time proposal tau ~ N(P_mean, P_std^2) (sCT CIFAR values)
     P_std: float = 1.4
@@ -344,7 +345,7 @@ class CALM(nn.Module):
     def noise_augment(self, x):
         """x~_s = sqrt(k_s) eps + sqrt(1 - k_s) x_s with one k_s ~ U(0,1) per frame (paper §3, k indexed
         per frame). Only the backbone's inputs are corrupted; targets and T_short's inputs stay clean."""
-        k = torch.rand(x.shape[0], x.shape[1], 1, device=x.device)
+        k = self.cfg.noise_max * torch.rand(x.shape[0], x.shape[1], 1, device=x.device)
         return k.sqrt() * torch.randn_like(x) + (1 - k).sqrt() * x
 
     def conditioning(self, x_long, x_short, c=None):

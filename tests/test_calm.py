@@ -263,6 +263,21 @@ def test_noise_augmentation_corrupts_backbone_inputs_only():
     assert torch.equal(seen['long'], x)
 
 
+def test_noise_level_is_bounded_by_noise_max():
+    # x~ = sqrt(k) eps + sqrt(1 - k) x with k ~ U(0, noise_max): for x = 1 the mean over many dimensions is
+    # sqrt(1 - k) (+- 1/sqrt(D)), so 1 - mean^2 recovers each frame's k; it must fill (0, noise_max) and stop there
+    torch.manual_seed(0)
+    m = calm.CALM(tiny())
+    x = torch.ones(16, 50, 2048)
+    for k_max in (1.0, 0.3):
+        m.cfg.noise_max = k_max
+        k = 1 - m.noise_augment(x).mean(-1) ** 2                   # one estimate per frame, error ~0.05
+        assert k.max() < k_max + 0.07 and k.max() > k_max - 0.07 and k.min() < 0.07
+    m.cfg.noise_max = 0.0
+    y = torch.randn(2, 5, 4)
+    assert torch.equal(m.noise_augment(y), y)
+
+
 def test_checkpoint_roundtrip_and_tangent_warmup():
     cfg = tiny()
     m = calm.CALM(cfg)

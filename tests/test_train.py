@@ -55,6 +55,16 @@ def test_pipeline_writes_loadable_checkpoints_and_logs(tiny_run):
     assert not torch.allclose(vae.latent_std, torch.ones_like(vae.latent_std))
 
 
+def test_sct_phase_trains_at_a_fraction_of_the_lr(tiny_run):
+    # tiny run: 4 LM steps, diffusion_steps 600 * 4 / 950 -> 3, so step index 3 (logged as step 4) is sCT
+    recs = {r['step']: r for r in map(json.loads, open(tiny_run / 'log.jsonl')) if r['stage'] == 'lm' and 'lr' in r}
+    lr, mult = train.RECIPES['lm']['lr'], train.RECIPES['lm']['sct_lr']
+    assert mult < 1
+    assert 'g_norm' not in recs[3] and 'g_norm' in recs[4]
+    assert recs[3]['lr'] == pytest.approx(lr)                          # warmup 2 done, cosine at its start
+    assert recs[4]['lr'] == pytest.approx(mult * lr * (0.1 + 0.9 * 0.5))  # cosine half way, times sct_lr
+
+
 def test_sample_end_to_end(tiny_run, tmp_path):
     prompt = tmp_path / 'prompt.flac'  # another format and rate than the model's, and stereo
     t = np.arange(int(0.5 * 44100)) / 44100
