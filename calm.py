@@ -344,8 +344,8 @@ class CALM(nn.Module):
 
     # --- conditioning z_s = z_long_s + z_short_s (paper §3) ---
     def noise_augment(self, x):
-        """x~_s = sqrt(k_s) eps + sqrt(1 - k_s) x_s with one k_s ~ U(0,1) per frame (paper §3, k indexed
-        per frame). Only the backbone's inputs are corrupted; targets and T_short's inputs stay clean."""
+        """x~_s = sqrt(k_s) eps + sqrt(1 - k_s) x_s with one k_s ~ U(0, noise_max) per frame (paper §3: U(0, 1),
+        k indexed per frame). Only the backbone's inputs are corrupted; targets and T_short's inputs stay clean."""
         k = self.cfg.noise_max * torch.rand(x.shape[0], x.shape[1], 1, device=x.device)
         return k.sqrt() * torch.randn_like(x) + (1 - k).sqrt() * x
 

@@ -35,8 +35,8 @@ RECIPES = {
     'vae': dict(steps=1500, batch=16, crop=1.0, lr=2e-3, warmup=50, wd=0.0),
     'lm': dict(steps=950, batch=32, lr=2e-3, warmup=50, wd=0.01, sct_lr=0.1),
 }
-# sct_lr: a consistency run's sCT phase (steps >= calm.Config.diffusion_steps) trains at this fraction of the
-# schedule's lr. Why: at the full lr the sCT updates (through z they reach the backbone) undid what the TrigFlow
+# sct_lr: a consistency run's sCT phase after its TrigFlow phase (steps >= calm.Config.diffusion_steps > 0)
+# trains at this fraction of the schedule's lr; sCT from scratch (diffusion_steps = 0) is not scaled. Why: at the full lr the sCT updates (through z they reach the backbone) undid what the TrigFlow
 # phase had learnt: teacher-forced note accuracy 0.61 at 1x vs 0.76 at 0.1x, 0.44 after 1800 sCT steps at 1x
 # (README, "What the toy LM learns"). Consistency tuning from a diffusion model also uses a small lr.
 # Toy training sets: the VAE trains on 512 clips x 8 s (~68 min of audio); the LM on the latents of 4096
@@ -171,14 +171,16 @@ def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra
         if log.enabled:
             print(f'{stage}: resuming from {ckpt_path} at step {step}/{steps}')
 
-    sct_from = cfg.diffusion_steps if getattr(cfg, 'head_loss', '') == 'consistency' else steps
+    # sCT tuning after a TrigFlow phase runs at recipe['sct_lr'] x the schedule; sCT from scratch does not
+    tuning = getattr(cfg, 'head_loss', '') == 'consistency' and getattr(cfg, 'diffusion_steps', 0) > 0
+    sct_from = cfg.diffusion_steps if tuning else math.inf
 
     def lr_at(s):  # linear warmup, then cosine to 10% (nanoGPT's schedule); x sct_lr in the sCT phase
+        lr = recipe['lr'] * (recipe.get('sct_lr', 1.0) if s >= sct_from else 1.0)
         if s < recipe['warmup']:
-            return recipe['lr'] * (s + 1) / recipe['warmup']
+            return lr * (s + 1) / recipe['warmup']
         frac = (s - recipe['warmup']) / max(1, steps - recipe['warmup'])
-        mult = recipe.get('sct_lr', 1.0) if s >= sct_from else 1.0
-        return mult * recipe['lr'] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
     def checkpoint():
         if log.enabled:

@@ -65,6 +65,15 @@ def test_sct_phase_trains_at_a_fraction_of_the_lr(tiny_run):
     assert recs[4]['lr'] == pytest.approx(mult * lr * (0.1 + 0.9 * 0.5))  # cosine half way, times sct_lr
 
 
+def test_sct_from_scratch_keeps_the_full_lr(tiny_run, tmp_path, monkeypatch):
+    tiny_recipes(monkeypatch)
+    train_main(['--stage', 'lm', '--vae-from', str(tiny_run), '--out', str(tmp_path), '--lm-steps', '4',
+                '--lm.diffusion_steps=0', *TINY])
+    recs = {r['step']: r for r in map(json.loads, open(tmp_path / 'log.jsonl')) if 'lr' in r}
+    assert 'g_norm' in recs[1]                                          # sCT from the first step
+    assert recs[4]['lr'] == pytest.approx(train.RECIPES['lm']['lr'] * (0.1 + 0.9 * 0.5))
+
+
 def test_sample_end_to_end(tiny_run, tmp_path):
     prompt = tmp_path / 'prompt.flac'  # another format and rate than the model's, and stereo
     t = np.arange(int(0.5 * 44100)) / 44100
