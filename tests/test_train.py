@@ -1,6 +1,7 @@
 """End-to-end tests of train.py and sample.py with tiny configs: the real scripts, real audio files."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -142,7 +143,10 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
 def test_ddp_replicas_stay_identical(tmp_path):
     """torchrun with 2 CPU processes (gloo): DistributedDataParallel keeps the replicas equal."""
     out = tmp_path / 'ddp'
-    run('-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29517', 'train.py', '--toy',
+    with socket.socket() as s:  # a free port, not a fixed one: another run on this machine may hold that
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    run('-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}', 'train.py', '--toy',
         '--out', str(out), '--vae-steps', '2', '--lm-steps', '2', *TINY)
     diffs = [json.loads(line) for line in open(out / 'log.jsonl')]
     diffs = [r['replica_max_abs_diff'] for r in diffs if 'replica_max_abs_diff' in r]
