@@ -476,7 +476,8 @@ def main(argv=None):
         for stage, stats in summary.items():
             print(f'  {stage}: final ' + ', '.join(f'{k} {v:.4g}' for k, v in stats.items()))
         print(f'  checkpoints in {args.out}/ (sample with: python sample.py prompt.wav --ckpt {args.out})')
-    if ddp:
+    if ddp:  # leave together: a rank whose peer has already torn down gloo can abort at exit (seen in tests)
+        dist.barrier()
         dist.destroy_process_group()
 
 
