@@ -144,7 +144,7 @@ def make_clip(seed: int, seconds: float = 8.0, accompaniment: bool = False) -> C
     wav = np.zeros(n)
     notes, t = [], float(rng.uniform(0.0, 0.3))
     gap = 0.08  # articulation: a note sounds for its slot minus 80 ms of silence
-    while t < seconds:
+    while round(t * SR) < n:  # in samples: a float t just under `seconds` would otherwise never advance
         for pitch, b in zip(motif, beats):
             slot = b * beat
             dur = slot - gap * beat

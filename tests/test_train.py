@@ -75,6 +75,19 @@ def test_sct_from_scratch_keeps_the_full_lr(tiny_run, tmp_path, monkeypatch):
     assert recs[4]['lr'] == pytest.approx(train.RECIPES['lm']['lr'] * (0.1 + 0.9 * 0.5))
 
 
+def test_lm_recipe_takes_the_gpu_budget_on_cuda_and_flags_win():
+    toy, base = train.calm.TOY, train.RECIPES['lm']
+    cpu, cfg = train.lm_recipe(train.parse_args(['--device', 'cpu']), toy)
+    assert (cpu['steps'], cpu['batch'], cfg.diffusion_steps) == (base['steps'], base['batch'], toy.diffusion_steps)
+    gpu, cfg = train.lm_recipe(train.parse_args(['--device', 'cuda:0']), toy)
+    assert (gpu['steps'], gpu['batch']) == (train.GPU_LM['steps'], train.GPU_LM['batch']) != (base['steps'], base['batch'])
+    assert cfg.diffusion_steps == round(toy.diffusion_steps * gpu['steps'] / base['steps'])  # 5684 of 9000
+    own, cfg = train.lm_recipe(train.parse_args(['--device', 'cuda', '--lm-steps', '1900', '--lm-batch', '8']), toy)
+    assert (own['steps'], own['batch'], cfg.diffusion_steps) == (1900, 8, 2 * toy.diffusion_steps)
+    args = train.parse_args(['--device', 'cuda', '--lm.diffusion_steps=7'])  # an explicit TrigFlow phase is kept
+    assert train.lm_recipe(args, train.override(toy, args.overrides['lm']))[1].diffusion_steps == 7
+
+
 def test_sample_end_to_end(tiny_run, tmp_path):
     prompt = tmp_path / 'prompt.flac'  # another format and rate than the model's, and stereo
     t = np.arange(int(0.5 * 44100)) / 44100
