@@ -50,7 +50,7 @@ TOY_CLIPS = dict(n=512, lm_n=4096, seconds=8.0)
 # the steps TrigFlow): ~6 minutes on one H100, where the CPU recipe's 950 x 32 must fit the 20-minute toy on
 # 2 cores. The budget is what the motif needs: continuation note accuracy (1 step, default temperature, 32
 # held-out clips) 0.14 after the CPU recipe, 0.48 after 10500 x 32, 0.81 / 0.85 after 9000 x 128 (two
-# training seeds), README "Training budget".
+# training seeds; README "On one GPU" and item 11 of "What the toy LM learns").
 GPU_LM = dict(steps=9000, batch=128)
 
 
