@@ -54,9 +54,10 @@ PAPER = Config(latent_dim=128, d_model=1536, n_layers=48, n_heads=24, context=75
 # TOY: trains on 2 CPU cores in ~11 minutes (README: measured s/step). A small backbone (d 128, 3 layers)
 # for speed: the head's sCT step (its JVP) dominates the cost; not tuned further. 600 of the 950 toy
 # steps use the TrigFlow loss before sCT takes over (diffusion_steps, see CALM.head_loss; train.py runs
-# the sCT phase at 0.1x the lr, and on a GPU trains 9000 steps of which 5684 TrigFlow: train.GPU_LM). No short-context Transformer (short_context=0, the paper's ablation): at
-# this budget it made continuations worse on every measure we have (README, "What the toy LM learns");
-# `--short-context 10` restores it.
+# the sCT phase at 0.1x the lr, and on a GPU trains 9000 steps, 5684 of them TrigFlow: train.GPU_LM).
+# No short-context Transformer (short_context=0, the paper's ablation): at the CPU budget it made
+# continuations worse on every measure we have (README, "What the toy LM learns"); `--short-context 10`
+# restores it.
 TOY = Config(latent_dim=16, d_model=128, n_layers=3, n_heads=4, context=64, short_context=0,
              short_layers=2, head_width=256, head_blocks=3, head_batch_mul=4, tangent_warmup=200,
              diffusion_steps=600)
