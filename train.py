@@ -70,8 +70,10 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--resume', action='store_true', help='continue the run in --out where it stopped')
     p.add_argument('--vae-steps', type=int, help=f"VAE training steps (toy: {RECIPES['vae']['steps']})")
-    p.add_argument('--lm-steps', type=int, help=f"LM training steps (default: {RECIPES['lm']['steps']} on CPU, {GPU_LM['steps']} on CUDA)")
-    p.add_argument('--lm-batch', type=int, help=f"LM batch in windows of cfg.context frames (default: {RECIPES['lm']['batch']} on CPU, {GPU_LM['batch']} on CUDA)")
+    p.add_argument('--lm-steps', type=int,
+                   help=f"LM training steps (default: {RECIPES['lm']['steps']} on CPU, {GPU_LM['steps']} on CUDA)")
+    p.add_argument('--lm-batch', type=int, help=f"LM batch in windows of cfg.context frames "
+                                                f"(default: {RECIPES['lm']['batch']} on CPU, {GPU_LM['batch']} on CUDA)")
     p.add_argument('--minutes', type=float, help='time budget per stage: save and stop when it runs out')
     p.add_argument('--stop-after', type=int, help='stop after this many steps of this invocation (resumable)')
     p.add_argument('--ckpt-every', type=int, default=100, help='steps between checkpoints (default 100)')
@@ -371,10 +373,11 @@ def lm_validate(model, val):
 def lm_recipe(args, cfg):
     """(recipe, cfg) of the LM stage: RECIPES['lm'], GPU_LM on a CUDA device, then --lm-steps / --lm-batch.
     A consistency run's TrigFlow phase (calm.Config.diffusion_steps) keeps its share of a longer/shorter run."""
-    recipe = {**RECIPES['lm'], **(GPU_LM if args.device.startswith('cuda') else {}),
+    base = RECIPES['lm']
+    recipe = {**base, **(GPU_LM if args.device.startswith('cuda') else {}),
               **({'steps': args.lm_steps} if args.lm_steps else {}), **({'batch': args.lm_batch} if args.lm_batch else {})}
-    if recipe['steps'] != RECIPES['lm']['steps'] and cfg.diffusion_steps and 'diffusion_steps' not in args.overrides['lm']:
-        cfg = dataclasses.replace(cfg, diffusion_steps=round(cfg.diffusion_steps * recipe['steps'] / RECIPES['lm']['steps']))
+    if recipe['steps'] != base['steps'] and cfg.diffusion_steps and 'diffusion_steps' not in args.overrides['lm']:
+        cfg = dataclasses.replace(cfg, diffusion_steps=round(cfg.diffusion_steps * recipe['steps'] / base['steps']))
     return recipe, cfg
 
 
