@@ -40,7 +40,8 @@ def load(run_dir, device='cpu'):
         return torch.load(path, map_location=device, weights_only=False)
 
     ck = read(os.path.join(run_dir, 'calm.pt'))
-    model = calm.CALM(calm.Config(**ck['config']))
+    # checkpoints from before Config.time_scale existed were trained with 100
+    model = calm.CALM(calm.Config(**{'time_scale': 100.0, **ck['config']}))
     model.load_state_dict(ck['model'])
     vae_path = os.path.join(run_dir, 'vae.pt')
     vk = read(vae_path if os.path.isfile(vae_path) else ck.get('vae', vae_path))
