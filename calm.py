@@ -412,11 +412,15 @@ class CALM(nn.Module):
             s = step - cfg.diffusion_steps                # tangent warmup starts with sCT
             r = min(1.0, s / cfg.tangent_warmup) if cfg.tangent_warmup > 0 else 1.0
             zd = z.detach()                               # theta^- = stop-grad(theta), backbone included
-            F_minus, g = sct_tangent(lambda a, b: self.head(a, b, zd), xt, t, dxt, sd, r)
-            gn = g.norm(dim=-1, keepdim=True)
-            g = g / (gn + 0.1)                            # tangent normalisation, c = 0.1 (sCM §4.2)
-            err = ((self.head(xt / sd, t, z) - F_minus - g) ** 2).mean(-1)
-            stats.update(r=r, g_norm=gn.mean().item())
+            Fh = lambda a, b: self.head(a, b, zd)
+            F_minus, g = sct_tangent(Fh, xt, t, dxt, sd, r)
+            # Tangent normalisation g / (||.|| + 0.1) (sCM §4.2), but with the norm of the same tangent along an
+            # independent noise u instead of along dx_t/dt: ||g|| itself depends on which x_0 drew dx_t/dt, so
+            # sCT fitted a median-like map and mis-weighted modes (docs/consistency.md); ||g_u|| has no such bias.
+            _, g_u = sct_tangent(Fh, xt, t, sd * torch.randn_like(dxt), sd, r)
+            g_scaled = g / (g_u.norm(dim=-1, keepdim=True) + 0.1)
+            err = ((self.head(xt / sd, t, z) - F_minus - g_scaled) ** 2).mean(-1)
+            stats.update(r=r, g_norm=g.norm(dim=-1).mean().item())
         else:
             raise ValueError(f"head_loss must be 'trigflow' or 'consistency', got {cfg.head_loss!r}")
         stats['mse'] = err.mean().item()
