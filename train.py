@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import calm
 import data
+import rq
 import vae as vae_lib
 
 # Training recipes (not model shape: that lives in vae.Config / calm.Config). Toy values are sized
@@ -79,13 +80,18 @@ def parse_args(argv=None):
     p.add_argument('--ckpt-every', type=int, default=100, help='steps between checkpoints (default 100)')
     p.add_argument('--log-every', type=int, default=25)
     p.add_argument('--compile', action='store_true', help='torch.compile the model (GPU)')
+    p.add_argument('--model', choices=['calm', 'rq', 'delay'], default='calm',
+                   help='the LM: calm (continuous latents), or a discrete baseline on RVQ codes of the latents '
+                        '(rq.py, same backbone): rq = RQ-Transformer (depth Transformer), delay = MusicGen delay pattern')
+    p.add_argument('--levels', type=int, help=f'--model rq/delay: RVQ levels Q (default {rq.Config.n_q})')
+    p.add_argument('--codebook-size', type=int, help=f'--model rq/delay: codewords per level K (default {rq.Config.codebook_size})')
     # The paper's ablations (§4, Table 10a of the notes) as flags; any other field via --lm.FIELD=VALUE.
     p.add_argument('--head-loss', choices=['trigflow', 'consistency'])
     p.add_argument('--head-batch-mul', type=int, help='head batch multiplier M (1 disables it)')
     p.add_argument('--short-context', type=int, help='frames K seen by the short-context Transformer (0 disables)')
     p.add_argument('--no-noise-aug', action='store_true', help='disable noise augmentation of the backbone input')
     p.epilog = ('Config overrides: --vae.FIELD=VALUE and --lm.FIELD=VALUE for any field of vae.Config / calm.Config '
-                '(e.g. --lm.n_layers=2). Tuples take comma-separated values.')
+                '(rq.Config with --model rq/delay; e.g. --lm.n_layers=2). Tuples take comma-separated values.')
     args, rest = p.parse_known_args(argv)
     args.overrides = {'vae': {}, 'lm': {}}
     for item in rest:
@@ -361,8 +367,13 @@ def window_batch(latents, step, seed, batch, length, rank=0, texts=None):
 @torch.no_grad()
 def lm_validate(model, val):
     """Held-out, teacher-forced: the head's temperature-0 one-step prediction of every frame from the true
-    past. The sCT loss itself (adaptive weight, moving target F^-) does not show progress; this does."""
+    past. The sCT loss itself (adaptive weight, moving target F^-) does not show progress; this does.
+    Discrete LMs: their held-out cross-entropy and the MSE of their argmax codes' frame (rq.py)."""
     model.eval()
+    if not isinstance(model, calm.CALM):
+        out = model.held_out(val)
+        model.train()
+        return out
     z = model.conditioning(val, val)
     gen = torch.Generator(val.device).manual_seed(0)  # leaves the global RNG alone: resume stays exact
     pred = model.sample_head(z.flatten(0, 1), steps=1, temperature=0.0, generator=gen).view_as(val)
@@ -376,25 +387,69 @@ def lm_recipe(args, cfg):
     base = RECIPES['lm']
     recipe = {**base, **(GPU_LM if args.device.startswith('cuda') else {}),
               **({'steps': args.lm_steps} if args.lm_steps else {}), **({'batch': args.lm_batch} if args.lm_batch else {})}
-    if recipe['steps'] != base['steps'] and cfg.diffusion_steps and 'diffusion_steps' not in args.overrides['lm']:
+    if recipe['steps'] != base['steps'] and getattr(cfg, 'diffusion_steps', 0) and 'diffusion_steps' not in args.overrides['lm']:
         cfg = dataclasses.replace(cfg, diffusion_steps=round(cfg.diffusion_steps * recipe['steps'] / base['steps']))
     return recipe, cfg
 
 
-def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
+CALM_ONLY = {'head_loss': '--head-loss', 'head_batch_mul': '--head-batch-mul', 'short_context': '--short-context',
+             'no_noise_aug': '--no-noise-aug'}
+
+
+def lm_config(args, vae):
+    """calm.Config of the LM, or with --model rq/delay an rq.Config with the same backbone (rq.config_like)."""
     cfg = calm.PAPER if args.preset == 'paper' else calm.TOY
     cfg = dataclasses.replace(cfg, latent_dim=vae.cfg.latent_dim)
-    flags = {'head_loss': args.head_loss, 'head_batch_mul': args.head_batch_mul, 'short_context': args.short_context}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
-    if args.no_noise_aug:
-        cfg = dataclasses.replace(cfg, noise_aug=False)
     if not args.data and 'n_text' not in args.overrides['lm']:
         cfg = dataclasses.replace(cfg, n_text=len(data.VOCAB))  # toy runs are text-conditioned (issue 6)
+    if args.model == 'calm':
+        if args.levels is not None or args.codebook_size is not None:
+            raise SystemExit('error: --levels / --codebook-size are for the discrete LMs (--model rq or delay)')
+        flags = {'head_loss': args.head_loss, 'head_batch_mul': args.head_batch_mul, 'short_context': args.short_context}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+        if args.no_noise_aug:
+            cfg = dataclasses.replace(cfg, noise_aug=False)
+    else:
+        used = [flag for k, flag in CALM_ONLY.items() if getattr(args, k) not in (None, False)]
+        if used:
+            raise SystemExit(f'error: {", ".join(used)}: CALM-only flag(s), not for --model {args.model}')
+        qk = {'n_q': args.levels, 'codebook_size': args.codebook_size}
+        cfg = rq.config_like(cfg, kind=args.model, **(rq.PAPER_DEPTH if args.preset == 'paper' else {}),
+                             **{k: v for k, v in qk.items() if v is not None})
     cfg = override(cfg, args.overrides['lm'])
     if args.data and cfg.n_text:
         raise SystemExit('error: text conditioning needs the toy descriptions; --data runs are unconditional')
     if cfg.n_text and cfg.n_text != len(data.VOCAB):
         raise SystemExit(f'error: --lm.n_text must be 0 or {len(data.VOCAB)} (the toy vocabulary)')
+    if args.model != 'calm':
+        try:
+            rq.check(cfg)
+        except ValueError as e:
+            raise SystemExit(f'error: {e}')
+    return cfg
+
+
+def fit_rvq(model, latents, cfg, args, ckpt_path, log):
+    """Fit a discrete LM's RVQ on the cached latents (rq.fit: deterministic, so every DDP rank gets the
+    same codebooks); a resumed run takes them from its checkpoint instead."""
+    if args.resume and os.path.exists(ckpt_path):
+        return
+    x = torch.cat(latents)
+    try:
+        rq.check(cfg, len(x))
+    except ValueError as e:
+        raise SystemExit(f'error: {e}')
+    t0 = time.time()
+    stats = rq.fit(model.rvq, x, cfg, seed=args.seed, log=print if log.enabled else None)
+    entropy = ' '.join(f"{s['entropy_bits']:.2f}" for s in stats)
+    log({'stage': 'rvq', 'seconds': time.time() - t0, 'levels': stats},
+        f'rvq: Q={cfg.n_q} x K={cfg.codebook_size} fitted on {len(x)} frames in {time.time() - t0:.1f} s | '
+        f'entropy per level (bits) {entropy} | residual MSE {stats[0]["residual_mse"]:.3f} -> '
+        f'{stats[-1]["residual_mse"]:.4f} after Q levels (latent variance 1)')
+
+
+def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
+    cfg = lm_config(args, vae)
     recipe, cfg = lm_recipe(args, cfg)
     cache = os.path.join(vae_dir, 'latents.pt')
     if args.data:
@@ -416,8 +471,19 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
     texts = ([data.tokenize(data.clip_description(data.clip_seed('train', i))) for i in range(len(latents))]
              if cfg.n_text else None)
     torch.manual_seed(args.seed + rank)
-    model = calm.CALM(cfg).to(args.device)
-    if log.enabled:
+    ckpt_path = os.path.join(args.out, 'calm.pt')  # the run's LM, whichever kind (ck['kind'])
+    if args.model != 'calm':
+        model = rq.build(cfg)
+        fit_rvq(model, latents, cfg, args, ckpt_path, log)
+        model.to(args.device)
+        if log.enabled:
+            print(f'lm: {args.model}, {calm.n_params(model) / 1e6:.2f}M params (backbone '
+                  f'{calm.n_params(model.backbone) / 1e6:.2f}M), Q={cfg.n_q} x K={cfg.codebook_size} codes per frame '
+                  f'({cfg.n_q * math.log2(cfg.codebook_size):g} bits), text {"on" if cfg.n_text else "off"}; '
+                  f'{recipe["steps"]} steps of {recipe["batch"]} x {cfg.context} frames')
+    else:
+        model = calm.CALM(cfg).to(args.device)
+    if log.enabled and args.model == 'calm':
         first = f' (TrigFlow loss for the first {cfg.diffusion_steps} steps)' if cfg.head_loss == 'consistency' and cfg.diffusion_steps else ''
         print(f'lm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, head loss {cfg.head_loss}{first}, '
               f'M={cfg.head_batch_mul}, K={cfg.short_context}, noise aug {cfg.noise_aug}, '
@@ -434,7 +500,7 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
     return model, *train(
         'lm', model, cfg, recipe,
         lambda s: window_batch(latents, s, args.seed, recipe['batch'], cfg.context, rank, texts),
-        os.path.join(args.out, 'calm.pt'), args, ddp, log, extra={'vae': os.path.abspath(os.path.join(vae_dir, 'vae.pt'))},
+        ckpt_path, args, ddp, log, extra={'vae': os.path.abspath(os.path.join(vae_dir, 'vae.pt')), 'kind': args.model},
         validate=lambda: lm_validate(model, val))
 
 
