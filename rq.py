@@ -89,9 +89,9 @@ def check(cfg, n_frames=None):
 # Residual vector quantisation
 
 def nearest(x, codebook):
-    """Index of the nearest codeword (Euclidean) for each row of x [N, D]; codebook [K, D]."""
-    d = (x * x).sum(1, keepdim=True) - 2 * x @ codebook.T + (codebook * codebook).sum(1)
-    return d.argmin(1)
+    """Index of the nearest codeword (Euclidean) for each row of x [N, D]; codebook [K, D]. |x|^2 is the
+    same for every codeword, so argmin |c|^2 - 2 x.c (one fused matmul) is the nearest."""
+    return torch.addmm((codebook * codebook).sum(1), x, codebook.T, alpha=-2).argmin(1)
 
 
 def kmeans(x, K, iters, rng):
@@ -250,12 +250,36 @@ class CodeEmbedding(nn.Module):
         return self.emb(codes + self.offset).sum(-2)
 
 
+class DepthBlock(nn.Module):
+    """Pre-norm causal Transformer block over the Q levels of one frame (calm.Block without the rotary
+    embedding: every level has its own input projection, so positions need no encoding; Moshi §3.4).
+    With a cache (k [N, H, Q, hd], v) it reads one level at a time: step(h, k, cache) for level k."""
+
+    def __init__(self, d, n_heads, dropout=0.0):
+        super().__init__()
+        self.h = n_heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
+
+    def forward(self, h, k=None, cache=None):
+        N, S, d = h.shape
+        q, key, v = self.qkv(self.ln1(h)).view(N, S, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, key, v, is_causal=True)
+        else:                      # one new level k: store its key/value, attend to levels 0..k
+            ck, cv = cache
+            ck[:, :, k], cv[:, :, k] = key[:, :, 0], v[:, :, 0]
+            y = F.scaled_dot_product_attention(q, ck[:, :, :k + 1], cv[:, :, :k + 1])
+        h = h + self.proj(y.transpose(1, 2).reshape(N, S, d))
+        return h + self.mlp(self.ln2(h))
+
+
 class DepthTransformer(nn.Module):
     """Moshi's depth Transformer (§3.4): for one frame, step k = 0..Q-1 reads Lin_k(z_s) plus the embedding
     of code k-1 (step 0 the projection alone), attends causally to steps < k, and outputs the logits of
-    level k with its own linear layer. Per-level projections make a position embedding unnecessary
-    (calm.Block's rotary attention is there anyway, harmless). Teacher-forced training is one pass over
-    the Q levels of every frame at once ([B*S, Q, d])."""
+    level k with its own linear layer. Teacher-forced training is one pass over the Q levels of every frame
+    at once ([B*S, Q, d])."""
 
     def __init__(self, d_in, n_q, K, d, n_layers, n_heads, dropout=0.0):
         super().__init__()
@@ -263,7 +287,7 @@ class DepthTransformer(nn.Module):
         self.proj = nn.ModuleList([nn.Linear(d_in, d) for _ in range(n_q)])
         self.emb = nn.Embedding(max(n_q - 1, 0) * K, d)
         nn.init.normal_(self.emb.weight, std=0.02)
-        self.blocks = nn.ModuleList([calm.Block(d, n_heads, n_q, dropout) for _ in range(n_layers)])
+        self.blocks = nn.ModuleList([DepthBlock(d, n_heads, dropout) for _ in range(n_layers)])
         self.ln_f = nn.LayerNorm(d)
         self.out = nn.ModuleList([nn.Linear(d, K) for _ in range(n_q)])
 
@@ -289,7 +313,7 @@ class DepthTransformer(nn.Module):
             h = h + self.emb(code_prev + (k - 1) * self.K)
         h = h[:, None]
         for blk, kv in zip(self.blocks, cache):
-            h = blk.step(h, k, kv)
+            h = blk(h, k, kv)
         return self.out[k](self.ln_f(h[:, 0]))
 
 

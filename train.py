@@ -435,10 +435,6 @@ def fit_rvq(model, latents, cfg, args, ckpt_path, log):
     if args.resume and os.path.exists(ckpt_path):
         return
     x = torch.cat(latents)
-    try:
-        rq.check(cfg, len(x))
-    except ValueError as e:
-        raise SystemExit(f'error: {e}')
     t0 = time.time()
     stats = rq.fit(model.rvq, x, cfg, seed=args.seed, log=print if log.enabled else None)
     entropy = ' '.join(f"{s['entropy_bits']:.2f}" for s in stats)
@@ -473,6 +469,10 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
     torch.manual_seed(args.seed + rank)
     ckpt_path = os.path.join(args.out, 'calm.pt')  # the run's LM, whichever kind (ck['kind'])
     if args.model != 'calm':
+        try:  # before building: a K that does not fit may also be too large to allocate
+            rq.check(cfg, sum(len(z) for z in latents))
+        except ValueError as e:
+            raise SystemExit(f'error: {e}')
         model = rq.build(cfg)
         fit_rvq(model, latents, cfg, args, ckpt_path, log)
         model.to(args.device)
