@@ -386,3 +386,27 @@ def test_discrete_ddp_replicas_stay_identical(tiny_run, tmp_path):
         '--vae-from', str(tiny_run), '--out', str(out), '--model', 'delay', '--lm-steps', '2', *TINY_RQ)
     diffs = [r['replica_max_abs_diff'] for r in map(json.loads, open(out / 'log.jsonl')) if 'replica_max_abs_diff' in r]
     assert diffs == [0.0]
+
+
+def test_evaluate_table_end_to_end(tiny_run, discrete_run):
+    """evaluate.py --table on a CALM run and a discrete run: codec rows (bits, quality), continuation rows
+    of both kinds, speed rows with the Q sweep; the discrete LM's codebooks are the table's own fit."""
+    import evaluate
+    kind, out = discrete_run
+    try:
+        res = evaluate.main(['--table', str(tiny_run), str(out), '--clips', '2', '--clips-cont', '2', '--timbre-fit',
+                             '5', '--continue-seconds', '1', '--steps', '1', '--codec-levels', '1,3', '--codebook-size',
+                             '16', '--speed-seconds', '0.5', '--speed-rounds', '1', '--discrete-temperatures', '0.5'])
+    finally:
+        torch.set_flush_denormal(False)  # evaluate.main sets it process-wide; hypothesis needs subnormals
+    codec = res['codec']
+    assert list(codec['rows']) == ['gaussian (VAE)', 'rvq Q=1 K=16', 'rvq Q=3 K=16']
+    assert [r['bits'] for r in list(codec['rows'].values())[1:]] == [4.0, 12.0]
+    assert codec['rows']['rvq Q=3 K=16']['lat_mse'] < codec['rows']['rvq Q=1 K=16']['lat_mse']
+    assert len(codec['levels']) == 3 and codec['lm_codebooks_max_abs_diff'] == {out.name: 0.0}
+    rows = res['continuation']['rows']
+    assert f'{tiny_run.name} calm steps=1 T=default' in rows and f'{out.name} {kind} T=0.5' in rows and '(real)' in rows
+    speed = res['speed']['rows']
+    assert speed[f'{tiny_run.name} calm steps=1']['head_x'] == 1.0
+    assert {f'{k} Q={q} (untrained, 10 s)' for k in ('rq', 'delay') for q in (1, 3)} <= set(speed)
+    assert all(np.isfinite(v) and v > 0 for r in speed.values() for k, v in r.items() if k != 'h')
