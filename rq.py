@@ -1,5 +1,5 @@
 """
-The discrete baselines CALM is compared against (paper §5-§6 tables), on the same backbone:
+The discrete baselines CALM is compared against in the paper (its speech and music results), on the same backbone:
 
     c_s = (c_s^1 .. c_s^Q) = RVQ(x_s)                Q codebooks of K codewords; x_s ~ sum_q e_q[c_s^q]
     z_s = T(sum_q Emb_q(c_{s-1}^q))                  calm.Transformer, the size of CALM's backbone
