@@ -784,9 +784,13 @@ def run_table(args):
 def report_table(res):
     c, out = res['codec'], []
     out.append('== Runs ==\n' + table(res['runs'], ['kind', 'params_M', 'head_params_M', 'steps', 'batch', 'lm_minutes']))
-    out.append(f"== Codec: Gaussian latents vs RVQ (held-out clips; RVQ fitted on {c['n_fit_frames']} cached frames "
-               f"in {c['fit_seconds']:.0f} s) ==\n" + table(c['rows'], ['bits', 'note_acc', 'log_mel_l1', 'lat_mse',
-                                                                     'post_var', 'note_acc_real'])
+    snr = lambda r: -10 * math.log10(r['post_var'] if 'post_var' in r else max(r['lat_mse'], 1e-12))
+    codec = {k: {**r, 'snr_db': snr(r)} for k, r in c['rows'].items()}
+    out.append(f"== Codec: Gaussian latents vs RVQ ({codec['gaussian (VAE)']['n_clips']} held-out clips; RVQ fitted on "
+               f"{c['n_fit_frames']} cached frames in {c['fit_seconds']:.0f} s) ==\n"
+               + table(codec, ['bits', 'note_acc', 'log_mel_l1', 'snr_db', 'note_acc_real'])
+               + '\nbits: per frame (Gaussian: KL to the prior); snr_db: latent variance / squared quantisation error '
+                 '(Gaussian: / posterior variance, the noise the decoder was trained on)'
                + '\nper level (held-out): entropy bits ' + ' '.join(f"{s['entropy_bits']:.2f}" for s in c['levels'])
                + ' | usage ' + ' '.join(f"{s['usage']:.2f}" for s in c['levels'])
                + f"\nthe discrete LMs' codebooks vs this fit, max abs diff: {c['lm_codebooks_max_abs_diff']}")

@@ -518,16 +518,27 @@ def build(cfg: Config):
     return (RQTransformer if cfg.kind == 'rq' else DelayLM)(cfg)
 
 
-if __name__ == '__main__':   # parameter counts (vs CALM's head) and a batch-1 timing of each model
+if __name__ == '__main__':   # parameter counts vs CALM's head; training s/step side by side at the toy batch
     torch.manual_seed(0)
-    head = calm.CALM(calm.TOY).head
-    print(f'calm.TOY head: {calm.n_params(head) / 1e6:.3f}M params')
+    torch.set_flush_denormal(True)
+    c = calm.CALM(calm.TOY)
+    models = {'calm': c, **{k: build(config_like(calm.TOY, kind=k)) for k in ('rq', 'delay')}}
+    print(f'calm.TOY: {calm.n_params(c) / 1e6:.3f}M params, head {calm.n_params(c.head) / 1e6:.3f}M')
     for kind in ('rq', 'delay'):
-        m = build(config_like(calm.TOY, kind=kind)).eval()
+        m = models[kind]
         part = m.depth if kind == 'rq' else m.heads
         print(f'{kind}: {calm.n_params(m) / 1e6:.3f}M params, backbone {calm.n_params(m.backbone) / 1e6:.3f}M, '
               f'{"depth Transformer" if kind == "rq" else "linear heads"} {calm.n_params(part) / 1e6:.3f}M')
-        m.generate(None, 5)
-        t0 = time.time()
-        m.generate(None, 100)
-        print(f'  generate: {(time.time() - t0) * 10:.2f} ms/frame ({torch.get_num_threads()} threads)')
+        m.rvq.codebooks.normal_()
+    x = torch.randn(32, calm.TOY.context, calm.TOY.latent_dim)   # the toy LM batch: 32 windows of 64 frames
+    jobs = {'calm TrigFlow step': lambda: c(x, step=0), 'calm sCT step': lambda: c(x, step=10 ** 6),
+            'rq': lambda: models['rq'](x), 'delay': lambda: models['delay'](x)}
+    best = {}
+    for _ in range(3):   # interleaved, best of 3: a shared machine slows them alike
+        for name, fn in jobs.items():
+            t0 = time.time()
+            fn()[0].backward()
+            best[name] = min(best.get(name, math.inf), time.time() - t0)
+    ref = best['calm TrigFlow step']
+    print(f'training forward + backward, s/step ({torch.get_num_threads()} threads): ' +
+          ', '.join(f'{k} {v:.2f} ({v / ref:.2f}x)' for k, v in best.items()))
