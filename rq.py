@@ -102,8 +102,8 @@ def kmeans(x, K, iters, rng):
         idx = nearest(x, c)
         counts = torch.bincount(idx, minlength=K).to(x.dtype)
         sums = torch.zeros_like(c).index_add_(0, idx, x)
-        empty = counts == 0
-        c = torch.where(empty[:, None], x[torch.from_numpy(rng.integers(len(x), size=K))], sums / counts.clamp_min(1)[:, None])
+        spare = x[torch.from_numpy(rng.integers(len(x), size=K))]
+        c = torch.where((counts == 0)[:, None], spare, sums / counts.clamp_min(1)[:, None])
     return c, torch.bincount(nearest(x, c), minlength=K).to(x.dtype)
 
 
@@ -114,6 +114,7 @@ class RVQ(nn.Module):
     def __init__(self, dim, n_q, K, decay=0.99, dead=0.1):
         super().__init__()
         self.n_q, self.K, self.decay, self.dead = n_q, K, decay, dead
+        self.restarts = 0   # dead codewords restarted so far (a log, not state)
         self.register_buffer('codebooks', torch.zeros(n_q, K, dim))
         self.register_buffer('cluster_size', torch.zeros(n_q, K))
         self.register_buffer('embed_sum', torch.zeros(n_q, K, dim))
@@ -159,7 +160,7 @@ class RVQ(nn.Module):
             self.codebooks[q][dead] = pick
             self.cluster_size[q][dead] = mean
             self.embed_sum[q][dead] = pick * mean
-        return int(dead.sum())
+            self.restarts += int(dead.sum())
 
     def forward(self, x, rngs=None):
         """Quantise x [..., D] as a codec does while training its encoder. Returns (x_q, codes, commit):
@@ -171,7 +172,7 @@ class RVQ(nn.Module):
         out, codes, commit = torch.zeros_like(r), [], 0.0
         for q in range(self.n_q):
             idx = nearest(r.detach(), self.codebooks[q])
-            e = self.codebooks[q][idx]
+            e = self.codebooks[q][idx]              # the codebook before its update (EnCodec)
             if self.training:
                 self.ema_update(q, r.detach(), idx, rngs[q])
             commit = commit + F.mse_loss(r, e.detach()) / self.n_q
@@ -196,6 +197,7 @@ def fit(rvq, latents, cfg, seed=0, log=print):
     """Fit rvq on latents [N, D]: k-means init of each level on rvq_init_frames frames, then rvq_steps EMA
     steps on random batches. Deterministic given seed; each level draws from its own generator, so a
     Q-level fit equals the first Q levels of any deeper fit (levels never look at the levels after them).
+    The EMA steps are RVQ.forward in training mode: a codec's training loop, with the encoder frozen.
     Returns per-level stats on the fitted frames: code usage, entropy, mean squared residual."""
     x = latents.reshape(-1, latents.shape[-1]).float()
     data_rng = np.random.default_rng([seed, 0])
@@ -208,17 +210,13 @@ def fit(rvq, latents, cfg, seed=0, log=print):
     scale = cfg.rvq_batch / max(1, len(r))  # usage counted per batch of rvq_batch frames from here on
     rvq.cluster_size.mul_(scale)
     rvq.embed_sum.mul_(scale)
-    restarts = 0
+    rvq.train()
     for step in range(cfg.rvq_steps):
-        r = x[torch.from_numpy(data_rng.integers(len(x), size=cfg.rvq_batch))]
-        for q in range(rvq.n_q):
-            idx = nearest(r, rvq.codebooks[q])
-            e = rvq.codebooks[q][idx]            # quantise with the codebook before its update (EnCodec)
-            restarts += rvq.ema_update(q, r, idx, rngs[q])
-            r = r - e
+        rvq(x[torch.from_numpy(data_rng.integers(len(x), size=cfg.rvq_batch))], rngs)
         if log and ((step + 1) % 50 == 0 or step + 1 == cfg.rvq_steps):
             rate = (step + 1) / (time.time() - t0)
-            log(f'rvq {step + 1}/{cfg.rvq_steps} EMA steps | {rate:.1f} steps/s | {restarts} restarts so far')
+            log(f'rvq {step + 1}/{cfg.rvq_steps} EMA steps | {rate:.1f} steps/s | {rvq.restarts} restarts so far')
+    rvq.eval()
     return rvq_report(rvq, x[torch.from_numpy(data_rng.choice(len(x), min(len(x), 65536), replace=False))])
 
 
