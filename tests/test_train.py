@@ -12,6 +12,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import data  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 
@@ -103,6 +104,23 @@ def test_sample_end_to_end(tiny_run, tmp_path):
     assert np.isfinite(wav).all() and np.abs(wav).max() > 0
 
 
+def test_data_prompt_then_sample(tiny_run, tmp_path):
+    """The README's first steps: `python data.py prompt PATH` writes held-out clip 0, `python sample.py PATH`
+    continues it beside the prompt."""
+    prompt = tmp_path / 'prompt.wav'
+    r = run('data.py', 'prompt', str(prompt), '--seconds', '2')
+    assert 'sample.py' in r.stdout
+    wav, sr = sf.read(prompt)
+    ref = data.make_clip(data.clip_seed('heldout', 0), 2.0).wav
+    assert sr == data.SR and len(wav) == len(ref)
+    assert np.abs(wav - ref).max() < 1e-4                          # the clip itself, up to 16-bit rounding
+    run('sample.py', str(prompt), '--ckpt', str(tiny_run), '--seconds', '1')
+    assert sf.info(tmp_path / 'prompt_calm.wav').frames > len(ref) // 2
+    r = run('data.py', 'prompt', str(tmp_path / 'bad.wav'), '--clip', '-1', check=False)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == ['error: clip index out of range: -1']
+    assert not list(tmp_path.glob('bad*'))
+
+
 @pytest.mark.parametrize('kind', ['missing', 'directory', 'empty', 'garbage', 'nan', 'too_short'])
 def test_sample_bad_inputs_fail_cleanly(tiny_run, tmp_path, kind):
     path = tmp_path / f'{kind}.wav'
@@ -132,7 +150,7 @@ def test_sample_never_overwrites_the_prompt(tiny_run, tmp_path):
 
 
 def test_help_of_every_script():
-    for script in ('train.py', 'sample.py'):
+    for script in ('train.py', 'sample.py', 'data.py'):
         assert 'usage' in run(script, '--help').stdout
 
 
