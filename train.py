@@ -11,7 +11,8 @@ Data flows one way (paper §2-§3): wav -> VAE encoder -> latents (encoded ONCE 
 so that sigma_d = 1) -> CALM backbone + head. Every checkpoint carries its config, optimizer, step and
 RNG state, is written atomically (write, then rename), and `--resume` continues exactly where an
 interrupted run stopped: the batch of step s is a pure function of (seed, s), and the RNG that draws
-the model's noises is saved with the weights.
+the model's noises is saved with the weights. A run prints at its start which recipe each stage takes and
+why (the LM's depends on the device), and records the resolved configs and recipes in <run>/config.json.
 """
 import argparse
 import dataclasses
@@ -157,6 +158,42 @@ def fmt_time(s):
     return f'{s // 3600}h{s // 60 % 60:02d}m' if s >= 3600 else f'{s // 60}m{s % 60:02d}s'
 
 
+def recipe_reason(stage, args):
+    """One line: the recipe a stage trains with, the defaults it comes from and the flags that changed them.
+    The LM's defaults depend on the device (GPU_LM on CUDA), so this is printed at the start of every run."""
+    if stage == 'vae':
+        steps, batch, what = args.vae_steps or RECIPES['vae']['steps'], RECIPES['vae']['batch'], 'crops'
+        why = ["train.RECIPES['vae'] (the same on every device)"]
+        why += [f'--vae-steps {args.vae_steps}'] if args.vae_steps else []
+    else:
+        cuda = args.device.startswith('cuda')
+        recipe, other = lm_recipe(args, calm.TOY)[0], RECIPES['lm'] if cuda else GPU_LM
+        steps, batch, what = recipe['steps'], recipe['batch'], 'windows'
+        name, elsewhere = ('GPU_LM', 'a CPU') if cuda else ("RECIPES['lm']", 'a CUDA device')
+        why = [f"train.{name} because the device is {args.device} ({elsewhere} takes {other['steps']} x {other['batch']})"]
+        why += [f'--lm-steps {args.lm_steps}'] if args.lm_steps else []
+        why += [f'--lm-batch {args.lm_batch}'] if args.lm_batch else []
+    why += [f'--{stage}.{k}={v}' for k, v in args.overrides[stage].items()]
+    return f'{steps} steps x {batch} {what}: ' + ', '.join(why)
+
+
+def record_run(args, stage, cfg, recipe, ddp, log, **extra):
+    """Write the stage's resolved config and recipe into <run>/config.json (with the resolved arguments and
+    the device), written then renamed: what a run did can be read back, not guessed from the command."""
+    if not log.enabled:
+        return
+    path = os.path.join(args.out, 'config.json')
+    run = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            run = json.load(f)
+    run.update(args=vars(args), world_size=dist.get_world_size() if ddp else 1, torch=torch.__version__)
+    run[stage] = {'config': dataclasses.asdict(cfg), 'recipe': recipe, 'why': recipe_reason(stage, args), **extra}
+    with open(path + '.tmp', 'w') as f:
+        json.dump(run, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+
 # -----------------------------------------------------------------------------------------------
 # One training loop for both stages
 
@@ -291,6 +328,7 @@ def crop_batch(clips, step, seed, batch, length, rank=0):
 def train_vae(args, clips, ddp, rank, log):
     cfg = override(vae_lib.PAPER if args.preset == 'paper' else vae_lib.TOY, args.overrides['vae'])
     recipe = dict(RECIPES['vae'], **({'steps': args.vae_steps} if args.vae_steps else {}))
+    record_run(args, 'vae', cfg, recipe, ddp, log)
     torch.manual_seed(args.seed + rank)  # each stage seeds itself: a resumed run re-creates the same init
     model = vae_lib.VAE(cfg).to(args.device)
     length = int(recipe['crop'] * cfg.sample_rate) // model.hop * model.hop
@@ -396,6 +434,7 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
     if cfg.n_text and cfg.n_text != len(data.VOCAB):
         raise SystemExit(f'error: --lm.n_text must be 0 or {len(data.VOCAB)} (the toy vocabulary)')
     recipe, cfg = lm_recipe(args, cfg)
+    record_run(args, 'lm', cfg, recipe, ddp, log, vae=os.path.abspath(os.path.join(vae_dir, 'vae.pt')))
     cache = os.path.join(vae_dir, 'latents.pt')
     if args.data:
         n, get_wav = len(clips), lambda i: clips[i]
@@ -468,6 +507,8 @@ def main(argv=None):
     t0 = time.time()
     if log.enabled:
         print(f'run folder {args.out} | device {args.device} | {"DDP x" + str(dist.get_world_size()) if ddp else "1 process"}')
+        for stage in ('vae', 'lm') if args.stage == 'all' else (args.stage,):
+            print(f'{stage} recipe: {recipe_reason(stage, args)}')
 
     clips = load_audio_set(args)
     summary = {}
