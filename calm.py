@@ -44,20 +44,17 @@ class Config:
     t_eps: float = 1e-3           # clamp t into [t_eps, pi/2 - t_eps] for training
     dropout: float = 0.0
     n_text: int = 0               # text vocabulary size (data.VOCAB); 0 = unconditional model, no embedding
-    cond_dropout: float = 0.2     # per-sequence prob. of training on the null condition (notes §10a: 20%)
+    cond_dropout: float = 0.2     # per-sequence prob. of training on the null condition (0.2: our choice)
 
 
 # Presets. PAPER: the music LM is MusicGen-medium sized (1.35B, 48 layers x 1536) on 128-dim latents at
-# 25 Hz; head and short-Transformer sizes are not in our notes, so those are our guesses. Never trained here.
+# 25 Hz; the head and short-Transformer sizes here are our guesses. Never trained here.
 PAPER = Config(latent_dim=128, d_model=1536, n_layers=48, n_heads=24, context=750, short_context=10,
                short_layers=4, head_width=1536, head_blocks=6, head_batch_mul=8, tangent_warmup=10000)
-# TOY: trains on 2 CPU cores in ~11 minutes (README: measured s/step). A small backbone (d 128, 3 layers)
-# for speed: the head's sCT step (its JVP) dominates the cost; not tuned further. 600 of the 950 toy
-# steps use the TrigFlow loss before sCT takes over (diffusion_steps, see CALM.head_loss; train.py runs
-# the sCT phase at 0.1x the lr, and on a GPU trains 9000 steps, 5684 of them TrigFlow: train.GPU_LM).
-# No short-context Transformer (short_context=0, the paper's ablation): at the CPU budget it made
-# continuations worse on every measure we have (README, "What the toy LM learns"); `--short-context 10`
-# restores it.
+# TOY: small enough that its LM stage fits the 20-minute CPU toy (~11 min on 2 cores); the head's sCT step
+# (its JVP) dominates the cost. The first 600 of 950 steps use the TrigFlow loss (diffusion_steps, see
+# CALM.head_loss). No short-context Transformer (short_context=0, the paper's own ablation): on the toy it
+# made continuations worse; `--short-context 10` restores it. The measurements: docs/findings.md.
 TOY = Config(latent_dim=16, d_model=128, n_layers=3, n_heads=4, context=64, short_context=0,
              short_layers=2, head_width=256, head_blocks=3, head_batch_mul=4, tangent_warmup=200,
              diffusion_steps=600)
@@ -332,7 +329,7 @@ class CALM(nn.Module):
         self.short = (Transformer(D, d, cfg.n_heads, short_windows(cfg.short_context, cfg.short_layers),
                                   cfg.dropout) if cfg.short_context > 0 else None)
         self.head = Head(D, d, cfg.head_width, cfg.head_blocks)
-        # Text conditioning (notes §9, issue 6): one embedding per word, id n_text = padding = the null
+        # Text conditioning (our conditioner): one embedding per word, id n_text = padding = the null
         # condition (a zero row: the empty description). See CALM.condition.
         self.text = nn.Embedding(cfg.n_text + 1, d, padding_idx=cfg.n_text) if cfg.n_text > 0 else None
         if self.text is not None:
@@ -364,7 +361,8 @@ class CALM(nn.Module):
         paper's music models take a text (CLAP) conditioner (samples page, "Text-to-Music" update); how it
         enters the backbone we could not confirm, so the summed-and-added vector is our choice. T_short
         stays unconditioned: it restores local detail (paper §3). Training: each sequence is replaced by
-        the null condition with probability cfg.cond_dropout (notes §9/§10a) to learn z_uncond for CFG."""
+        the null condition with probability cfg.cond_dropout to learn z_uncond for CFG (classifier-free guidance,
+        Ho & Salimans, arXiv 2207.12598)."""
         if self.text is None:
             raise ValueError('this model has no text conditioning (n_text = 0): sample without --text')
         c = (self.text(text) * (text != self.cfg.n_text)[..., None]).sum(1)   # pads count 0, even if edited
@@ -401,7 +399,7 @@ class CALM(nn.Module):
         # Consistency runs may start with `diffusion_steps` of the TrigFlow loss: it trains the same F (the
         # velocity in sCM's parameterisation), and sCT then fine-tunes it into a consistency model, as
         # consistency tuning from a diffusion model does. Why: the sCT loss reaches the backbone only through
-        # the normalised tangent, a weak signal early on; measured on the toy, see README.
+        # the normalised tangent, a weak signal early on; measured on the toy: docs/findings.md.
         diffusion = cfg.head_loss == 'trigflow' or (cfg.head_loss == 'consistency' and step < cfg.diffusion_steps)
         if diffusion:                                     # diffusion loss ||sigma_d F - v_t||^2 (sCM §3)
             err = ((sd * self.head(xt / sd, t, z) - dxt) ** 2).mean(-1)
@@ -440,7 +438,7 @@ class CALM(nn.Module):
     @torch.no_grad()
     def step_backbone(self, x_prev, state):
         """x_prev [B, D] (last frame, None at the start) -> z [B, d] for the next frame; one token each.
-        Latent CFG (notes §9): z_cfg = z_uncond + alpha (z_cond - z_uncond) on T_long's output, one T_long
+        Latent CFG (the paper's): z_cfg = z_uncond + alpha (z_cond - z_uncond) on T_long's output, one T_long
         pass per branch; T_short's output is added once, after the mix, and the head runs once per frame
         (guided 1-step sampling is still 1 head call). torch.lerp computes end - (end - start)(1 - w) for
         w >= 0.5, so alpha = 1 gives z_cond and alpha = 0 gives z_uncond bit for bit. The branches are two

@@ -21,7 +21,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-SR = 24000  # the paper's speech VAE rate (notes §10a); the toy uses it too
+SR = 24000  # the sample rate of the paper's speech VAE; the toy uses it too
 
 MAJOR = (0, 2, 4, 5, 7, 9, 11)
 MINOR = (0, 2, 3, 5, 7, 8, 10)  # natural minor
@@ -189,7 +189,7 @@ def toy_clips(split, n, seconds=8.0, accompaniment=False):
 
 
 # -----------------------------------------------------------------------------------------------
-# Descriptions: the toy's "text" (issue 6). A clip is described by its generating attributes,
+# Descriptions: the toy's "text". A clip is described by its generating attributes,
 # "<family> <mode> <tempo_class>", over a fixed 10-word vocabulary; word id = index in VOCAB.
 
 MODES, TEMPO_CLASSES = ('major', 'minor'), ('slow', 'medium', 'fast')

@@ -406,7 +406,7 @@ def eval_speed(vae, model, clip, args, device):
     return out
 
 # -----------------------------------------------------------------------------
-# text adherence (issue 6): detectors for the three words of a toy description, and the CFG sweep
+# text adherence: detectors for the three words of a toy description, and the CFG sweep
 
 # Scale fit alone cannot tell a major key from its relative minor (same pitch set), so the tonic is taken
 # from the first transcribed note (every toy motif starts on its tonic, data.make_clip) and the two scales
@@ -465,8 +465,8 @@ def text_adherence(wavs, metas, detector, sr=data.SR):
 
 @torch.inference_mode()
 def eval_text(vae, model, args, device):
-    """CFG sweep (notes §9): the descriptions of args.text_clips held-out clips (random attribute
-    combinations, fixed seeds) are generated from nothing at each alpha (batch of all descriptions, same
+    """Latent CFG sweep (calm.CALM.step_backbone): the descriptions of args.text_clips held-out clips (random
+    attribute combinations, fixed seeds) are generated from nothing at each alpha (batch of all descriptions, same
     seed per alpha), decoded, and scored by the detectors; fd against the real clips of a disjoint
     held-out set. 'real' = the detectors on the described clips themselves (their ceiling), 'chance' =
     uniform guessing (5 families, 2 modes, 3 equally wide tempo classes). ms_frame: batch 1, 1 head step,

@@ -10,10 +10,10 @@ token and `--steps` head calls per 80 ms frame), and the whole latent sequence i
 output wav holds the prompt (as the VAE reconstructs it) followed by the continuation, with no seam.
 A prompt longer than the model's context keeps only its last context-length part.
 
-Text (toy runs, issue 6): `python sample.py --text "flute minor fast" --seconds 8` generates from nothing
+Text (toy runs): `python sample.py --text "flute minor fast" --seconds 8` generates from nothing
 (-> out/flute_minor_fast.wav); with a prompt, the text steers the continuation. Words come from the toy
 vocabulary (family: flute clarinet string organ bell; mode: major minor; tempo: slow medium fast), any
-subset in any order. Guidance is latent CFG (notes §9): z = z_uncond + cfg (z_cond - z_uncond) on the
+subset in any order. Guidance is the paper's latent CFG: z = z_uncond + cfg (z_cond - z_uncond) on the
 backbone output, one head call per frame. Without --text a text-conditioned model uses its null condition.
 """
 import argparse

@@ -4,7 +4,7 @@ A guided tour of calm in pictures: what each part of a trained run does, one PNG
     pip install matplotlib              # optional dependency, only this script uses it
     python tour.py --ckpt out/toy       # -> out/toy/tour/01_data.png ... 06_training.png
 
-Figures, in the order data flows (README "How it works" walks through them):
+Figures, in the order data flows (README.md, "How it works", walks through them):
   01_data         a held-out toy clip: waveform, log-mel spectrogram, its annotated notes
   02_vae          the clip through the VAE: original vs reconstruction, and the latent frames
   03_trigflow     TrigFlow noising of one latent frame; on a 1-D two-mode toy, the exact PF-ODE paths,

@@ -38,20 +38,16 @@ RECIPES = {
     'lm': dict(steps=950, batch=32, lr=2e-3, warmup=50, wd=0.01, sct_lr=0.1),
 }
 # sct_lr: a consistency run's sCT phase after its TrigFlow phase (steps >= calm.Config.diffusion_steps > 0)
-# trains at this fraction of the schedule's lr; sCT from scratch (diffusion_steps = 0) is not scaled.
-# Why: at the full lr the sCT updates (through z they reach the backbone) undid what the TrigFlow phase had
-# learnt: teacher-forced note accuracy 0.86 after TrigFlow alone, 0.61 after 350 sCT steps at 1x, 0.76 at
-# 0.1x, 0.44 after 1800 sCT steps at 1x (README, "What the toy LM learns", items 7 and 9).
+# trains at this fraction of the schedule's lr; sCT from scratch (diffusion_steps = 0) is not scaled. Why:
+# at the full lr the sCT updates, which reach the backbone through z, undid what the TrigFlow phase had
+# learnt (docs/findings.md, "Why a TrigFlow phase before sCT?").
 # Toy training sets: the VAE trains on 512 clips x 8 s (~68 min of audio); the LM on the latents of 4096
-# clips (~9 h). Why so many for the LM: on 512 clips the toy LM memorised the training motifs (training
-# MSE 0.11, held-out stuck at 0.21) instead of learning to continue a motif from its context; on 4096
-# held-out MSE kept falling (0.15 at step 1400 and still going). Measured with an MSE readout probe.
+# clips (~9 h): on 512 the toy LM memorised the training motifs instead of learning to continue a motif
+# from its context (docs/findings.md, "Why does the LM train on 4096 clips?").
 TOY_CLIPS = dict(n=512, lm_n=4096, seconds=8.0)
-# On a CUDA device the LM stage trains 9000 steps of 128 windows (38x the windows of the CPU recipe; 5684 of
-# the steps TrigFlow): ~6 minutes on one H100, where the CPU recipe's 950 x 32 must fit the 20-minute toy on
-# 2 cores. The budget is what the motif needs: continuation note accuracy (1 step, default temperature, 32
-# held-out clips) 0.14 after the CPU recipe, 0.48 after 10500 x 32, 0.81 / 0.85 after 9000 x 128 (two
-# training seeds; README "On one GPU" and item 11 of "What the toy LM learns").
+# On a CUDA device the LM stage trains 9000 steps of 128 windows (38x the windows of the CPU recipe, ~6 min on
+# one H100), where 950 x 32 must fit the 20-minute CPU toy: that longer budget is what continuing the motif
+# needs (docs/findings.md, "What does a GPU budget learn?").
 GPU_LM = dict(steps=9000, batch=128)
 
 
@@ -80,7 +76,8 @@ def parse_args(argv=None):
     p.add_argument('--ckpt-every', type=int, default=100, help='steps between checkpoints (default 100)')
     p.add_argument('--log-every', type=int, default=25)
     p.add_argument('--compile', action='store_true', help='torch.compile the model (GPU)')
-    # The paper's ablations (§4, Table 10a of the notes) as flags; any other field via --lm.FIELD=VALUE.
+    # The paper's ablations (noise augmentation, short-context Transformer, head batch multiplier; and the
+    # TrigFlow head) as flags; any other field via --lm.FIELD=VALUE.
     p.add_argument('--head-loss', choices=['trigflow', 'consistency'])
     p.add_argument('--head-batch-mul', type=int, help='head batch multiplier M (1 disables it)')
     p.add_argument('--short-context', type=int, help='frames K seen by the short-context Transformer (0 disables)')
@@ -249,7 +246,7 @@ def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra
             for g in opt.param_groups:
                 g['lr'] = lr_at(step)
             batch, text = get_batch(step), None
-            if isinstance(batch, tuple):  # (latents, description ids): a text-conditioned LM (issue 6)
+            if isinstance(batch, tuple):  # (latents, description ids): a text-conditioned LM
                 batch, text = batch[0], batch[1].to(device)
             batch = batch.to(device, non_blocking=True)
             with autocast:
@@ -340,7 +337,7 @@ def train_vae(args, clips, ddp, rank, log):
         'vae', model, cfg, recipe,
         lambda s: crop_batch(clips, s, args.seed, recipe['batch'], length, rank), path, args, ddp, log)
     if finished:
-        # Standardise the latents for the LM (notes §2, §10a): TrigFlow assumes a known data std sigma_d,
+        # Standardise the latents for the LM (as pocket-tts does): TrigFlow assumes a known data std sigma_d,
         # so the LM reads (mu - mean) / std and sigma_d = 1.
         with torch.no_grad():
             mus = [model.posterior(torch.from_numpy(w)[None].to(args.device))[0][0] for w in clips[:256]]
@@ -378,7 +375,7 @@ def encode_all(vae, n, get_wav, device, cache):
 
 def window_batch(latents, step, seed, batch, length, rank=0, texts=None):
     """Random windows of `length` frames from the cached latent sequences; pure function of (seed, step).
-    texts (one list of word ids per cached clip, issue 6): also return each window's clip description as
+    texts (one list of word ids per cached clip): also return each window's clip description as
     ids [batch, L] (calm.pad_text); the windows drawn are the same with or without texts."""
     g = np.random.default_rng([seed, step, rank, 1])
     windows, ids = [], []
@@ -427,7 +424,7 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
     if args.no_noise_aug:
         cfg = dataclasses.replace(cfg, noise_aug=False)
     if not args.data and 'n_text' not in args.overrides['lm']:
-        cfg = dataclasses.replace(cfg, n_text=len(data.VOCAB))  # toy runs are text-conditioned (issue 6)
+        cfg = dataclasses.replace(cfg, n_text=len(data.VOCAB))  # toy runs are text-conditioned
     cfg = override(cfg, args.overrides['lm'])
     if args.data and cfg.n_text:
         raise SystemExit('error: text conditioning needs the toy descriptions; --data runs are unconditional')
