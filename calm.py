@@ -2,12 +2,13 @@
 CALM: Continuous Audio Language Model (Rouard et al., arXiv 2509.06926), minimal and readable.
 
     x_1..x_S  continuous VAE latents (standardised, so sigma_d = 1)
-    z_long_s  = T_long(noisy x_<s)                 causal Transformer, long context       (paper §3)
-    z_short_s = T_short(clean x_{s-K}..x_{s-1})    sliding-window Transformer, K frames   (paper §3)
+    z_long_s  = T_long(noisy x_<s)                 causal Transformer, long context       (paper Eq. 3)
+    z_short_s = T_short(clean x_{s-K}..x_{s-1})    sliding-window Transformer, K frames   (paper Eq. 3)
     z_s       = z_long_s + z_short_s
     x_s      ~ head(noise, t, z_s)                  MAR adaLN MLP trained with TrigFlow or sCM (sCM §3-§4)
 
-"paper §3" is the CALM method section; "sCM §n" refers to Lu & Song, arXiv 2410.11081 (§3 TrigFlow and
+"paper" is the CALM paper, arXiv 2509.06926 (its Eq. 3: the training objective, with z_s as above and
+the noise-augmented inputs); "sCM §n" refers to Lu & Song, arXiv 2410.11081 (§3 TrigFlow and
 sCT, §4.1 architecture, §4.2 training objective tricks); "MAR" to Li et al., arXiv 2406.11838.
 Runs standalone on random latents: `python calm.py` prints parameter counts and a timing.
 """
@@ -33,14 +34,14 @@ class Config:
     head_blocks: int = 3
     head_loss: str = 'consistency'   # 'trigflow' (diffusion, sCM §3) or 'consistency' (sCT, sCM §3-4)
     head_batch_mul: int = 4       # M: each z_s is reused M times with fresh (noise, t) (MAR; paper uses 8)
-    noise_aug: bool = True        # corrupt backbone inputs during training (Pasini et al.; paper §3)
-    noise_max: float = 1.0        # noise level k ~ U(0, noise_max) (paper §3: U(0, 1))
+    noise_aug: bool = True        # corrupt backbone inputs during training (paper Eq. 3; Pasini et al. 2411.18447)
+    noise_max: float = 1.0        # noise level k ~ U(0, noise_max) (paper Eq. 3: U(0, 1))
     sigma_d: float = 1.0          # data std of the (standardised) latents, TrigFlow's sigma_d
     P_mean: float = -1.0          # log-normal time proposal tau ~ N(P_mean, P_std^2) (sCT CIFAR values)
     P_std: float = 1.4
     tangent_warmup: int = 1000    # steps over which r ramps 0 -> 1 (sCM §4.2 "tangent warmup")
     diffusion_steps: int = 0      # consistency only: first train this many steps with the TrigFlow loss (see head_loss)
-    adaptive_weight: bool = True  # learned w(t) (sCM §4.2 adaptive weighting; paper §3 trains w jointly)
+    adaptive_weight: bool = True  # learned w(t) (sCM §4.2 adaptive weighting; paper Eq. 3 trains w jointly)
     t_eps: float = 1e-3           # clamp t into [t_eps, pi/2 - t_eps] for training
     dropout: float = 0.0
     n_text: int = 0               # text vocabulary size (data.VOCAB); 0 = unconditional model, no embedding
@@ -133,7 +134,7 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     """Causal Transformer over frames; position s reads Linear(x_{s-1}) (a learned start frame at s=1)
-    and outputs the conditioning for x_s (paper §3). windows[l] = how many positions layer l attends to
+    and outputs the conditioning for x_s (paper Eq. 3). windows[l] = how many positions layer l attends to
     (stacked windows add up: the receptive field is sum(w_l - 1) + 1 positions)."""
     def __init__(self, D, d, n_heads, windows, dropout=0.0):
         super().__init__()
@@ -340,9 +341,9 @@ class CALM(nn.Module):
             nn.init.zeros_(self.weight_net.weight)
             nn.init.zeros_(self.weight_net.bias)
 
-    # --- conditioning z_s = z_long_s + z_short_s (paper §3) ---
+    # --- conditioning z_s = z_long_s + z_short_s (paper Eq. 3) ---
     def noise_augment(self, x):
-        """x~_s = sqrt(k_s) eps + sqrt(1 - k_s) x_s with one k_s ~ U(0, noise_max) per frame (paper §3: U(0, 1),
+        """x~_s = sqrt(k_s) eps + sqrt(1 - k_s) x_s with one k_s ~ U(0, noise_max) per frame (paper Eq. 3: U(0, 1),
         k indexed per frame). Only the backbone's inputs are corrupted; targets and T_short's inputs stay clean."""
         k = self.cfg.noise_max * torch.rand(x.shape[0], x.shape[1], 1, device=x.device)
         return k.sqrt() * torch.randn_like(x) + (1 - k).sqrt() * x
@@ -360,7 +361,7 @@ class CALM(nn.Module):
         by the ring-buffer KV cache once generation runs past cfg.context, an added vector never is. The
         paper's music models take a text (CLAP) conditioner (samples page, "Text-to-Music" update); how it
         enters the backbone we could not confirm, so the summed-and-added vector is our choice. T_short
-        stays unconditioned: it restores local detail (paper §3). Training: each sequence is replaced by
+        stays unconditioned: it restores local detail (the paper's role for it). Training: each sequence is replaced by
         the null condition with probability cfg.cond_dropout to learn z_uncond for CFG (classifier-free guidance,
         Ho & Salimans, arXiv 2207.12598)."""
         if self.text is None:
@@ -388,7 +389,7 @@ class CALM(nn.Module):
 
     def head_loss(self, z, x0, step=0):
         """z [N, d], x0 [N, D] -> (loss, stats). Head batch multiplier: each row repeated M times with its
-        own (noise, t); the backbone ran once (MAR §3.3, paper Table 14)."""
+        own (noise, t); the backbone ran once (MAR §3.3; the paper's head batch multiplier)."""
         cfg, sd = self.cfg, self.cfg.sigma_d
         M = cfg.head_batch_mul
         z, x0 = z.repeat_interleave(M, 0), x0.repeat_interleave(M, 0)
@@ -403,7 +404,7 @@ class CALM(nn.Module):
         diffusion = cfg.head_loss == 'trigflow' or (cfg.head_loss == 'consistency' and step < cfg.diffusion_steps)
         if diffusion:                                     # diffusion loss ||sigma_d F - v_t||^2 (sCM §3)
             err = ((sd * self.head(xt / sd, t, z) - dxt) ** 2).mean(-1)
-        elif cfg.head_loss == 'consistency':              # sCT loss (sCM §3 + §4.2 tricks; paper §3 loss)
+        elif cfg.head_loss == 'consistency':              # sCT loss (sCM §3 + §4.2 tricks; paper Eq. 3)
             s = step - cfg.diffusion_steps                # tangent warmup starts with sCT
             r = min(1.0, s / cfg.tangent_warmup) if cfg.tangent_warmup > 0 else 1.0
             zd = z.detach()                               # theta^- = stop-grad(theta), backbone included
@@ -464,7 +465,7 @@ class CALM(nn.Module):
                  cfg_alpha=None):
         """prompt [B, P, D] or None -> [B, n_frames, D] new frames, streamed with the KV caches.
         temperature 0.8: the paper's best for speech continuation (Gaussian temperature, noise std
-        sqrt(tau), paper §3-§4; pocket-tts uses 0.7); 1.0 samples the model's own distribution.
+        sqrt(tau), the paper's Gaussian temperature; pocket-tts uses 0.7); 1.0 samples the model's own distribution.
         text [B, L] word ids (None: the null condition); cfg_alpha: latent CFG strength (None: no guidance,
         conditional branch only). Only the head draws noise, one [B, D] draw per step whatever the mode,
         so a seed gives the same noises guided or not."""

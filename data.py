@@ -1,7 +1,7 @@
 """
 Toy music for calm, and loading your own audio.
 
-The toy task stands in for the paper's music data (CALM §5): every clip is a monophonic melody at
+The toy task stands in for the paper's music data: every clip is a monophonic melody at
 24 kHz built from a short motif that repeats, so that a language model on VAE latents can learn
 something checkable (key, tempo, timbre, the motif itself) and evaluation can measure it with a
 pitch tracker (metrics.py). Everything is a pure function of an integer seed.

@@ -5,7 +5,7 @@ Evaluate a trained CALM run folder (vae.pt + calm.pt) on held-out toy clips.
     python evaluate.py --ckpt out/toy --json out/eval.json --clips 32 --steps 1,4
     python evaluate.py --compare --vae-from out/toy --lm-steps 2000   # equal-budget ablations
 
-Sections and what each number is (paper §7, §10, §10a):
+Sections and what each number is (the kinds of measure the paper reports, on the toy task):
 - vae: reconstruction of held-out clips: note-pitch accuracy of the reconstruction (fraction of annotated
   notes whose estimated MIDI pitch, rounded, equals the annotation; metrics.note_pitch_accuracy), log-mel
   L1 and SI-SDR (dB) between clip and reconstruction. 'real' = the same pitch score on the clip itself
@@ -557,7 +557,7 @@ def report(res):
     return '\n\n'.join(out)
 
 # -----------------------------------------------------------------------------
-# equal-budget comparisons (paper §10a ablations), trained by train.py
+# equal-budget comparisons (the paper's ablations), trained by train.py
 
 
 BASE = ['--head-loss', 'consistency']  # the paper's ablations are on the consistency head

@@ -7,7 +7,7 @@ Train calm: first the audio VAE, then the CALM language model on its latents.
     python train.py --stage lm --vae-from out/toy --out out/with_short --short-context 10
     torchrun --nproc_per_node=2 train.py --toy   # DistributedDataParallel (gloo on CPU, nccl on GPU)
 
-Data flows one way (paper §2-§3): wav -> VAE encoder -> latents (encoded ONCE and cached, standardised
+Data flows one way (paper Eq. 2-3): wav -> VAE encoder -> latents (encoded ONCE and cached, standardised
 so that sigma_d = 1) -> CALM backbone + head. Every checkpoint carries its config, optimizer, step and
 RNG state, is written atomically (write, then rename), and `--resume` continues exactly where an
 interrupted run stopped: the batch of step s is a pure function of (seed, s), and the RNG that draws
@@ -298,7 +298,7 @@ def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra
 
 
 # -----------------------------------------------------------------------------------------------
-# Stage 1: the VAE (paper §2)
+# Stage 1: the VAE (paper Eq. 2, the VAE-GAN loss, without the adversarial terms in the toy)
 
 def load_audio_set(args):
     """The training audio as a list of float32 arrays at data.SR: toy clips or the user's folder."""
@@ -351,7 +351,7 @@ def train_vae(args, clips, ddp, rank, log):
 
 
 # -----------------------------------------------------------------------------------------------
-# Stage 2: the language model on cached latents (paper §3-§8)
+# Stage 2: the language model on cached latents (paper Eq. 3)
 
 @torch.no_grad()
 def encode_all(vae, n, get_wav, device, cache):
