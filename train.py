@@ -532,7 +532,8 @@ def main(argv=None):
         print(f'\ndone in {fmt_time(time.time() - t0)}')
         for stage, stats in summary.items():
             print(f'  {stage}: final ' + ', '.join(f'{k} {v:.4g}' for k, v in stats.items()))
-        print(f'  checkpoints in {args.out}/ (sample with: python sample.py prompt.wav --ckpt {args.out})')
+        print(f'  checkpoints in {args.out}/ (try: python data.py prompt out/prompt.wav; '
+              f'python sample.py out/prompt.wav --ckpt {args.out})')
     if ddp:  # leave together: a rank whose peer has already torn down gloo can abort at exit (seen in tests)
         dist.barrier()
         dist.destroy_process_group()
