@@ -22,7 +22,6 @@ import sys
 import time
 
 import numpy as np
-import soundfile as sf
 import torch
 
 import calm
@@ -116,11 +115,7 @@ def main(argv=None):
         t_all = time.time() - t0
     if not np.isfinite(audio).all():
         raise ValueError('the model produced non-finite audio (is the checkpoint trained?)')
-    # Write then rename: an interrupted run never leaves a half-written file behind.
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + '.tmp.wav'
-    sf.write(tmp, np.clip(audio, -1, 1), sr, subtype='PCM_16')
-    os.replace(tmp, out)
+    data.write_wav(out, audio, sr)  # write then rename: an interrupted run leaves no half-written file
     n_clip = int((np.abs(audio) > 1).sum())
     if n_clip:  # 16-bit wav holds [-1, 1]: say so rather than clip silently
         print(f'note: {n_clip} samples ({100 * n_clip / audio.size:.3f}%) beyond [-1, 1] were clipped', file=sys.stderr)
