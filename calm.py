@@ -361,9 +361,9 @@ class CALM(nn.Module):
         by the ring-buffer KV cache once generation runs past cfg.context, an added vector never is. The
         paper's music models take a text (CLAP) conditioner (samples page, "Text-to-Music" update); how it
         enters the backbone we could not confirm, so the summed-and-added vector is our choice. T_short
-        stays unconditioned: it restores local detail (the paper's role for it). Training: each sequence is replaced by
-        the null condition with probability cfg.cond_dropout to learn z_uncond for CFG (classifier-free guidance,
-        Ho & Salimans, arXiv 2207.12598)."""
+        stays unconditioned: it restores local detail (the paper's role for it). Training: each sequence is
+        replaced by the null condition with probability cfg.cond_dropout to learn z_uncond for CFG
+        (classifier-free guidance, Ho & Salimans, arXiv 2207.12598)."""
         if self.text is None:
             raise ValueError('this model has no text conditioning (n_text = 0): sample without --text')
         c = (self.text(text) * (text != self.cfg.n_text)[..., None]).sum(1)   # pads count 0, even if edited
@@ -464,8 +464,8 @@ class CALM(nn.Module):
     def generate(self, prompt=None, n_frames=100, steps=1, temperature=0.8, generator=None, text=None,
                  cfg_alpha=None):
         """prompt [B, P, D] or None -> [B, n_frames, D] new frames, streamed with the KV caches.
-        temperature 0.8: the paper's best for speech continuation (Gaussian temperature, noise std
-        sqrt(tau), the paper's Gaussian temperature; pocket-tts uses 0.7); 1.0 samples the model's own distribution.
+        temperature 0.8: the paper's best for speech continuation (its Gaussian temperature: noise std
+        sqrt(tau); pocket-tts uses 0.7); 1.0 samples the model's own distribution.
         text [B, L] word ids (None: the null condition); cfg_alpha: latent CFG strength (None: no guidance,
         conditional branch only). Only the head draws noise, one [B, D] draw per step whatever the mode,
         so a seed gives the same noises guided or not."""

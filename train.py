@@ -167,7 +167,8 @@ def recipe_reason(stage, args):
         recipe, other = lm_recipe(args, calm.TOY)[0], RECIPES['lm'] if cuda else GPU_LM
         steps, batch, what = recipe['steps'], recipe['batch'], 'windows'
         name, elsewhere = ('GPU_LM', 'a CPU') if cuda else ("RECIPES['lm']", 'a CUDA device')
-        why = [f"train.{name} because the device is {args.device} ({elsewhere} takes {other['steps']} x {other['batch']})"]
+        why = [f"train.{name} because the device is {args.device} "
+               f"({elsewhere} takes {other['steps']} x {other['batch']})"]
         why += [f'--lm-steps {args.lm_steps}'] if args.lm_steps else []
         why += [f'--lm-batch {args.lm_batch}'] if args.lm_batch else []
     why += [f'--{stage}.{k}={v}' for k, v in args.overrides[stage].items()]
