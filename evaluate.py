@@ -11,7 +11,7 @@ the same way, at its softmax temperatures. --table puts several runs in one comp
 (decoded quality and bits per frame of the Gaussian latents vs RVQ codes of them, per level count Q), the
 continuation rows of every run, and batch-1 speed split into backbone and head (`table_speed`).
 
-Sections and what each number is (paper §7, §10, §10a):
+Sections and what each number is (the kinds of measure the paper reports, on the toy task):
 - vae: reconstruction of held-out clips: note-pitch accuracy of the reconstruction (fraction of annotated
   notes whose estimated MIDI pitch, rounded, equals the annotation; metrics.note_pitch_accuracy), log-mel
   L1 and SI-SDR (dB) between clip and reconstruction. 'real' = the same pitch score on the clip itself
@@ -421,7 +421,7 @@ def eval_speed(vae, model, clip, args, device):
     return out
 
 # -----------------------------------------------------------------------------
-# text adherence (issue 6): detectors for the three words of a toy description, and the CFG sweep
+# text adherence: detectors for the three words of a toy description, and the CFG sweep
 
 # Scale fit alone cannot tell a major key from its relative minor (same pitch set), so the tonic is taken
 # from the first transcribed note (every toy motif starts on its tonic, data.make_clip) and the two scales
@@ -480,8 +480,8 @@ def text_adherence(wavs, metas, detector, sr=data.SR):
 
 @torch.inference_mode()
 def eval_text(vae, model, args, device):
-    """CFG sweep (notes §9): the descriptions of args.text_clips held-out clips (random attribute
-    combinations, fixed seeds) are generated from nothing at each alpha (batch of all descriptions, same
+    """Latent CFG sweep (calm.CALM.step_backbone): the descriptions of args.text_clips held-out clips (random
+    attribute combinations, fixed seeds) are generated from nothing at each alpha (batch of all descriptions, same
     seed per alpha), decoded, and scored by the detectors; fd against the real clips of a disjoint
     held-out set. 'real' = the detectors on the described clips themselves (their ceiling), 'chance' =
     uniform guessing (5 families, 2 modes, 3 equally wide tempo classes). ms_frame: batch 1, 1 head step,
@@ -572,7 +572,7 @@ def report(res):
     return '\n\n'.join(out)
 
 # -----------------------------------------------------------------------------
-# equal-budget comparisons (paper §10a ablations), trained by train.py
+# equal-budget comparisons (the paper's ablations), trained by train.py
 
 
 BASE = ['--head-loss', 'consistency']  # the paper's ablations are on the consistency head

@@ -10,10 +10,10 @@ token and `--steps` head calls per 80 ms frame), and the whole latent sequence i
 output wav holds the prompt (as the VAE reconstructs it) followed by the continuation, with no seam.
 A prompt longer than the model's context keeps only its last context-length part.
 
-Text (toy runs, issue 6): `python sample.py --text "flute minor fast" --seconds 8` generates from nothing
+Text (toy runs): `python sample.py --text "flute minor fast" --seconds 8` generates from nothing
 (-> out/flute_minor_fast.wav); with a prompt, the text steers the continuation. Words come from the toy
 vocabulary (family: flute clarinet string organ bell; mode: major minor; tempo: slow medium fast), any
-subset in any order. Guidance is latent CFG (notes §9): z = z_uncond + cfg (z_cond - z_uncond) on the
+subset in any order. Guidance is the paper's latent CFG: z = z_uncond + cfg (z_cond - z_uncond) on the
 backbone output, one head call per frame. Without --text a text-conditioned model uses its null condition.
 
 A run trained with `train.py --model rq` or `--model delay` (the discrete baselines of rq.py) is continued
@@ -26,7 +26,6 @@ import sys
 import time
 
 import numpy as np
-import soundfile as sf
 import torch
 
 import calm
@@ -133,11 +132,7 @@ def main(argv=None):
         t_all = time.time() - t0
     if not np.isfinite(audio).all():
         raise ValueError('the model produced non-finite audio (is the checkpoint trained?)')
-    # Write then rename: an interrupted run never leaves a half-written file behind.
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + '.tmp.wav'
-    sf.write(tmp, np.clip(audio, -1, 1), sr, subtype='PCM_16')
-    os.replace(tmp, out)
+    data.write_wav(out, audio, sr)  # write then rename: an interrupted run leaves no half-written file
     n_clip = int((np.abs(audio) > 1).sum())
     if n_clip:  # 16-bit wav holds [-1, 1]: say so rather than clip silently
         print(f'note: {n_clip} samples ({100 * n_clip / audio.size:.3f}%) beyond [-1, 1] were clipped', file=sys.stderr)
