@@ -783,7 +783,8 @@ def run_table(args):
 
 def report_table(res):
     c, out = res['codec'], []
-    out.append('== Runs ==\n' + table(res['runs'], ['kind', 'params_M', 'head_params_M', 'steps', 'batch', 'lm_minutes']))
+    cols = ['kind', 'params_M', 'head_params_M', 'steps', 'batch', 'lm_minutes']
+    out.append('== Runs ==\n' + table(res['runs'], cols))
     snr = lambda r: -10 * math.log10(r['post_var'] if 'post_var' in r else max(r['lat_mse'], 1e-12))
     codec = {k: {**r, 'snr_db': snr(r)} for k, r in c['rows'].items()}
     out.append(f"== Codec: Gaussian latents vs RVQ ({codec['gaussian (VAE)']['n_clips']} held-out clips; RVQ fitted on "

@@ -79,9 +79,11 @@ def parse_args(argv=None):
     p.add_argument('--compile', action='store_true', help='torch.compile the model (GPU)')
     p.add_argument('--model', choices=['calm', 'rq', 'delay'], default='calm',
                    help='the LM: calm (continuous latents), or a discrete baseline on RVQ codes of the latents '
-                        '(rq.py, same backbone): rq = RQ-Transformer (depth Transformer), delay = MusicGen delay pattern')
+                        '(rq.py, same backbone): rq = RQ-Transformer (depth Transformer), delay = MusicGen delay '
+                        'pattern')
     p.add_argument('--levels', type=int, help=f'--model rq/delay: RVQ levels Q (default {rq.Config.n_q})')
-    p.add_argument('--codebook-size', type=int, help=f'--model rq/delay: codewords per level K (default {rq.Config.codebook_size})')
+    p.add_argument('--codebook-size', type=int,
+                   help=f'--model rq/delay: codewords per level K (default {rq.Config.codebook_size})')
     # The paper's ablations (noise augmentation, short-context Transformer, head batch multiplier; and the
     # TrigFlow head) as flags; any other field via --lm.FIELD=VALUE.
     p.add_argument('--head-loss', choices=['trigflow', 'consistency'])
@@ -423,7 +425,8 @@ def lm_recipe(args, cfg):
     base = RECIPES['lm']
     recipe = {**base, **(GPU_LM if args.device.startswith('cuda') else {}),
               **({'steps': args.lm_steps} if args.lm_steps else {}), **({'batch': args.lm_batch} if args.lm_batch else {})}
-    if recipe['steps'] != base['steps'] and getattr(cfg, 'diffusion_steps', 0) and 'diffusion_steps' not in args.overrides['lm']:
+    if (recipe['steps'] != base['steps'] and getattr(cfg, 'diffusion_steps', 0)
+            and 'diffusion_steps' not in args.overrides['lm']):
         cfg = dataclasses.replace(cfg, diffusion_steps=round(cfg.diffusion_steps * recipe['steps'] / base['steps']))
     return recipe, cfg
 
@@ -483,7 +486,8 @@ def fit_rvq(model, latents, cfg, args, ckpt_path, log):
 def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
     cfg = lm_config(args, vae)
     recipe, cfg = lm_recipe(args, cfg)
-    record_run(args, 'lm', cfg, recipe, ddp, log, vae=os.path.abspath(os.path.join(vae_dir, 'vae.pt')), kind=args.model)
+    record_run(args, 'lm', cfg, recipe, ddp, log, vae=os.path.abspath(os.path.join(vae_dir, 'vae.pt')),
+               kind=args.model)
     cache = os.path.join(vae_dir, 'latents.pt')
     if args.data:
         n, get_wav = len(clips), lambda i: clips[i]

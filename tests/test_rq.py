@@ -34,7 +34,8 @@ def randomized(cfg, seed=0):
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(0.3 * torch.randn(p.shape, generator=g))
-        m.rvq.codebooks.copy_(torch.randn(m.rvq.codebooks.shape, generator=g) / (1 + torch.arange(cfg.n_q))[:, None, None])
+        scale = 1 + torch.arange(cfg.n_q)[:, None, None]   # coarse to fine, as a fitted RVQ
+        m.rvq.codebooks.copy_(torch.randn(m.rvq.codebooks.shape, generator=g) / scale)
     return m.eval()
 
 
@@ -256,7 +257,8 @@ def test_generate_returns_dequantised_latents_and_checks_its_arguments(kind):
     out = m.generate(prompt, 6, generator=g)
     assert out.shape == (2, 6, cfg.latent_dim)
     # every new frame is a sum of one codeword per level
-    codes = m.generate_codes(m.rvq.encode(prompt), 6, cfg.temperature, 0, torch.Generator().manual_seed(0), m.new_state(2))
+    g0 = torch.Generator().manual_seed(0)
+    codes = m.generate_codes(m.rvq.encode(prompt), 6, cfg.temperature, 0, g0, m.new_state(2))
     assert torch.allclose(out, m.rvq.decode(codes))
     text = calm.pad_text([[0, 1], [2]], 3)
     assert m.generate(None, 3, text=text, cfg_alpha=2.0, generator=g).shape == (2, 3, cfg.latent_dim)
@@ -299,7 +301,8 @@ def test_config_checks_and_parameter_budget():
     # the same backbone as CALM's, fed code embeddings instead of Linear(x)
     m = rq.build(rq.config_like(calm.TOY))
     c = calm.CALM(calm.TOY)
-    assert calm.n_params(m.backbone) - calm.n_params(m.backbone.inp) == calm.n_params(c.long) - calm.n_params(c.long.inp)
+    without_input = lambda t: calm.n_params(t) - calm.n_params(t.inp)
+    assert without_input(m.backbone) == without_input(c.long)
 
 
 # --- train.py / sample.py end to end --------------------------------------------------------------------------
