@@ -220,6 +220,13 @@ def fit(rvq, latents, cfg, seed=0, log=print):
     return rvq_report(rvq, x[torch.from_numpy(data_rng.choice(len(x), min(len(x), 65536), replace=False))])
 
 
+def fit_summary(stats, seconds):
+    """One line on a fit: per-level entropy, the residual left after the first and the last level."""
+    entropy = ' '.join(f"{s['entropy_bits']:.2f}" for s in stats)
+    return (f'rvq: Q={len(stats)} levels fitted in {seconds:.1f} s | entropy per level (bits) {entropy} | residual '
+            f"MSE {stats[0]['residual_mse']:.3f} -> {stats[-1]['residual_mse']:.4f} after Q levels (latent variance 1)")
+
+
 @torch.no_grad()
 def rvq_report(rvq, x):
     """Per-level code usage, entropy and the mean squared residual left after that level, on frames x."""
@@ -516,6 +523,27 @@ def build(cfg: Config):
     return (RQTransformer if cfg.kind == 'rq' else DelayLM)(cfg)
 
 
+def build_fitted(cfg, latents, seed=0, fit_rvq=True, log=None):
+    """build(cfg) with its RVQ fitted on latents (a list of [S, D] tensors), as train.py does; log(record,
+    line) as train.Log. Checked first (ValueError): a K that does not fit may also be too large to allocate.
+    Deterministic, so every DDP rank fits the same codebooks."""
+    check(cfg, sum(len(z) for z in latents))
+    m = build(cfg)
+    if fit_rvq:
+        t0 = time.time()
+        stats = fit(m.rvq, torch.cat(latents), cfg, seed, log=print if log is not None and log.enabled else None)
+        if log is not None:
+            log({'stage': 'rvq', 'seconds': time.time() - t0, 'levels': stats}, fit_summary(stats, time.time() - t0))
+    return m
+
+
+def describe(m):
+    cfg, part = m.cfg, ('depth Transformer', m.depth) if m.cfg.kind == 'rq' else ('linear heads', m.heads)
+    return (f'{cfg.kind}, {calm.n_params(m) / 1e6:.2f}M params (backbone {calm.n_params(m.backbone) / 1e6:.2f}M, '
+            f'{part[0]} {calm.n_params(part[1]) / 1e6:.2f}M), Q={cfg.n_q} x K={cfg.codebook_size} codes per frame '
+            f'({cfg.n_q * math.log2(cfg.codebook_size):g} bits), text {"on" if cfg.n_text else "off"}')
+
+
 if __name__ == '__main__':   # parameter counts vs CALM's head; training s/step side by side at the toy batch
     torch.manual_seed(0)
     torch.set_flush_denormal(True)
@@ -523,11 +551,8 @@ if __name__ == '__main__':   # parameter counts vs CALM's head; training s/step 
     models = {'calm': c, **{k: build(config_like(calm.TOY, kind=k)) for k in ('rq', 'delay')}}
     print(f'calm.TOY: {calm.n_params(c) / 1e6:.3f}M params, head {calm.n_params(c.head) / 1e6:.3f}M')
     for kind in ('rq', 'delay'):
-        m = models[kind]
-        part = m.depth if kind == 'rq' else m.heads
-        print(f'{kind}: {calm.n_params(m) / 1e6:.3f}M params, backbone {calm.n_params(m.backbone) / 1e6:.3f}M, '
-              f'{"depth Transformer" if kind == "rq" else "linear heads"} {calm.n_params(part) / 1e6:.3f}M')
-        m.rvq.codebooks.normal_()
+        print(describe(models[kind]))
+        models[kind].rvq.codebooks.normal_()
     x = torch.randn(32, calm.TOY.context, calm.TOY.latent_dim)   # the toy LM batch: 32 windows of 64 frames
     jobs = {'calm TrigFlow step': lambda: c(x, step=0), 'calm sCT step': lambda: c(x, step=10 ** 6),
             'rq': lambda: models['rq'](x), 'delay': lambda: models['delay'](x)}

@@ -468,21 +468,6 @@ def lm_config(args, vae):
     return cfg
 
 
-def fit_rvq(model, latents, cfg, args, ckpt_path, log):
-    """Fit a discrete LM's RVQ on the cached latents (rq.fit: deterministic, so every DDP rank gets the
-    same codebooks); a resumed run takes them from its checkpoint instead."""
-    if args.resume and os.path.exists(ckpt_path):
-        return
-    x = torch.cat(latents)
-    t0 = time.time()
-    stats = rq.fit(model.rvq, x, cfg, seed=args.seed, log=print if log.enabled else None)
-    entropy = ' '.join(f"{s['entropy_bits']:.2f}" for s in stats)
-    log({'stage': 'rvq', 'seconds': time.time() - t0, 'levels': stats},
-        f'rvq: Q={cfg.n_q} x K={cfg.codebook_size} fitted on {len(x)} frames in {time.time() - t0:.1f} s | '
-        f'entropy per level (bits) {entropy} | residual MSE {stats[0]["residual_mse"]:.3f} -> '
-        f'{stats[-1]["residual_mse"]:.4f} after Q levels (latent variance 1)')
-
-
 def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
     cfg = lm_config(args, vae)
     recipe, cfg = lm_recipe(args, cfg)
@@ -509,19 +494,14 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
              if cfg.n_text else None)
     torch.manual_seed(args.seed + rank)
     ckpt_path = os.path.join(args.out, 'calm.pt')  # the run's LM, whichever kind (ck['kind'])
-    if args.model != 'calm':
-        try:  # before building: a K that does not fit may also be too large to allocate
-            rq.check(cfg, sum(len(z) for z in latents))
+    if args.model != 'calm':  # a discrete baseline; its RVQ is fitted on the cached latents (resumed: loaded)
+        try:
+            model = rq.build_fitted(cfg, latents, args.seed, not (args.resume and os.path.exists(ckpt_path)), log)
         except ValueError as e:
             raise SystemExit(f'error: {e}')
-        model = rq.build(cfg)
-        fit_rvq(model, latents, cfg, args, ckpt_path, log)
         model.to(args.device)
         if log.enabled:
-            print(f'lm: {args.model}, {calm.n_params(model) / 1e6:.2f}M params (backbone '
-                  f'{calm.n_params(model.backbone) / 1e6:.2f}M), Q={cfg.n_q} x K={cfg.codebook_size} codes per frame '
-                  f'({cfg.n_q * math.log2(cfg.codebook_size):g} bits), text {"on" if cfg.n_text else "off"}; '
-                  f'{recipe["steps"]} steps of {recipe["batch"]} x {cfg.context} frames')
+            print(f'lm: {rq.describe(model)}; {recipe["steps"]} steps of {recipe["batch"]} x {cfg.context} frames')
     else:
         model = calm.CALM(cfg).to(args.device)
     if log.enabled and args.model == 'calm':
