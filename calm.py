@@ -415,8 +415,9 @@ class CALM(nn.Module):
             Fh = lambda a, b: self.head(a, b, zd)
             F_minus, g = sct_tangent(Fh, xt, t, dxt, sd, r)
             # Tangent normalisation g / (||.|| + 0.1) (sCM §4.2), but with the norm of the same tangent along an
-            # independent noise u instead of along dx_t/dt: ||g|| itself depends on which x_0 drew dx_t/dt, so
-            # sCT fitted a median-like map and mis-weighted modes (docs/consistency.md); ||g_u|| has no such bias.
+            # independent noise u instead of along dx_t/dt (our change): ||g|| depends on which x_0 drew dx_t/dt,
+            # so dividing by it re-weights the regression target and moved mass between modes; ||g_u|| depends
+            # on x_t and t only. Costs a second JVP (docs/consistency.md).
             _, g_u = sct_tangent(Fh, xt, t, sd * torch.randn_like(dxt), sd, r)
             g_scaled = g / (g_u.norm(dim=-1, keepdim=True) + 0.1)
             err = ((self.head(xt / sd, t, z) - F_minus - g_scaled) ** 2).mean(-1)
