@@ -309,6 +309,8 @@ def encode_latents(vae, lengths, read, path, device='cpu', dtype=np.float32, nam
         dist.barrier()
     done = np.fromfile(done_path, np.uint8)
     todo = [i for i in range(rank, len(lengths), world) if not done[i]]
+    if verbose and done.all():
+        print(f'encode: reusing the complete latent cache {npy} ({len(lengths)} sources, {frames.sum()} frames)')
     if todo:
         try:
             encode_sources(vae, todo, lengths, read, npy, done_path, starts, dtype, device, chunk_seconds,
