@@ -15,7 +15,7 @@ Your own audio at scale: `train.py --data DIR` on hours of speech or music witho
    <path>.json (where each file starts, its length, and the key that says which VAE and files made it) and
    <path>.done (one byte per file, set once its latents are on disk: an interrupted encoding resumes).
    Long files are encoded in chunks, each with enough left context that a causal encoder gives the
-   latents of one pass (paper §2: the codec is causal), so memory does not grow with a file's length.
+   latents of one pass (the paper's VAE is causal, like Mimi), so memory does not grow with a file's length.
 """
 import hashlib
 import itertools
