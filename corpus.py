@@ -17,6 +17,7 @@ Your own audio at scale: `train.py --data DIR` on hours of speech or music witho
    Long files are encoded in chunks, each with enough left context that a causal encoder gives the
    latents of one pass (the paper's VAE is causal, like Mimi), so memory does not grow with a file's length.
 """
+import ctypes
 import hashlib
 import itertools
 import json
@@ -34,6 +35,12 @@ import torch.distributed as dist
 import vae as vae_lib
 
 AUDIO_EXTS = ('.wav', '.flac', '.ogg', '.mp3')
+
+
+try:  # glibc: hand freed heap memory back to the OS (encode_sources)
+    malloc_trim = ctypes.CDLL('libc.so.6').malloc_trim
+except (OSError, AttributeError):  # another C library: nothing to do
+    malloc_trim = lambda pad: None
 
 
 def fmt_time(s):
@@ -66,7 +73,7 @@ class Index:
         return self.frames * sr // self.rates
 
     def hours(self):
-        return float((self.frames / np.maximum(self.rates, 1)).sum() / 3600) if len(self) else 0.0
+        return float((self.frames / self.rates).sum() / 3600)
 
     def read(self, i, start, n, sr):
         return read_segment(os.path.join(self.root, self.paths[i]), int(self.rates[i]), start, n, sr)
@@ -86,9 +93,9 @@ def probe(path, size):
 
 
 def build_index(root, cache_path=None, verbose=True):
-    """Index every wav/flac/ogg/mp3 under `root` (recursively, in sorted order). cache_path (a json file):
-    entries whose size and modification time have not changed are reused, so a second run reads no header.
-    Raises ValueError (one line) if root is not a folder."""
+    """Index every wav/flac/ogg/mp3 under `root` (recursively, in sorted order; hidden files such as macOS's
+    ._name are ignored). cache_path (a json file): entries whose size and modification time have not changed
+    are reused, so a second run reads no header. Raises ValueError (one line) if root is not a folder."""
     if not os.path.isdir(root):
         raise ValueError(f'not a directory: {root}')
     root = os.path.abspath(root)
@@ -113,7 +120,7 @@ def build_index(root, cache_path=None, verbose=True):
         except (ValueError, KeyError, TypeError, OSError):
             old = {}  # a damaged cache is rebuilt
     stale = [f for f in found if f[0] not in old or old[f[0]][1:3] != [f[1], f[2]]]
-    entries, t0, t_print = [], time.time(), time.time()
+    t0 = t_print = time.time()
     for k, (rel, size, mtime) in enumerate(stale):
         old[rel] = [rel, size, mtime, *probe(os.path.join(root, rel), size)]
         if verbose and (time.time() - t_print > 10 or k + 1 == len(stale)) and len(stale) > 1000:
@@ -331,7 +338,8 @@ def encode_sources(vae, todo, lengths, read, npy, done_path, starts, dtype, devi
     offset, dim = np.load(npy, mmap_mode='r').offset, vae.cfg.latent_dim  # offset: where the .npy header ends
     ctx = left_context_frames(vae)
     chunk = max(2 * ctx, round(chunk_seconds * vae.frame_rate))
-    hours, t0, t_print, secs = lengths[todo].sum() / vae.cfg.sample_rate / 3600, time.time(), time.time(), 0.0
+    hours, secs = lengths[todo].sum() / vae.cfg.sample_rate / 3600, 0.0
+    t0 = t_print = time.time()
     if verbose:
         print(f'encode: {len(todo)} of {len(lengths)} sources{share}, {hours:.2f} h of audio, in chunks of '
               f'{chunk} frames with {ctx} frames of left context -> {npy}', flush=True)
@@ -346,6 +354,9 @@ def encode_sources(vae, todo, lengths, read, npy, done_path, starts, dtype, devi
             fd.seek(i)
             fd.write(b'\x01')  # after its latents: a source is marked done only once they are on disk
             secs += lengths[i] / vae.cfg.sample_rate
+            # Sources of different lengths leave glibc's heap fragmented: without this the process grew by
+            # ~1.5 MB per file encoded (docs/scale.md); with it, memory stays that of one chunk.
+            malloc_trim(0)
             if verbose and (time.time() - t_print > 10 or k + 1 == len(todo)):
                 t_print, el = time.time(), time.time() - t0
                 eta = (hours * 3600 - secs) * el / max(secs, 1e-9)

@@ -351,12 +351,12 @@ def vae_batches(clips, args, batch, length, sr, rank):
 
 def stats_audio(clips, sr, n=256, seconds=8.0):
     """The audio whose posterior means set the latent statistics: the first n toy clips, or the first
-    `seconds` of n files spread evenly over the user's index (no padding, no random draw)."""
+    `seconds` of n files spread evenly over the user's index (no padding, no random draw), read one by one."""
     if not isinstance(clips, corpus.Index):
         return clips[:n]
     lengths = clips.n_samples(sr)
     picks = np.unique(np.linspace(0, len(clips) - 1, min(n, len(clips))).round().astype(int))
-    return [clips.read(i, 0, int(min(lengths[i], seconds * sr)), sr) for i in picks]
+    return (clips.read(i, 0, int(min(lengths[i], seconds * sr)), sr) for i in picks)
 
 
 def train_vae(args, clips, ddp, rank, log):
