@@ -235,15 +235,22 @@ def left_context_frames(vae):
     return math.ceil(samples / vae.hop) + vae.cfg.n_transformer_layers * (vae.cfg.context - 1) + 1
 
 
-def encode_chunks(vae, read, n, device, chunk_frames, context_frames):
+def encode_chunks(vae, read, n, device, chunk_frames, context_frames, bucket=1):
     """Latents of one source of n samples (read(start, count) -> float32 audio), chunk by chunk: each chunk
     of latent frames [f0, f1) is encoded from audio starting context_frames earlier and only its own frames
-    are kept. A source of at most chunk_frames is one call of vae.encode on the whole of it."""
+    are kept. A source of at most chunk_frames is one call of vae.encode on the whole of it.
+    bucket > 1: each call's audio is zero-padded on the right to a multiple of `bucket` frames and the frames
+    past the source are dropped (causal: the kept ones never see the padding). Sources of any length then
+    make a bounded number of input shapes: every new shape costs memory that the conv backend (oneDNN)
+    keeps and fragments the heap; measured, the process grew with the number of files encoded."""
     hop, S = vae.hop, vae.n_frames(n)
     for f0 in range(0, S, chunk_frames):
         f1, c0 = min(S, f0 + chunk_frames), max(0, f0 - context_frames)
         a, b = c0 * hop, min(n, f1 * hop)
-        yield vae.encode(torch.from_numpy(read(a, b - a))[None].to(device))[0, f0 - c0:]
+        x = read(a, b - a)
+        if bucket > 1:
+            x = np.pad(x, (0, -(-(f1 - c0) // bucket) * bucket * hop - len(x)))
+        yield vae.encode(torch.from_numpy(x)[None].to(device))[0, f0 - c0:f1 - c0]
 
 
 def fingerprint(vae):
@@ -275,12 +282,12 @@ class LatentCache:
 
 
 def encode_latents(vae, lengths, read, path, device='cpu', dtype=np.float32, names=None, by_length=False,
-                   chunk_seconds=60.0, verbose=True):
+                   chunk_seconds=60.0, bucket=16, verbose=True):
     """Encode every source once into the cache at `path` (.npy, .json, .done) and return it as a LatentCache.
 
     lengths[i]: source i's length in samples at the VAE's rate; read(i, start, count) -> float32 audio.
     A complete cache with the same key (VAE weights, sources, dtype) is returned as it is; a partial one
-    continues with the sources not yet marked done. Under DDP (torch.distributed initialised), rank r
+    continues with the sources not yet marked done. chunk_seconds, bucket: see encode_chunks. Under DDP (torch.distributed initialised), rank r
     encodes sources r, r + world, ...; all ranks must call this.
     """
     lengths = np.asarray(lengths, np.int64)
@@ -320,7 +327,7 @@ def encode_latents(vae, lengths, read, path, device='cpu', dtype=np.float32, nam
         print(f'encode: reusing the complete latent cache {npy} ({len(lengths)} sources, {frames.sum()} frames)')
     if todo:
         try:
-            encode_sources(vae, todo, lengths, read, npy, done_path, starts, dtype, device, chunk_seconds,
+            encode_sources(vae, todo, lengths, read, npy, done_path, starts, dtype, device, chunk_seconds, bucket,
                            f' (rank {rank} of {world})' if ddp else '', verbose)
         except KeyboardInterrupt:
             if verbose:
@@ -333,11 +340,12 @@ def encode_latents(vae, lengths, read, path, device='cpu', dtype=np.float32, nam
     return LatentCache(path, by_length)
 
 
-def encode_sources(vae, todo, lengths, read, npy, done_path, starts, dtype, device, chunk_seconds, share, verbose):
+def encode_sources(vae, todo, lengths, read, npy, done_path, starts, dtype, device, chunk_seconds, bucket, share,
+                   verbose):
     """encode_latents' work: each source in `todo`, chunk by chunk, written in place, then marked done."""
     offset, dim = np.load(npy, mmap_mode='r').offset, vae.cfg.latent_dim  # offset: where the .npy header ends
     ctx = left_context_frames(vae)
-    chunk = max(2 * ctx, round(chunk_seconds * vae.frame_rate))
+    chunk = -(-max(2 * ctx, round(chunk_seconds * vae.frame_rate)) // bucket) * bucket
     hours, secs = lengths[todo].sum() / vae.cfg.sample_rate / 3600, 0.0
     t0 = t_print = time.time()
     if verbose:
@@ -347,7 +355,7 @@ def encode_sources(vae, todo, lengths, read, npy, done_path, starts, dtype, devi
     with open(npy, 'r+b', buffering=0) as f, open(done_path, 'r+b', buffering=0) as fd:
         for k, i in enumerate(todo):
             pos = starts[i]
-            for z in encode_chunks(vae, lambda a, c: read(i, a, c), int(lengths[i]), device, chunk, ctx):
+            for z in encode_chunks(vae, lambda a, c: read(i, a, c), int(lengths[i]), device, chunk, ctx, bucket):
                 f.seek(offset + int(pos) * dim * dtype.itemsize)
                 f.write(z.float().cpu().numpy().astype(dtype).tobytes())
                 pos += len(z)

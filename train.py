@@ -406,7 +406,8 @@ def encode_all(vae, clips, n, cache, device, rank=0):
         wav = clips[i] if i < len(clips) else data.make_clip(data.clip_seed('train', i), TOY_CLIPS['seconds']).wav
         return wav[start:start + count]
     length = int(round(TOY_CLIPS['seconds'] * data.SR))  # data.make_clip's length
-    return corpus.encode_latents(vae, [length] * n, read, cache, device, np.float32,
+    # bucket=1: the clips all have one length (one input shape), and unpadded they keep their exact values
+    return corpus.encode_latents(vae, [length] * n, read, cache, device, np.float32, bucket=1,
                                  names=[f'toy-train-{i}' for i in range(n)], verbose=rank == 0)
 
 
