@@ -1,6 +1,7 @@
 """Your own audio at scale (corpus.py, train.py --data): the file index, lazy crops, the on-disk latent cache."""
 import json
 import os
+import socket
 import sys
 
 import numpy as np
@@ -15,7 +16,7 @@ import corpus  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
 import vae as vae_lib  # noqa: E402
-from test_train import TINY, tiny_recipes, train_main  # noqa: E402
+from test_train import TINY, run, tiny_recipes, train_main  # noqa: E402
 
 SR = data.SR
 # relative path, rate, channels, seconds: nested folders, three formats, several rates and channel counts
@@ -269,3 +270,21 @@ def test_empty_or_missing_data_folder_is_one_line_error(tmp_path):
         with pytest.raises(SystemExit) as e:
             train_main(['--data', str(bad), '--out', str(tmp_path / 'run')])
         assert str(e.value).startswith('error:') and '\n' not in str(e.value)
+
+
+def test_ddp_ranks_encode_their_share_into_one_cache(folder, tmp_path):
+    """torchrun, 2 CPU processes: each rank encodes every other file into the shared cache, which equals the
+    cache one process makes with the same VAE; the replicas stay identical."""
+    out = tmp_path / 'ddp'
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    r = run('-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}', 'train.py',
+            *data_args(folder, out, '--vae-steps', '2', '--lm-steps', '2'))
+    assert 'encode: 2 of 4 sources (rank 0 of 2)' in r.stdout and r.stdout.count('warning: skipping') == 2
+    diffs = [json.loads(line).get('replica_max_abs_diff') for line in open(out / 'log.jsonl')]
+    assert [d for d in diffs if d is not None] == [0.0, 0.0]
+    vae, _ = train.load_vae(str(out / 'vae.pt'), 'cpu')
+    index = corpus.build_index(str(folder), verbose=False)
+    single = train.encode_all(vae, index, len(index), str(tmp_path / 'single'), 'cpu')
+    assert np.array_equal(np.asarray(single.array), np.load(out / 'latents.npy'))
