@@ -347,7 +347,7 @@ def encode_sources(vae, todo, lengths, read, npy, done_path, starts, dtype, devi
     ctx = left_context_frames(vae)
     chunk = -(-max(2 * ctx, round(chunk_seconds * vae.frame_rate)) // bucket) * bucket
     hours, secs = lengths[todo].sum() / vae.cfg.sample_rate / 3600, 0.0
-    t0 = t_print = time.time()
+    t0 = t_print = t_trim = time.time()
     if verbose:
         print(f'encode: {len(todo)} of {len(lengths)} sources{share}, {hours:.2f} h of audio, in chunks of '
               f'{chunk} frames with {ctx} frames of left context -> {npy}', flush=True)
@@ -362,9 +362,11 @@ def encode_sources(vae, todo, lengths, read, npy, done_path, starts, dtype, devi
             fd.seek(i)
             fd.write(b'\x01')  # after its latents: a source is marked done only once they are on disk
             secs += lengths[i] / vae.cfg.sample_rate
-            # Sources of different lengths leave glibc's heap fragmented: without this the process grew by
-            # ~1.5 MB per file encoded (docs/scale.md); with it, memory stays that of one chunk.
-            malloc_trim(0)
+            if time.time() - t_trim > 10 or k + 1 == len(todo):
+                # Hand the freed heap back to the OS now and then (glibc keeps it), so that the LM stage starts
+                # from the memory of one chunk. Not after every source: that cost ~30 ms per toy clip.
+                malloc_trim(0)
+                t_trim = time.time()
             if verbose and (time.time() - t_print > 10 or k + 1 == len(todo)):
                 t_print, el = time.time(), time.time() - t0
                 eta = (hours * 3600 - secs) * el / max(secs, 1e-9)
