@@ -140,11 +140,12 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Causal Transformer over frames; position s reads Linear(x_{s-1}) (a learned start frame at s=1)
     and outputs the conditioning for x_s (paper Eq. 3). windows[l] = how many positions layer l attends to
-    (stacked windows add up: the receptive field is sum(w_l - 1) + 1 positions)."""
-    def __init__(self, D, d, n_heads, windows, dropout=0.0):
+    (stacked windows add up: the receptive field is sum(w_l - 1) + 1 positions). inp: another input
+    module in place of Linear(D, d) (rq.py's discrete LMs feed frames as summed code embeddings)."""
+    def __init__(self, D, d, n_heads, windows, dropout=0.0, inp=None):
         super().__init__()
         self.d, self.n_heads = d, n_heads
-        self.inp = nn.Linear(D, d)
+        self.inp = nn.Linear(D, d) if inp is None else inp
         self.start = nn.Parameter(torch.randn(d) * 0.02)
         self.blocks = nn.ModuleList([Block(d, n_heads, w, dropout) for w in windows])
         self.ln_f = nn.LayerNorm(d)

@@ -142,6 +142,31 @@ def build_index(root, cache_path=None, verbose=True):
     return index
 
 
+def shared_index(root, cache_path):
+    """build_index for every process of a run: under DDP (torch.distributed initialised) rank 0 builds it
+    and prints the summary, the other ranks then read its cache (no header read twice)."""
+    ddp = dist.is_available() and dist.is_initialized()
+    if ddp and dist.get_rank() != 0:
+        dist.barrier()
+        return build_index(root, cache_path, verbose=False)
+    try:
+        return build_index(root, cache_path)
+    finally:
+        if ddp:
+            dist.barrier()  # also on an error: the other ranks then fail on the same folder, not hang
+
+
+def stats_audio(clips, sr, n=256, seconds=8.0):
+    """The audio whose posterior means set the VAE's latent statistics (train.py): the first n toy clips (a
+    list of arrays), or the first `seconds` of n files spread evenly over an Index, read one by one (not held
+    together in memory). No padding, no random draw."""
+    if not isinstance(clips, Index):
+        return clips[:n]
+    lengths = clips.n_samples(sr)
+    picks = np.unique(np.linspace(0, len(clips) - 1, min(n, len(clips))).round().astype(int))
+    return (clips.read(i, 0, int(min(lengths[i], seconds * sr)), sr) for i in picks)
+
+
 # -----------------------------------------------------------------------------------------------
 # 2. Lazy crops
 
@@ -280,6 +305,10 @@ class LatentCache:
     def __getitem__(self, i):
         return self.array[self.starts[i]:self.starts[i] + self.lengths[i]]
 
+    def frames(self):
+        """Every cached frame, in source order, as one float32 [frames, D] tensor in memory (an RVQ fit)."""
+        return torch.from_numpy(np.array(self.array, np.float32))
+
 
 def encode_latents(vae, lengths, read, path, device='cpu', dtype=np.float32, names=None, by_length=False,
                    chunk_seconds=60.0, bucket=16, verbose=True):
@@ -338,6 +367,14 @@ def encode_latents(vae, lengths, read, path, device='cpu', dtype=np.float32, nam
     if not np.fromfile(done_path, np.uint8).all():
         raise RuntimeError(f'latent cache {npy} is incomplete after encoding')
     return LatentCache(path, by_length)
+
+
+def encode_index(vae, index, path, device='cpu', verbose=True):
+    """encode_latents of every file of an Index at the VAE's rate: long files in chunks, cached as float16
+    (ample for standardised latents; half the disk and page cache), sources drawn by length."""
+    sr = vae.cfg.sample_rate
+    return encode_latents(vae, index.n_samples(sr), lambda i, a, c: index.read(i, a, c, sr), path, device,
+                          np.float16, names=index.paths, by_length=True, verbose=verbose)
 
 
 def encode_sources(vae, todo, lengths, read, npy, done_path, starts, dtype, device, chunk_seconds, bucket, share,

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import calm
 import corpus
 import data
+import rq
 import vae as vae_lib
 
 # Training recipes (not model shape: that lives in vae.Config / calm.Config). Toy values are sized
@@ -81,6 +82,13 @@ def parse_args(argv=None):
     p.add_argument('--ckpt-every', type=int, default=100, help='steps between checkpoints (default 100)')
     p.add_argument('--log-every', type=int, default=25)
     p.add_argument('--compile', action='store_true', help='torch.compile the model (GPU)')
+    p.add_argument('--model', choices=['calm', 'rq', 'delay'], default='calm',
+                   help='the LM: calm (continuous latents), or a discrete baseline on RVQ codes of the latents '
+                        '(rq.py, same backbone): rq = RQ-Transformer (depth Transformer), delay = MusicGen delay '
+                        'pattern')
+    p.add_argument('--levels', type=int, help=f'--model rq/delay: RVQ levels Q (default {rq.Config.n_q})')
+    p.add_argument('--codebook-size', type=int,
+                   help=f'--model rq/delay: codewords per level K (default {rq.Config.codebook_size})')
     # The paper's ablations (noise augmentation, short-context Transformer, head batch multiplier; and the
     # TrigFlow head) as flags; any other field via --lm.FIELD=VALUE.
     p.add_argument('--head-loss', choices=['trigflow', 'consistency'])
@@ -88,7 +96,7 @@ def parse_args(argv=None):
     p.add_argument('--short-context', type=int, help='frames K seen by the short-context Transformer (0 disables)')
     p.add_argument('--no-noise-aug', action='store_true', help='disable noise augmentation of the backbone input')
     p.epilog = ('Config overrides: --vae.FIELD=VALUE and --lm.FIELD=VALUE for any field of vae.Config / calm.Config '
-                '(e.g. --lm.n_layers=2). Tuples take comma-separated values.')
+                '(rq.Config with --model rq/delay; e.g. --lm.n_layers=2). Tuples take comma-separated values.')
     args, rest = p.parse_known_args(argv)
     args.overrides = {'vae': {}, 'lm': {}}
     for item in rest:
@@ -312,17 +320,10 @@ def load_audio_set(args):
     folder; under DDP rank 0 builds it and the other ranks read it."""
     if not args.data:
         return [c.wav for c in data.toy_clips('train', args.clips, TOY_CLIPS['seconds'])]
-    ddp = dist.is_available() and dist.is_initialized()
-    cache = os.path.join(args.out, 'index.json')
     try:
-        if ddp and dist.get_rank() != 0:
-            dist.barrier()
-            return corpus.build_index(args.data, cache, verbose=False)
-        index = corpus.build_index(args.data, cache)
+        index = corpus.shared_index(args.data, os.path.join(args.out, 'index.json'))
     except ValueError as e:
         raise SystemExit(f'error: --data: {e}')
-    if ddp:
-        dist.barrier()
     if not len(index):
         raise SystemExit(f"error: no readable {'/'.join(e[1:] for e in corpus.AUDIO_EXTS)} files under {args.data}")
     return index
@@ -340,25 +341,6 @@ def crop_batch(clips, step, seed, batch, length, rank=0):
     return torch.from_numpy(out)
 
 
-def vae_batches(clips, args, batch, length, sr, rank):
-    """get_batch(step) of the VAE stage: crop_batch on the toy clips in memory, or (--data) DataLoader
-    workers reading crops of the user's files from disk (corpus.CropDataset; also a pure function of the step)."""
-    if isinstance(clips, corpus.Index):
-        return corpus.CropLoader(corpus.CropDataset(clips, args.seed, batch, length, sr, rank), args.workers,
-                                 pin_memory=args.device.startswith('cuda'))
-    return lambda s: crop_batch(clips, s, args.seed, batch, length, rank)
-
-
-def stats_audio(clips, sr, n=256, seconds=8.0):
-    """The audio whose posterior means set the latent statistics: the first n toy clips, or the first
-    `seconds` of n files spread evenly over the user's index (no padding, no random draw), read one by one."""
-    if not isinstance(clips, corpus.Index):
-        return clips[:n]
-    lengths = clips.n_samples(sr)
-    picks = np.unique(np.linspace(0, len(clips) - 1, min(n, len(clips))).round().astype(int))
-    return (clips.read(i, 0, int(min(lengths[i], seconds * sr)), sr) for i in picks)
-
-
 def train_vae(args, clips, ddp, rank, log):
     cfg = override(getattr(vae_lib, args.preset.upper()), args.overrides['vae'])
     recipe = dict(RECIPES['vae'], **({'steps': args.vae_steps} if args.vae_steps else {}))
@@ -369,16 +351,19 @@ def train_vae(args, clips, ddp, rank, log):
     if log.enabled:
         print(f'vae: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {model.frame_rate:g} frames/s, '
               f'{cfg.latent_dim} dims; {len(clips)} clips; {recipe["steps"]} steps of {recipe["batch"]} x {recipe["crop"]} s')
+    if isinstance(clips, corpus.Index):  # --data: DataLoader workers read crops from disk, also pure in the step
+        get_batch = corpus.CropLoader(corpus.CropDataset(clips, args.seed, recipe['batch'], length, cfg.sample_rate,
+                                                         rank), args.workers, pin_memory=args.device.startswith('cuda'))
+    else:
+        get_batch = lambda s: crop_batch(clips, s, args.seed, recipe['batch'], length, rank)
     path = os.path.join(args.out, 'vae.pt')
-    finished, stats = train(
-        'vae', model, cfg, recipe,
-        vae_batches(clips, args, recipe['batch'], length, cfg.sample_rate, rank), path, args, ddp, log)
+    finished, stats = train('vae', model, cfg, recipe, get_batch, path, args, ddp, log)
     if finished:
         # Standardise the latents for the LM (as pocket-tts does): TrigFlow assumes a known data std sigma_d,
         # so the LM reads (mu - mean) / std and sigma_d = 1.
         with torch.no_grad():
             mus = [model.posterior(torch.from_numpy(w)[None].to(args.device))[0][0]
-                   for w in stats_audio(clips, cfg.sample_rate)]
+                   for w in corpus.stats_audio(clips, cfg.sample_rate)]
         model.set_latent_stats(torch.cat(mus))
         if log.enabled:
             ck = torch.load(path, weights_only=False)
@@ -395,12 +380,9 @@ def encode_all(vae, clips, n, cache, device, rank=0):
     """Encode the LM's training audio ONCE into the latent cache beside the VAE (corpus.encode_latents: a
     memory-mapped array on disk, resumable, each DDP rank encoding its share) and return it; the LM never
     re-encodes audio. Toy: n clips, rendered on the fly past the VAE's own (so the LM sees far more clips
-    than the VAE trained on without holding their audio), cached as float32. --data: every indexed file,
-    long files in chunks, cached as float16 (ample for standardised latents, half the disk and page cache)."""
+    than the VAE trained on without holding their audio), cached as float32. --data: corpus.encode_index."""
     if isinstance(clips, corpus.Index):
-        sr = vae.cfg.sample_rate
-        return corpus.encode_latents(vae, clips.n_samples(sr), lambda i, a, c: clips.read(i, a, c, sr), cache, device,
-                                     np.float16, names=clips.paths, by_length=True, verbose=rank == 0)
+        return corpus.encode_index(vae, clips, cache, device, verbose=rank == 0)
 
     def read(i, start, count):
         wav = clips[i] if i < len(clips) else data.make_clip(data.clip_seed('train', i), TOY_CLIPS['seconds']).wav
@@ -439,8 +421,13 @@ def window_batch(latents, step, seed, batch, length, rank=0, texts=None):
 @torch.no_grad()
 def lm_validate(model, val):
     """Held-out, teacher-forced: the head's temperature-0 one-step prediction of every frame from the true
-    past. The sCT loss itself (adaptive weight, moving target F^-) does not show progress; this does."""
+    past. The sCT loss itself (adaptive weight, moving target F^-) does not show progress; this does.
+    Discrete LMs: their held-out cross-entropy and the MSE of their argmax codes' frame (rq.py)."""
     model.eval()
+    if not isinstance(model, calm.CALM):
+        out = model.held_out(val)
+        model.train()
+        return out
     z = model.conditioning(val, val)
     gen = torch.Generator(val.device).manual_seed(0)  # leaves the global RNG alone: resume stays exact
     pred = model.sample_head(z.flatten(0, 1), steps=1, temperature=0.0, generator=gen).view_as(val)
@@ -454,27 +441,54 @@ def lm_recipe(args, cfg):
     base = RECIPES['lm']
     recipe = {**base, **(GPU_LM if args.device.startswith('cuda') else {}),
               **({'steps': args.lm_steps} if args.lm_steps else {}), **({'batch': args.lm_batch} if args.lm_batch else {})}
-    if recipe['steps'] != base['steps'] and cfg.diffusion_steps and 'diffusion_steps' not in args.overrides['lm']:
+    if (recipe['steps'] != base['steps'] and getattr(cfg, 'diffusion_steps', 0)
+            and 'diffusion_steps' not in args.overrides['lm']):
         cfg = dataclasses.replace(cfg, diffusion_steps=round(cfg.diffusion_steps * recipe['steps'] / base['steps']))
     return recipe, cfg
 
 
-def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
+CALM_ONLY = {'head_loss': '--head-loss', 'head_batch_mul': '--head-batch-mul', 'short_context': '--short-context',
+             'no_noise_aug': '--no-noise-aug'}
+
+
+def lm_config(args, vae):
+    """calm.Config of the LM, or with --model rq/delay an rq.Config with the same backbone (rq.config_like)."""
     cfg = getattr(calm, args.preset.upper())
     cfg = dataclasses.replace(cfg, latent_dim=vae.cfg.latent_dim)
-    flags = {'head_loss': args.head_loss, 'head_batch_mul': args.head_batch_mul, 'short_context': args.short_context}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
-    if args.no_noise_aug:
-        cfg = dataclasses.replace(cfg, noise_aug=False)
     if not args.data and 'n_text' not in args.overrides['lm']:
         cfg = dataclasses.replace(cfg, n_text=len(data.VOCAB))  # toy runs are text-conditioned
+    if args.model == 'calm':
+        if args.levels is not None or args.codebook_size is not None:
+            raise SystemExit('error: --levels / --codebook-size are for the discrete LMs (--model rq or delay)')
+        flags = {'head_loss': args.head_loss, 'head_batch_mul': args.head_batch_mul, 'short_context': args.short_context}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+        if args.no_noise_aug:
+            cfg = dataclasses.replace(cfg, noise_aug=False)
+    else:
+        used = [flag for k, flag in CALM_ONLY.items() if getattr(args, k) not in (None, False)]
+        if used:
+            raise SystemExit(f'error: {", ".join(used)}: CALM-only flag(s), not for --model {args.model}')
+        qk = {'n_q': args.levels, 'codebook_size': args.codebook_size}
+        cfg = rq.config_like(cfg, kind=args.model, **(rq.PAPER_DEPTH if args.preset == 'paper' else {}),
+                             **{k: v for k, v in qk.items() if v is not None})
     cfg = override(cfg, args.overrides['lm'])
     if args.data and cfg.n_text:
         raise SystemExit('error: text conditioning needs the toy descriptions; --data runs are unconditional')
     if cfg.n_text and cfg.n_text != len(data.VOCAB):
         raise SystemExit(f'error: --lm.n_text must be 0 or {len(data.VOCAB)} (the toy vocabulary)')
+    if args.model != 'calm':
+        try:
+            rq.check(cfg)
+        except ValueError as e:
+            raise SystemExit(f'error: {e}')
+    return cfg
+
+
+def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
+    cfg = lm_config(args, vae)
     recipe, cfg = lm_recipe(args, cfg)
-    record_run(args, 'lm', cfg, recipe, ddp, log, vae=os.path.abspath(os.path.join(vae_dir, 'vae.pt')))
+    record_run(args, 'lm', cfg, recipe, ddp, log, vae=os.path.abspath(os.path.join(vae_dir, 'vae.pt')),
+               kind=args.model)
     # the VAE's clips are the first toy clips; the LM sees args.lm_clips of them
     n = len(clips) if args.data else args.lm_clips or TOY_CLIPS['lm_n'] * args.clips // TOY_CLIPS['n']
     latents = encode_all(vae, clips, n, os.path.join(vae_dir, 'latents'), args.device, rank)
@@ -483,8 +497,19 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
     texts = ([data.tokenize(data.clip_description(data.clip_seed('train', i))) for i in range(len(latents))]
              if cfg.n_text else None)
     torch.manual_seed(args.seed + rank)
-    model = calm.CALM(cfg).to(args.device)
-    if log.enabled:
+    ckpt_path = os.path.join(args.out, 'calm.pt')  # the run's LM, whichever kind (ck['kind'])
+    if args.model != 'calm':  # a discrete baseline; its RVQ is fitted on the cached latents (resumed: loaded)
+        try:
+            fit = not (args.resume and os.path.exists(ckpt_path))
+            model = rq.build_fitted(cfg, [latents.frames()], args.seed, fit, log)
+        except ValueError as e:
+            raise SystemExit(f'error: {e}')
+        model.to(args.device)
+        if log.enabled:
+            print(f'lm: {rq.describe(model)}; {recipe["steps"]} steps of {recipe["batch"]} x {cfg.context} frames')
+    else:
+        model = calm.CALM(cfg).to(args.device)
+    if log.enabled and args.model == 'calm':
         first = f' (TrigFlow loss for the first {cfg.diffusion_steps} steps)' if cfg.head_loss == 'consistency' and cfg.diffusion_steps else ''
         print(f'lm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, head loss {cfg.head_loss}{first}, '
               f'M={cfg.head_batch_mul}, K={cfg.short_context}, noise aug {cfg.noise_aug}, '
@@ -501,7 +526,7 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
     return model, *train(
         'lm', model, cfg, recipe,
         lambda s: window_batch(latents, s, args.seed, recipe['batch'], cfg.context, rank, texts),
-        os.path.join(args.out, 'calm.pt'), args, ddp, log, extra={'vae': os.path.abspath(os.path.join(vae_dir, 'vae.pt'))},
+        ckpt_path, args, ddp, log, extra={'vae': os.path.abspath(os.path.join(vae_dir, 'vae.pt')), 'kind': args.model},
         validate=lambda: lm_validate(model, val))
 
 
