@@ -60,6 +60,11 @@ PAPER = Config(latent_dim=128, d_model=1536, n_layers=48, n_heads=24, context=75
 TOY = Config(latent_dim=16, d_model=128, n_layers=3, n_heads=4, context=64, short_context=0,
              short_layers=2, head_width=256, head_blocks=3, head_batch_mul=4, tangent_warmup=200,
              diffusion_steps=600)
+# SMALL (one GPU, your own audio: train.py --preset small): a 12-layer x 512 backbone over 20 s (250 frames
+# at 12.5 Hz), the paper's short-context Transformer (K = 10) and head batch multiplier (M = 8), a head of
+# pocket-tts's size (width 512, 6 blocks) and the toy's TrigFlow-then-sCT schedule. Sizes, not a tuned recipe.
+SMALL = Config(latent_dim=32, d_model=512, n_layers=12, n_heads=8, context=250, short_context=10,
+               short_layers=2, head_width=512, head_blocks=6, head_batch_mul=8, diffusion_steps=600)
 
 HALF_PI = math.pi / 2
 
