@@ -86,7 +86,8 @@ def main():
         torch.manual_seed(seed)
         cfg = calm.Config(latent_dim=D, d_model=8, n_layers=1, n_heads=1, context=4, short_context=0,
                           head_width=a.width, head_blocks=a.blocks, head_batch_mul=1,
-                          head_loss='consistency', time_scale=a.tf_scale, P_mean=a.P_mean, P_std=a.P_std, adaptive_weight=bool(a.adaptive))
+                          head_loss='consistency', time_scale=a.tf_scale, P_mean=a.P_mean, P_std=a.P_std,
+                          adaptive_weight=bool(a.adaptive))
         m = calm.CALM(cfg)
         params = list(m.head.parameters()) + (list(m.weight_net.parameters()) if m.weight_net is not None else [])
         opt = torch.optim.Adam(params, lr=a.lr)

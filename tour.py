@@ -136,9 +136,9 @@ def sample_mixture(mix, n):
 
 
 def train_head_alone(head_loss, sample_x0, D, n_iter, seed=0, batch=512, lr=2e-3):
-    """calm's head (and its adaptive weight) trained alone with CALM.head_loss on x_0 = sample_x0(batch) [batch, D],
-    the conditioning z pure noise (x_0 does not depend on it); Adam, lr decaying linearly to 0. Returns the
-    model in eval mode."""
+    """calm's head (and its adaptive weight) trained alone with CALM.head_loss on x_0 = sample_x0(batch)
+    [batch, D], the conditioning z pure noise (x_0 does not depend on it); Adam, lr decaying linearly to 0,
+    gradients clipped at 1 as train.py does. Returns the model in eval mode."""
     torch.manual_seed(seed)
     cfg = calm.Config(latent_dim=D, d_model=8, n_layers=1, n_heads=1, context=4, short_context=0,
                       head_width=64, head_blocks=2, head_loss=head_loss, head_batch_mul=1,
@@ -152,6 +152,7 @@ def train_head_alone(head_loss, sample_x0, D, n_iter, seed=0, batch=512, lr=2e-3
         loss, _ = m.head_loss(torch.randn(batch, 8), sample_x0(batch), i)
         opt.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)   # as train.py clips
         opt.step()
     return m.eval()
 
@@ -303,7 +304,8 @@ def fig_trigflow(plt, lat, seed):
     ax = fig.add_subplot(gs[1, 3])
     ax.plot(grid_T[:, 0], ode_paths(TOY, grid_T)[1][-1, :, 0], color='tab:green', lw=3, alpha=0.6,
             label='exact map: PF-ODE end point')
-    ax.plot(grid_T[:, 0], f1[:, 0], '.', color='tab:purple', ms=3, label=f'trained head, 1 step ({HEAD_ITERS} sCT steps)')
+    ax.plot(grid_T[:, 0], f1[:, 0], '.', color='tab:purple', ms=3,
+            label=f'trained head, 1 step ({HEAD_ITERS} sCT steps)')
     ax.axhline(TOY_MEAN, color='tab:red', lw=1, ls=':', label='the mean')
     ax.set_xlabel('noise x_T')
     ax.set_ylabel('x_0 = f(x_T, pi/2)')
