@@ -177,7 +177,6 @@ class VAE(nn.Module):
         # n_fft / 2 + 1 log-magnitudes of a causal STFT frame (n_fft = 4 * stft_hop, Hann, 75% overlap).
         self.n_fft = 4 * cfg.stft_hop
         io = self.n_fft // 2 + 1 if cfg.stft_hop else 1
-        # The spectral ends output n_fft/2+1 log-magnitudes per frame, with phase='learned' as many phase increments too.
         self.delay = self.n_fft - cfg.stft_hop  # the output is the input delayed by this many samples (see vocoder)
         res = lambda ch: [ResidualUnit(ch, 3 ** j) for j in range(cfg.n_residual)]  # dilations 1, 3, 9 (SEANet)
         # Encoder (SEANet): conv k7, then per ratio (smallest first): residual units, ELU, strided conv
@@ -193,12 +192,14 @@ class VAE(nn.Module):
         dec = []
         for i, r in zip(range(len(cfg.ratios), 0, -1), cfg.ratios):
             dec += [nn.ELU(), CausalConvTranspose1d(chans[i], chans[i - 1], 2 * r, stride=r)] + res(chans[i - 1])
-        self.decoder = nn.Sequential(*dec, nn.ELU(), CausalConv1d(chans[0], io * (2 if cfg.phase == 'learned' else 1), 7))
+        self.decoder = nn.Sequential(*dec, nn.ELU(), CausalConv1d(chans[0], io, 7))
+        if cfg.phase == 'learned':  # the learned head's phase branch: increments per bin from the decoder's features
+            self.phase_net = nn.Sequential(CausalConv1d(chans[0], chans[0], 7), nn.ELU(), CausalConv1d(chans[0], io, 7))
         if cfg.stft_hop:
             self.register_buffer('window', torch.hann_window(self.n_fft), persistent=False)
         self.apply(init_weights)
         if cfg.phase == 'learned':  # phase increments start at 0: the learned head starts as the phase vocoder
-            nn.init.zeros_(self.decoder[-1].weight[io:])
+            nn.init.zeros_(self.phase_net[-1].weight)
         # Start with a narrow posterior (std e^-2): with logvar = 0 the sampled latent is pure noise at
         # init, the decoder learns to ignore it and the KL then collapses the posterior to the prior.
         nn.init.constant_(self.enc_bottleneck.out.bias[cfg.latent_dim:], -4.0)
@@ -226,12 +227,18 @@ class VAE(nn.Module):
 
     def decode_raw(self, z):
         """Raw latents [B, S, D] -> wav [B, S * hop]."""
-        h = self.decoder(self.dec_bottleneck(z.transpose(1, 2)))
-        return self.synthesize(h, z.shape[1] * self.hop) if self.cfg.stft_hop else h[:, 0]
+        if not self.cfg.stft_hop:
+            return self.decoder(self.dec_bottleneck(z.transpose(1, 2)))[:, 0]
+        logmag, d = self.spectral_out(z)
+        return self.vocoder(logmag, z.shape[1] * self.hop) if d is None else self.istft_head(logmag, d, z.shape[1] * self.hop)
 
-    def synthesize(self, h, n):
-        """Spectral ends: decoder output [B, C, F] -> wav [B, n], by the phase vocoder or the learned head."""
-        return self.istft_head(h, n) if self.cfg.phase == 'learned' else self.vocoder(h, n)
+    def spectral_out(self, z):
+        """Spectral ends: raw latents [B, S, D] -> (log-magnitudes, phase increments or None), each
+        [B, n_fft/2+1, 8 S]. The phase branch reads the decoder's features detached: the latent and the
+        magnitudes are trained by the spectral loss alone (a toy latent read from log-magnitudes carries
+        no more about the phase than the magnitudes do), and a learned phase costs no pitch accuracy."""
+        feats = self.decoder[:-1](self.dec_bottleneck(z.transpose(1, 2)))
+        return self.decoder[-1](feats), self.phase_net(feats.detach()) if self.cfg.phase == 'learned' else None
 
     def vocoder(self, logmag, n):
         """Log-magnitudes [B, n_fft/2+1, F] -> wav [B, n]. Phase vocoder with bin-centre phase advance:
@@ -246,7 +253,7 @@ class VAE(nn.Module):
         spec = torch.polar(torch.exp(logmag.float().clamp(max=8.0)).transpose(1, 2), phase.expand(logmag.shape[0], -1, -1))
         return self.overlap_add(spec, n)
 
-    def istft_head(self, h, n):
+    def istft_head(self, logmag, d, n):
         """The learned-phase head (Vocos, arXiv 2306.00814 §3.2: log-magnitude and phase per bin, inverse
         STFT), with the phase predicted as a per-frame increment and summed over frames (the phase gradient
         of arXiv 2208.12782): a steady note gives a steady decoder output, hence a steady increment, hence a
@@ -254,10 +261,10 @@ class VAE(nn.Module):
         bin-centre advance plus pi * tanh(d) (a partial up to 50 Hz = 2 bins away can steer the bin), and d
         starts at 0, so the head starts as the phase vocoder. Causal as the vocoder: the sum runs over
         past frames only, and the frames are overlap-added at the same places."""
-        logmag, d = h.float().chunk(2, dim=1)  # [B, n_fft/2+1, F] each
-        N, k = h.shape[-1], torch.arange(logmag.shape[1], device=h.device)
+        logmag, d = logmag.float(), d.float()  # [B, n_fft/2+1, F] each
+        N, k = d.shape[-1], torch.arange(d.shape[1], device=d.device)
         # bin k turns by 2 pi k hop / n_fft = (pi / 2) k per frame (n_fft = 4 hop); reduced mod 2 pi exactly
-        base = (math.pi / 2) * ((torch.arange(N, device=h.device)[:, None] * k) % 4)
+        base = (math.pi / 2) * ((torch.arange(N, device=d.device)[:, None] * k) % 4)
         phase = base + torch.cumsum(math.pi * torch.tanh(d), dim=-1).transpose(1, 2)
         return self.overlap_add(torch.polar(torch.exp(logmag.clamp(max=8.0)).transpose(1, 2), phase), n)
 
@@ -294,13 +301,15 @@ class VAE(nn.Module):
         T, stats = wav.shape[-1], {}
         if cfg.stft_hop:  # spectral ends: a loss on the decoder's log-magnitudes, the waveform losses below if asked
             target = self.log_spectrogram(F.pad(wav, (0, self.n_frames(T) * self.hop - T)))
-            h = self.decoder(self.dec_bottleneck(z.transpose(1, 2)))
-            l_spec = spectral_loss(h[:, :self.n_fft // 2 + 1], target)
+            logmag, d = self.spectral_out(z)
+            l_spec = spectral_loss(logmag, target)
             loss = cfg.spec_weight * l_spec + cfg.kl_weight * l_kl
             stats = {'loss': loss.item(), 'spec': l_spec.item(), 'kl': l_kl.item()}
             if not (cfg.time_weight or cfg.freq_weight or cfg.discriminator):
                 return loss, stats
-            wav_hat = self.synthesize(h, z.shape[1] * self.hop)[:, :T]
+            # The waveform terms train the vocoder's magnitudes, or the learned head's phase branch only.
+            n = z.shape[1] * self.hop
+            wav_hat = (self.vocoder(logmag, n) if d is None else self.istft_head(logmag.detach(), d, n))[:, :T]
             wav = F.pad(wav, (self.delay, 0))[:, :T]  # the spectral ends' output lags by self.delay samples
         else:
             wav_hat = self.decode_raw(z)[:, :T]
@@ -321,9 +330,9 @@ def check_config(cfg):
     if not cfg.stft_hop and (cfg.phase != 'vocoder' or cfg.spec_weight):
         raise ValueError('vae.Config.phase and spec_weight act on the spectral ends: set stft_hop > 0 '
                          '(the waveform decoder learns its phase anyway)')
-    if cfg.phase == 'learned' and not (cfg.time_weight or cfg.freq_weight or cfg.discriminator):
-        raise ValueError("phase='learned' needs a loss on the waveform to learn from: time_weight, "
-                         'freq_weight or discriminator')
+    if cfg.phase == 'learned' and not (cfg.spec_weight and (cfg.time_weight or cfg.freq_weight or cfg.discriminator)):
+        raise ValueError("phase='learned' needs spec_weight (its magnitudes) and a loss on the waveform (its phase): "
+                         'time_weight, freq_weight or discriminator')
     if not 0 <= cfg.disc_start < 1:
         raise ValueError(f'vae.Config.disc_start is a fraction of the training steps in [0, 1), not {cfg.disc_start}')
 

@@ -28,7 +28,7 @@ def learned(seed=0):
     """Spectral ends with the learned-phase head, its phase increments made non-zero (they start at 0)."""
     m = tiny(seed, stft_hop=6, phase='learned')
     with torch.no_grad():
-        m.decoder[-1].weight[m.n_fft // 2 + 1:].normal_(0, 0.3, generator=torch.Generator().manual_seed(seed))
+        m.phase_net[-1].weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(seed))
     return m
 
 
@@ -147,10 +147,12 @@ def test_short_training_lowers_reconstruction_loss():
 
 def test_config_errors_instead_of_ignored_fields():
     for bad in (dict(phase='learned'), dict(spec_weight=1.0), dict(phase='griffin-lim', stft_hop=6),
-                dict(stft_hop=6, phase='learned', time_weight=0.0, freq_weight=0.0), dict(disc_start=1.0)):
+                dict(stft_hop=6, phase='learned', time_weight=0.0, freq_weight=0.0), dict(disc_start=1.0),
+                dict(stft_hop=6, phase='learned', spec_weight=0.0)):
         with pytest.raises(ValueError):
             vae.VAE(dataclasses.replace(TINY, **bad))
-    vae.VAE(dataclasses.replace(TINY, stft_hop=6, phase='learned', time_weight=0.0, freq_weight=0.0, discriminator=True))
+    vae.VAE(dataclasses.replace(TINY, stft_hop=6, spec_weight=1.0, phase='learned', time_weight=0.0, freq_weight=0.0,
+                                discriminator=True))
     # the toy default trains on its log-magnitudes only; a learned-phase toy needs a waveform loss
     assert (vae.TOY.phase, vae.TOY.time_weight, vae.TOY.freq_weight, vae.TOY.spec_weight) == ('vocoder', 0, 0, 1)
 
@@ -159,8 +161,9 @@ def test_learned_head_starts_as_the_phase_vocoder():
     m = tiny(stft_hop=6, phase='learned')
     logmag = torch.randn(2, m.n_fft // 2 + 1, 12)
     a = m.vocoder(logmag, 12 * m.cfg.stft_hop)
-    b = m.istft_head(torch.cat([logmag, m.decoder[-1].bias[m.n_fft // 2 + 1:, None].expand_as(logmag)], 1), 12 * 6)
-    assert torch.allclose(a, b, atol=1e-5)
+    d = m.phase_net(torch.randn(2, m.phase_net[0].in_channels, 12))
+    assert torch.equal(d, torch.zeros_like(d))
+    assert torch.allclose(a, m.istft_head(logmag, d, 12 * 6), atol=1e-5)
 
 
 def test_learned_head_can_carry_the_true_phase():
@@ -177,7 +180,7 @@ def test_learned_head_can_carry_the_true_phase():
     inc = torch.remainder(inc + math.pi, 2 * math.pi) - math.pi  # principal value: the deviation from the bin centre
     d = torch.atanh((inc / math.pi).clamp(-1 + 1e-6, 1 - 1e-6)).requires_grad_()
     logmag = m.log_spectrogram(wav)
-    out = m.istft_head(torch.cat([logmag, d], 1), n)
+    out = m.istft_head(logmag, d, n)
     ref = wav[0, :n - m.delay].numpy()
     assert metrics.si_sdr(ref, out[0, m.delay:].detach().numpy()) > 30
     assert metrics.si_sdr(ref, m.vocoder(logmag, n)[0, m.delay:].numpy()) < 0
