@@ -188,10 +188,16 @@ def test_learned_head_can_carry_the_true_phase():
     assert d.grad.abs().sum() > 0  # the waveform losses reach the phase increments
 
 
-def test_adversary_trains_the_discriminator_and_sends_gradient_to_the_vae():
-    cfg = dataclasses.replace(TINY, stft_hop=6, spec_weight=1.0, discriminator=True, disc_channels=4, disc_start=0.5)
+@pytest.mark.parametrize('ends', [0, 6, 'learned'])
+def test_adversary_trains_the_discriminator_and_sends_gradient_to_the_vae(ends):
+    # waveform decoder, spectral ends with the vocoder (D's gradient reaches the magnitudes), and the learned
+    # head (it reaches the phase branch only: the magnitudes belong to the spectral loss)
+    kw = dict(stft_hop=6, spec_weight=1.0, phase='learned') if ends == 'learned' else dict(stft_hop=ends, spec_weight=float(ends > 0))
+    cfg = dataclasses.replace(TINY, discriminator=True, disc_channels=4, disc_start=0.5, **kw)
     torch.manual_seed(0)
     m = vae.VAE(cfg)
+    if ends == 'learned':  # make the increments depend on the features (they start at 0)
+        torch.nn.init.normal_(m.phase_net[-1].weight, 0, 0.1)
     rng = torch.get_rng_state()
     adv = vae.Adversary(cfg, seed=0, device='cpu', ddp=False)
     assert torch.equal(rng, torch.get_rng_state())  # adding a discriminator does not move the VAE's noise draws
@@ -199,6 +205,7 @@ def test_adversary_trains_the_discriminator_and_sends_gradient_to_the_vae():
     loss, stats = m(wav)
     assert adv(4, 10, 1e-3, *m.last, stats) == 0.0 and 'd_loss' not in stats  # before disc_start: nothing
     d0 = [p.detach().clone() for p in adv.disc.parameters()]
+    trained = m.phase_net if ends == 'learned' else m.decoder
     for weights in ((1.0, 0.0), (0.0, 1.0)):  # the adversarial term, then the feature-matching term alone
         adv.cfg = dataclasses.replace(cfg, adv_weight=weights[0], feat_weight=weights[1])
         m.zero_grad()
@@ -206,8 +213,10 @@ def test_adversary_trains_the_discriminator_and_sends_gradient_to_the_vae():
         g_terms = adv(5, 10, 1e-3, *m.last, stats)
         d_grads = [p.grad.clone() for p in adv.disc.parameters()]  # of D's own update
         g_terms.backward()
-        grads = [p.grad for p in m.decoder.parameters()]
+        grads = [p.grad for p in trained.parameters()]
         assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+        if ends == 'learned':
+            assert all(p.grad is None for p in m.decoder.parameters())
         assert all(torch.equal(a, p.grad) for a, p in zip(d_grads, adv.disc.parameters()))  # G's terms leave D alone
         assert {'d_loss', 'g_adv', 'g_feat'} <= set(stats)
     assert any(not torch.equal(a, b) for a, b in zip(d0, adv.disc.parameters()))  # D took its own steps
