@@ -223,7 +223,8 @@ def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra
                     loss = loss + adversary(step, steps, lr_at(step), *model.last, stats)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            stats['grad_norm'] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+            groups = model.grad_groups() if hasattr(model, 'grad_groups') else {'grad_norm': model.parameters()}
+            stats.update({k: float(torch.nn.utils.clip_grad_norm_(ps, 1.0)) for k, ps in groups.items()})
             opt.step()
             step += 1
             done_here += 1

@@ -8,7 +8,7 @@ reads the (standardised) posterior mean.
     vae = VAE(TOY)
     x = vae.encode(wav)       # [B, T] -> [B, ceil(T / hop), D], standardised posterior mean
     wav_hat = vae.decode(x)   # [B, S, D] -> [B, S * hop]
-    loss, stats = vae(wav)    # training: L1 + multi-res STFT (+ adversarial) + kl_weight * KL;
+    loss, stats = vae(wav)    # training: L1 + multi-res STFT + kl_weight * KL (+ adversarial: Adversary);
                               # TOY: a loss on the decoded log-magnitudes (spectral_loss) + kl_weight * KL
 
 Everything is causal: latent s depends only on samples < (s + 1) * hop, and output sample t only on
@@ -63,6 +63,7 @@ PAPER = Config(discriminator=True)
 # "phasey"; pitch, envelope and timing are kept. 16 latent dims: toy music needs little rate. No
 # Transformer layers in the toy bottleneck (optional, paper Table 13 has 8): with 2 layers the latent
 # carried ~8 nats/frame and pitch accuracy was 0% after 500 steps, without them 46 nats and 45%.
+# phase='learned' swaps the vocoder for a learned-phase iSTFT head (VAE.istft_head; docs/codec.md).
 TOY = Config(ratios=(8,), stft_hop=240, channels=256, max_channels=256, n_residual=2, latent_dim=16,
              d_model=128, n_transformer_layers=0, n_heads=4, context=16, kl_weight=1e-4, spec_weight=1.0,
              time_weight=0.0, freq_weight=0.0)
@@ -274,6 +275,15 @@ class VAE(nn.Module):
         frames = torch.fft.irfft(spec, n=n_fft) * self.window  # [B, F, n_fft]
         out = F.fold(frames.transpose(1, 2), (1, (N - 1) * hop + n_fft), (1, n_fft), stride=(1, hop))
         return out[:, 0, 0, :n] / 1.5  # the squared Hann windows at 75% overlap sum to 1.5
+
+    def grad_groups(self):
+        """Parameters whose gradient norms train.py clips separately. The learned head's phase branch learns
+        from other losses at another scale; under one shared clip its spikes (total norm 355 at step 25)
+        shrink the other parameters' steps, and that run's magnitudes once blew up (spectral loss 805 at
+        step 125, ~1 before and after)."""
+        phase = [p for n, p in self.named_parameters() if n.startswith('phase_net.')]
+        rest = [p for n, p in self.named_parameters() if not n.startswith('phase_net.')]
+        return {'grad_norm': rest, 'grad_norm_phase': phase} if phase else {'grad_norm': rest}
 
     @torch.no_grad()
     def encode(self, wav):
