@@ -250,8 +250,8 @@ def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra
     checkpoint()
     if validate is not None and step >= steps:
         held_out()
-    if ddp:
-        check_replicas(stage, model, log)
+    if ddp:  # the VAE-GAN's discriminator too
+        check_replicas(stage, [*model.parameters(), *(adversary.disc.parameters() if adversary else [])], log)
     model.eval()
     return step >= steps, stats
 
@@ -281,9 +281,9 @@ def resume(ckpt_path, model, opt, adversary, device):
     return ck['step'], ck['steps']
 
 
-def check_replicas(stage, model, log):
+def check_replicas(stage, params, log):
     """DDP: the replicas must hold identical weights (DDP all-reduces gradients); measure it."""
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    flat = torch.cat([p.detach().flatten() for p in params])
     ref = flat.clone()
     dist.broadcast(ref, 0)
     diff = (flat - ref).abs().max()
