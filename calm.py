@@ -2,12 +2,13 @@
 CALM: Continuous Audio Language Model (Rouard et al., arXiv 2509.06926), minimal and readable.
 
     x_1..x_S  continuous VAE latents (standardised, so sigma_d = 1)
-    z_long_s  = T_long(noisy x_<s)                 causal Transformer, long context       (paper §3)
-    z_short_s = T_short(clean x_{s-K}..x_{s-1})    sliding-window Transformer, K frames   (paper §3)
+    z_long_s  = T_long(noisy x_<s)                 causal Transformer, long context       (paper Eq. 3)
+    z_short_s = T_short(clean x_{s-K}..x_{s-1})    sliding-window Transformer, K frames   (paper Eq. 3)
     z_s       = z_long_s + z_short_s
     x_s      ~ head(noise, t, z_s)                  MAR adaLN MLP trained with TrigFlow or sCM (sCM §3-§4)
 
-"paper §3" is the CALM method section; "sCM §n" refers to Lu & Song, arXiv 2410.11081 (§3 TrigFlow and
+"paper" is the CALM paper, arXiv 2509.06926 (its Eq. 3: the training objective, with z_s as above and
+the noise-augmented inputs); "sCM §n" refers to Lu & Song, arXiv 2410.11081 (§3 TrigFlow and
 sCT, §4.1 architecture, §4.2 training objective tricks); "MAR" to Li et al., arXiv 2406.11838.
 Runs standalone on random latents: `python calm.py` prints parameter counts and a timing.
 """
@@ -33,31 +34,28 @@ class Config:
     head_blocks: int = 3
     head_loss: str = 'consistency'   # 'trigflow' (diffusion, sCM §3) or 'consistency' (sCT, sCM §3-4)
     head_batch_mul: int = 4       # M: each z_s is reused M times with fresh (noise, t) (MAR; paper uses 8)
-    noise_aug: bool = True        # corrupt backbone inputs during training (Pasini et al.; paper §3)
-    noise_max: float = 1.0        # noise level k ~ U(0, noise_max) (paper §3: U(0, 1))
+    noise_aug: bool = True        # corrupt backbone inputs during training (paper Eq. 3; Pasini et al. 2411.18447)
+    noise_max: float = 1.0        # noise level k ~ U(0, noise_max) (paper Eq. 3: U(0, 1))
     sigma_d: float = 1.0          # data std of the (standardised) latents, TrigFlow's sigma_d
     P_mean: float = -1.0          # log-normal time proposal tau ~ N(P_mean, P_std^2) (sCT CIFAR values)
     P_std: float = 1.4
     tangent_warmup: int = 1000    # steps over which r ramps 0 -> 1 (sCM §4.2 "tangent warmup")
     diffusion_steps: int = 0      # consistency only: first train this many steps with the TrigFlow loss (see head_loss)
-    adaptive_weight: bool = True  # learned w(t) (sCM §4.2 adaptive weighting; paper §3 trains w jointly)
+    adaptive_weight: bool = True  # learned w(t) (sCM §4.2 adaptive weighting; paper Eq. 3 trains w jointly)
     t_eps: float = 1e-3           # clamp t into [t_eps, pi/2 - t_eps] for training
     dropout: float = 0.0
     n_text: int = 0               # text vocabulary size (data.VOCAB); 0 = unconditional model, no embedding
-    cond_dropout: float = 0.2     # per-sequence prob. of training on the null condition (notes §10a: 20%)
+    cond_dropout: float = 0.2     # per-sequence prob. of training on the null condition (0.2: our choice)
 
 
 # Presets. PAPER: the music LM is MusicGen-medium sized (1.35B, 48 layers x 1536) on 128-dim latents at
-# 25 Hz; head and short-Transformer sizes are not in our notes, so those are our guesses. Never trained here.
+# 25 Hz; the head and short-Transformer sizes here are our guesses. Never trained here.
 PAPER = Config(latent_dim=128, d_model=1536, n_layers=48, n_heads=24, context=750, short_context=10,
                short_layers=4, head_width=1536, head_blocks=6, head_batch_mul=8, tangent_warmup=10000)
-# TOY: trains on 2 CPU cores in ~11 minutes (README: measured s/step). A small backbone (d 128, 3 layers)
-# for speed: the head's sCT step (its JVP) dominates the cost; not tuned further. 600 of the 950 toy
-# steps use the TrigFlow loss before sCT takes over (diffusion_steps, see CALM.head_loss; train.py runs
-# the sCT phase at 0.1x the lr, and on a GPU trains 9000 steps, 5684 of them TrigFlow: train.GPU_LM).
-# No short-context Transformer (short_context=0, the paper's ablation): at the CPU budget it made
-# continuations worse on every measure we have (README, "What the toy LM learns"); `--short-context 10`
-# restores it.
+# TOY: small enough that its LM stage fits the 20-minute CPU toy (~11 min on 2 cores); the head's sCT step
+# (its JVP) dominates the cost. The first 600 of 950 steps use the TrigFlow loss (diffusion_steps, see
+# CALM.head_loss). No short-context Transformer (short_context=0, the paper's own ablation): on the toy it
+# made continuations worse; `--short-context 10` restores it. The measurements: docs/findings.md.
 TOY = Config(latent_dim=16, d_model=128, n_layers=3, n_heads=4, context=64, short_context=0,
              short_layers=2, head_width=256, head_blocks=3, head_batch_mul=4, tangent_warmup=200,
              diffusion_steps=600)
@@ -136,12 +134,13 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     """Causal Transformer over frames; position s reads Linear(x_{s-1}) (a learned start frame at s=1)
-    and outputs the conditioning for x_s (paper §3). windows[l] = how many positions layer l attends to
-    (stacked windows add up: the receptive field is sum(w_l - 1) + 1 positions)."""
-    def __init__(self, D, d, n_heads, windows, dropout=0.0):
+    and outputs the conditioning for x_s (paper Eq. 3). windows[l] = how many positions layer l attends to
+    (stacked windows add up: the receptive field is sum(w_l - 1) + 1 positions). inp: another input
+    module in place of Linear(D, d) (rq.py's discrete LMs feed frames as summed code embeddings)."""
+    def __init__(self, D, d, n_heads, windows, dropout=0.0, inp=None):
         super().__init__()
         self.d, self.n_heads = d, n_heads
-        self.inp = nn.Linear(D, d)
+        self.inp = nn.Linear(D, d) if inp is None else inp
         self.start = nn.Parameter(torch.randn(d) * 0.02)
         self.blocks = nn.ModuleList([Block(d, n_heads, w, dropout) for w in windows])
         self.ln_f = nn.LayerNorm(d)
@@ -332,7 +331,7 @@ class CALM(nn.Module):
         self.short = (Transformer(D, d, cfg.n_heads, short_windows(cfg.short_context, cfg.short_layers),
                                   cfg.dropout) if cfg.short_context > 0 else None)
         self.head = Head(D, d, cfg.head_width, cfg.head_blocks)
-        # Text conditioning (notes §9, issue 6): one embedding per word, id n_text = padding = the null
+        # Text conditioning (our conditioner): one embedding per word, id n_text = padding = the null
         # condition (a zero row: the empty description). See CALM.condition.
         self.text = nn.Embedding(cfg.n_text + 1, d, padding_idx=cfg.n_text) if cfg.n_text > 0 else None
         if self.text is not None:
@@ -343,9 +342,9 @@ class CALM(nn.Module):
             nn.init.zeros_(self.weight_net.weight)
             nn.init.zeros_(self.weight_net.bias)
 
-    # --- conditioning z_s = z_long_s + z_short_s (paper §3) ---
+    # --- conditioning z_s = z_long_s + z_short_s (paper Eq. 3) ---
     def noise_augment(self, x):
-        """x~_s = sqrt(k_s) eps + sqrt(1 - k_s) x_s with one k_s ~ U(0, noise_max) per frame (paper §3: U(0, 1),
+        """x~_s = sqrt(k_s) eps + sqrt(1 - k_s) x_s with one k_s ~ U(0, noise_max) per frame (paper Eq. 3: U(0, 1),
         k indexed per frame). Only the backbone's inputs are corrupted; targets and T_short's inputs stay clean."""
         k = self.cfg.noise_max * torch.rand(x.shape[0], x.shape[1], 1, device=x.device)
         return k.sqrt() * torch.randn_like(x) + (1 - k).sqrt() * x
@@ -363,8 +362,9 @@ class CALM(nn.Module):
         by the ring-buffer KV cache once generation runs past cfg.context, an added vector never is. The
         paper's music models take a text (CLAP) conditioner (samples page, "Text-to-Music" update); how it
         enters the backbone we could not confirm, so the summed-and-added vector is our choice. T_short
-        stays unconditioned: it restores local detail (paper §3). Training: each sequence is replaced by
-        the null condition with probability cfg.cond_dropout (notes §9/§10a) to learn z_uncond for CFG."""
+        stays unconditioned: it restores local detail (the paper's role for it). Training: each sequence is
+        replaced by the null condition with probability cfg.cond_dropout to learn z_uncond for CFG
+        (classifier-free guidance, Ho & Salimans, arXiv 2207.12598)."""
         if self.text is None:
             raise ValueError('this model has no text conditioning (n_text = 0): sample without --text')
         c = (self.text(text) * (text != self.cfg.n_text)[..., None]).sum(1)   # pads count 0, even if edited
@@ -390,7 +390,7 @@ class CALM(nn.Module):
 
     def head_loss(self, z, x0, step=0):
         """z [N, d], x0 [N, D] -> (loss, stats). Head batch multiplier: each row repeated M times with its
-        own (noise, t); the backbone ran once (MAR §3.3, paper Table 14)."""
+        own (noise, t); the backbone ran once (MAR §3.3; the paper's head batch multiplier)."""
         cfg, sd = self.cfg, self.cfg.sigma_d
         M = cfg.head_batch_mul
         z, x0 = z.repeat_interleave(M, 0), x0.repeat_interleave(M, 0)
@@ -401,11 +401,11 @@ class CALM(nn.Module):
         # Consistency runs may start with `diffusion_steps` of the TrigFlow loss: it trains the same F (the
         # velocity in sCM's parameterisation), and sCT then fine-tunes it into a consistency model, as
         # consistency tuning from a diffusion model does. Why: the sCT loss reaches the backbone only through
-        # the normalised tangent, a weak signal early on; measured on the toy, see README.
+        # the normalised tangent, a weak signal early on; measured on the toy: docs/findings.md.
         diffusion = cfg.head_loss == 'trigflow' or (cfg.head_loss == 'consistency' and step < cfg.diffusion_steps)
         if diffusion:                                     # diffusion loss ||sigma_d F - v_t||^2 (sCM §3)
             err = ((sd * self.head(xt / sd, t, z) - dxt) ** 2).mean(-1)
-        elif cfg.head_loss == 'consistency':              # sCT loss (sCM §3 + §4.2 tricks; paper §3 loss)
+        elif cfg.head_loss == 'consistency':              # sCT loss (sCM §3 + §4.2 tricks; paper Eq. 3)
             s = step - cfg.diffusion_steps                # tangent warmup starts with sCT
             r = min(1.0, s / cfg.tangent_warmup) if cfg.tangent_warmup > 0 else 1.0
             zd = z.detach()                               # theta^- = stop-grad(theta), backbone included
@@ -440,7 +440,7 @@ class CALM(nn.Module):
     @torch.no_grad()
     def step_backbone(self, x_prev, state):
         """x_prev [B, D] (last frame, None at the start) -> z [B, d] for the next frame; one token each.
-        Latent CFG (notes §9): z_cfg = z_uncond + alpha (z_cond - z_uncond) on T_long's output, one T_long
+        Latent CFG (the paper's): z_cfg = z_uncond + alpha (z_cond - z_uncond) on T_long's output, one T_long
         pass per branch; T_short's output is added once, after the mix, and the head runs once per frame
         (guided 1-step sampling is still 1 head call). torch.lerp computes end - (end - start)(1 - w) for
         w >= 0.5, so alpha = 1 gives z_cond and alpha = 0 gives z_uncond bit for bit. The branches are two
@@ -465,8 +465,8 @@ class CALM(nn.Module):
     def generate(self, prompt=None, n_frames=100, steps=1, temperature=0.8, generator=None, text=None,
                  cfg_alpha=None):
         """prompt [B, P, D] or None -> [B, n_frames, D] new frames, streamed with the KV caches.
-        temperature 0.8: the paper's best for speech continuation (Gaussian temperature, noise std
-        sqrt(tau), paper §3-§4; pocket-tts uses 0.7); 1.0 samples the model's own distribution.
+        temperature 0.8: the paper's best for speech continuation (its Gaussian temperature: noise std
+        sqrt(tau); pocket-tts uses 0.7); 1.0 samples the model's own distribution.
         text [B, L] word ids (None: the null condition); cfg_alpha: latent CFG strength (None: no guidance,
         conditional branch only). Only the head draws noise, one [B, D] draw per step whatever the mode,
         so a seed gives the same noises guided or not."""

@@ -1,7 +1,7 @@
 """
 Toy music for calm, and loading your own audio.
 
-The toy task stands in for the paper's music data (CALM §5): every clip is a monophonic melody at
+The toy task stands in for the paper's music data: every clip is a monophonic melody at
 24 kHz built from a short motif that repeats, so that a language model on VAE latents can learn
 something checkable (key, tempo, timbre, the motif itself) and evaluation can measure it with a
 pitch tracker (metrics.py). Everything is a pure function of an integer seed.
@@ -9,15 +9,19 @@ pitch tracker (metrics.py). Everything is a pure function of an integer seed.
     clip = make_clip(seed)            # Clip(wav float32 [n], notes [Note], meta dict)
     clips = toy_clips('train', 512)   # train / heldout use disjoint seed ranges
     wav = load_audio('song.flac')     # float32 mono at 24 kHz
+
+    python data.py prompt out/prompt.wav   # a held-out clip as a wav: a prompt for sample.py
 """
+import argparse
 import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import soundfile as sf
 import soxr
 
-SR = 24000  # the paper's speech VAE rate (notes §10a); the toy uses it too
+SR = 24000  # the sample rate of the paper's speech VAE; the toy uses it too
 
 MAJOR = (0, 2, 4, 5, 7, 9, 11)
 MINOR = (0, 2, 3, 5, 7, 8, 10)  # natural minor
@@ -185,7 +189,7 @@ def toy_clips(split, n, seconds=8.0, accompaniment=False):
 
 
 # -----------------------------------------------------------------------------------------------
-# Descriptions: the toy's "text" (issue 6). A clip is described by its generating attributes,
+# Descriptions: the toy's "text". A clip is described by its generating attributes,
 # "<family> <mode> <tempo_class>", over a fixed 10-word vocabulary; word id = index in VOCAB.
 
 MODES, TEMPO_CLASSES = ('major', 'minor'), ('slow', 'medium', 'fast')
@@ -252,3 +256,43 @@ def audio_folder(dir, sr=SR) -> list:
         raise ValueError(f'not a directory: {dir}')
     names = sorted(f for f in os.listdir(dir) if f.lower().endswith(AUDIO_EXTS))
     return [load_audio(os.path.join(dir, f), sr) for f in names]
+
+
+# -----------------------------------------------------------------------------------------------
+# Command line: a prompt to try sample.py on, right after training
+
+def write_wav(path, wav, sr=SR):
+    """16-bit wav, written then renamed: an interrupted run leaves no half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + '.tmp.wav'
+    sf.write(tmp, np.clip(wav, -1, 1), sr, format='WAV', subtype='PCM_16')
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description='Toy data from the command line. '
+                                            'python data.py prompt out/prompt.wav  writes a prompt for sample.py.')
+    sub = p.add_subparsers(dest='command', required=True, metavar='prompt')
+    q = sub.add_parser('prompt', help='write a toy clip as a wav (default: held-out clip 0, never trained on)')
+    q.add_argument('out', nargs='?', default='out/prompt.wav', help='output wav (default out/prompt.wav)')
+    q.add_argument('--clip', type=int, default=0, help='index of the clip in its split (default 0)')
+    q.add_argument('--seconds', type=float, default=5.0,
+                   help='length in seconds (default 5: the toy LM reads the last 5.1 s of a prompt)')
+    q.add_argument('--split', choices=['heldout', 'train'], default='heldout', help='which split (default heldout)')
+    args = p.parse_args(argv)
+    if args.seconds <= 0:
+        raise ValueError('--seconds must be > 0')
+    clip = make_clip(clip_seed(args.split, args.clip), args.seconds)
+    write_wav(args.out, clip.wav)
+    m = clip.meta
+    print(f'wrote {args.out}: {args.split} toy clip {args.clip}, {args.seconds:g} s at {SR} Hz, '
+          f'"{description(m)}", motif (MIDI) {" ".join(map(str, m["motif"]))}')
+    print(f'continue it with: python sample.py {args.out}')
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except (ValueError, OSError) as e:  # bad input: one clear line, no traceback
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(1)

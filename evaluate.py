@@ -4,8 +4,14 @@ Evaluate a trained CALM run folder (vae.pt + calm.pt) on held-out toy clips.
     python evaluate.py --ckpt out/toy                     # all sections, prints tables
     python evaluate.py --ckpt out/toy --json out/eval.json --clips 32 --steps 1,4
     python evaluate.py --compare --vae-from out/toy --lm-steps 2000   # equal-budget ablations
+    python evaluate.py --table out/toy out/rq out/delay   # continuous vs discrete (docs/discrete.md)
 
-Sections and what each number is (paper §7, §10, §10a):
+A run folder may hold a discrete baseline instead of CALM (train.py --model rq|delay, rq.py): it is scored
+the same way, at its softmax temperatures. --table puts several runs in one comparison: the codec rows
+(decoded quality and bits per frame of the Gaussian latents vs RVQ codes of them, per level count Q), the
+continuation rows of every run, and batch-1 speed split into backbone and head (`table_speed`).
+
+Sections and what each number is (the kinds of measure the paper reports, on the toy task):
 - vae: reconstruction of held-out clips: note-pitch accuracy of the reconstruction (fraction of annotated
   notes whose estimated MIDI pitch, rounded, equals the annotation; metrics.note_pitch_accuracy), log-mel
   L1 and SI-SDR (dB) between clip and reconstruction. 'real' = the same pitch score on the clip itself
@@ -39,6 +45,7 @@ Sections and what each number is (paper §7, §10, §10a):
   s / audio s at the VAE frame rate), ms/frame for 10 s vs 30 s continuations, VAE decoding RTF.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -63,6 +70,11 @@ def load_run(run_dir, device='cpu'):
     """(vae, model) in eval mode, exactly as sample.py loads them."""
     from sample import load
     return load(run_dir, device=device)
+
+
+def model_kind(model):
+    """'calm', or 'rq' / 'delay' for the discrete baselines of rq.py."""
+    return getattr(getattr(model, 'cfg', None), 'kind', 'calm')
 
 # -----------------------------------------------------------------------------
 # note transcription: spectral-flux onsets + f0 per segment
@@ -277,13 +289,15 @@ class Progress:
 
 
 @torch.inference_mode()
-def eval_vae(vae, clips, device, batch=8):
+def eval_vae(vae, clips, device, batch=8, quantise=None, name='vae'):
+    """quantise: latents -> latents (the codec rows: RVQ codes of the latents, dequantised)."""
     sr, res = data.SR, dict(note_acc_real=[], note_acc=[], log_mel_l1=[], si_sdr=[])
-    prog = Progress('vae', len(clips))
+    prog = Progress(name, len(clips))
     for i in range(0, len(clips), batch):
         chunk = clips[i:i + batch]
         x = torch.tensor(np.stack([c.wav for c in chunk]), device=device)
-        y = vae.decode(vae.encode(x)).float().cpu().numpy()[:, :x.shape[1]]
+        z = vae.encode(x)
+        y = vae.decode(z if quantise is None else quantise(z)).float().cpu().numpy()[:, :x.shape[1]]
         for c, rec in zip(chunk, y):
             res['note_acc_real'].append(metrics.note_pitch_accuracy(c.wav, c.notes, sr))
             res['note_acc'].append(metrics.note_pitch_accuracy(rec, c.notes, sr))
@@ -347,14 +361,15 @@ def eval_continuation(vae, model, clips, ref_clips, detector, args, device):
     with torch.inference_mode():
         rows['vae'] = row([vae.decode(vae.encode(torch.tensor(x.wav[None, :b * hop], device=device)))[0]
                            .float().cpu().numpy() for x, (a, b) in zip(clips, span)])
-    for steps in args.steps:
+    kind = model_kind(model)   # a discrete LM (rq.py) samples each code once: no head steps
+    for steps in (args.steps if kind == 'calm' else [1]):
         for temp in args.temperature:
             g = torch.Generator(device=device).manual_seed(args.seed)  # same noise for every setting
             prog, wavs = Progress(f'gen steps={steps} T={tlabel(temp)}', len(clips)), []
             for i, (x, (a, b)) in enumerate(zip(clips, span)):
                 wavs.append(continue_clip(vae, model, x, a, b - a, steps, temp, g, device))
                 prog(i + 1)
-            rows[f'calm steps={steps} T={tlabel(temp)}'] = row(wavs)
+            rows[f'calm steps={steps} T={tlabel(temp)}' if kind == 'calm' else f'{kind} T={tlabel(temp)}'] = row(wavs)
     m = [len(x.meta['motif']) for x in clips]
     two = [2 * k <= len(x.notes) and x.notes[2 * k - 1].onset < a * hop / sr for x, k, (a, b) in zip(clips, m, span)]
     settings = dict(n_clips=len(clips), prompt_s_mean=float(np.mean([a for a, b in span])) / fr,
@@ -406,7 +421,7 @@ def eval_speed(vae, model, clip, args, device):
     return out
 
 # -----------------------------------------------------------------------------
-# text adherence (issue 6): detectors for the three words of a toy description, and the CFG sweep
+# text adherence: detectors for the three words of a toy description, and the CFG sweep
 
 # Scale fit alone cannot tell a major key from its relative minor (same pitch set), so the tonic is taken
 # from the first transcribed note (every toy motif starts on its tonic, data.make_clip) and the two scales
@@ -465,8 +480,8 @@ def text_adherence(wavs, metas, detector, sr=data.SR):
 
 @torch.inference_mode()
 def eval_text(vae, model, args, device):
-    """CFG sweep (notes §9): the descriptions of args.text_clips held-out clips (random attribute
-    combinations, fixed seeds) are generated from nothing at each alpha (batch of all descriptions, same
+    """Latent CFG sweep (calm.CALM.step_backbone): the descriptions of args.text_clips held-out clips (random
+    attribute combinations, fixed seeds) are generated from nothing at each alpha (batch of all descriptions, same
     seed per alpha), decoded, and scored by the detectors; fd against the real clips of a disjoint
     held-out set. 'real' = the detectors on the described clips themselves (their ceiling), 'chance' =
     uniform guessing (5 families, 2 modes, 3 equally wide tempo classes). ms_frame: batch 1, 1 head step,
@@ -557,7 +572,7 @@ def report(res):
     return '\n\n'.join(out)
 
 # -----------------------------------------------------------------------------
-# equal-budget comparisons (paper §10a ablations), trained by train.py
+# equal-budget comparisons (the paper's ablations), trained by train.py
 
 
 BASE = ['--head-loss', 'consistency']  # the paper's ablations are on the consistency head
@@ -612,6 +627,186 @@ def run_compare(args):
     return dict(results=results, table=rows), text
 
 # -----------------------------------------------------------------------------
+# continuous vs discrete (the paper's comparison with the RQ-Transformer): one table from several run folders
+
+
+def run_vae_dir(run_dir):
+    """The folder holding a run's VAE and its latent cache (itself, or the --vae-from folder in calm.pt)."""
+    if os.path.isfile(os.path.join(run_dir, 'vae.pt')):
+        return run_dir
+    return os.path.dirname(torch.load(os.path.join(run_dir, 'calm.pt'), map_location='cpu', weights_only=False)['vae'])
+
+
+@torch.no_grad()
+def eval_codec(vae, vae_dir, levels, K, clips, device, models=()):
+    """Codec rows: the Gaussian latents as the VAE decodes them vs RVQ codes of them with Q in `levels`, K
+    codewords per level, fitted on the run's cached latents exactly as train.py fits a discrete LM's (rq.fit,
+    seed 0; a Q-level fit is the first Q levels of the deepest one). Bits per frame: Q log2 K for RVQ; for the
+    Gaussian latents the KL of the posterior to the prior (the rate a bits-back / relative-entropy coder pays).
+    lat_mse: squared error of the dequantised latents (standardised units; post_var: the posterior variance
+    in the same units, the noise the decoder was trained to tolerate)."""
+    import rq
+    Q = max(levels)
+    # the RVQ fit settings (rq.Config's rvq_* fields) of the first discrete LM with this K, else the defaults
+    like = next((m.cfg for _, m in models if m.cfg.codebook_size == K), rq.Config())
+    cfg = dataclasses.replace(like, latent_dim=vae.cfg.latent_dim, n_q=Q, codebook_size=K)
+    rvq = rq.RVQ(cfg.latent_dim, Q, K, cfg.rvq_decay, cfg.rvq_dead)
+    latents = torch.load(os.path.join(vae_dir, 'latents.pt'), weights_only=False)
+    t0 = time.time()
+    rq.fit(rvq, torch.cat(latents), cfg, seed=0, log=lambda m: print(f'[codec] {m}', file=sys.stderr, flush=True))
+    fit_s = time.time() - t0
+    rvq = rvq.to(device)
+    wav = torch.tensor(np.stack([c.wav for c in clips]), device=device)
+    mu, logvar = vae.posterior(wav)
+    z = (mu - vae.latent_mean) / vae.latent_std
+    rows = {'gaussian (VAE)': {**eval_vae(vae, clips, device, name='codec gaussian'),
+                               'bits': float(0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(-1).mean() / math.log(2)),
+                               'lat_mse': 0.0, 'post_var': float((logvar.exp() / vae.latent_std ** 2).mean())}}
+    for q in sorted(levels):
+        deq = lambda x, q=q: rvq.decode(rvq.encode(x)[..., :q])
+        rows[f'rvq Q={q} K={K}'] = {**eval_vae(vae, clips, device, quantise=deq, name=f'codec Q={q}'),
+                                    'bits': q * math.log2(K), 'lat_mse': float(((deq(z) - z) ** 2).mean())}
+    levels_stats = rq.code_stats(rvq.encode(z), K)
+    # the discrete LMs' own codebooks (fitted in train.py with their --seed) against this fit
+    same = {name: float((m.rvq.codebooks - rvq.codebooks[:m.cfg.n_q]).abs().max())
+            for name, m in models if m.cfg.codebook_size == K and m.cfg.n_q <= Q}
+    return dict(rows=rows, levels=levels_stats, fit_seconds=fit_s, n_fit_frames=sum(len(x) for x in latents),
+                lm_codebooks_max_abs_diff=same)
+
+
+@torch.inference_mode()
+def time_parts(model, n, steps=1, temperature=0.8, device='cpu'):
+    """Batch-1 ms per frame: one backbone step, one frame's head (CALM: `steps` head calls; RQ-Transformer:
+    its Q depth steps; delay LM: its Q linear heads), each alone over n frames; and a whole generation of n
+    frames from nothing (model.generate)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    if model_kind(model) == 'calm':
+        head = lambda z: model.sample_head(z, steps, temperature, g)
+    else:
+        head = lambda z: model.sample_head(z, temperature, 0, g)
+    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
+    state = model.new_state(1, device)
+    z = model.step_backbone(None, state)
+    x = head(z)
+
+    def ms(fn):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        return 1000 * (time.perf_counter() - t) / n
+    state = model.new_state(1, device)
+    out = {'backbone_ms': ms(lambda: [model.step_backbone(x, state) for _ in range(n)]),
+           'head_ms': ms(lambda: [head(z) for _ in range(n)]),
+           'frame_ms': ms(lambda: model.generate(None, n, steps=steps, temperature=temperature, generator=g))}
+    return out
+
+
+def table_speed(entries, sweep_cfg, args, frame_rate, device):
+    """entries: {name: (model, steps, temperature)}; the first CALM entry is the reference. Every number is
+    the best of args.speed_rounds rounds, the models interleaved within a round (a shared machine slows
+    them alike). Adds the RQ-Transformer and delay LM at each Q of args.codec_levels, untrained (speed does
+    not depend on the weights), over 10 s. head_x / whole_x: cost relative to the reference (the paper's
+    12.3x and 1.3x); h: the head's share of backbone + head."""
+    import rq
+    n = int(round(args.speed_seconds * frame_rate))
+    jobs = {k: (m, s, t, n) for k, (m, s, t) in entries.items()}
+    for q in args.codec_levels:
+        for kind in ('rq', 'delay'):
+            m = rq.build(dataclasses.replace(sweep_cfg, kind=kind, n_q=q, codebook_size=args.codebook_size))
+            jobs[f'{kind} Q={q} (untrained, 10 s)'] = (m.to(device).eval(), 1, 0.8, int(round(10 * frame_rate)))
+    best = {}
+    for r in range(args.speed_rounds):
+        for name, (m, s, t, frames) in jobs.items():
+            parts = time_parts(m, frames, s, t, device)
+            best[name] = {k: min(v, best.get(name, {}).get(k, math.inf)) for k, v in parts.items()}
+        print(f'[speed] round {r + 1}/{args.speed_rounds} done', file=sys.stderr, flush=True)
+    ref = best[next(k for k, (m, s, t) in entries.items() if model_kind(m) == 'calm')]
+    for b in best.values():
+        b.update(h=b['head_ms'] / (b['head_ms'] + b['backbone_ms']), head_x=b['head_ms'] / ref['head_ms'],
+                 whole_x=b['frame_ms'] / ref['frame_ms'])
+    return dict(rows=best, seconds=args.speed_seconds, rounds=args.speed_rounds, threads=torch.get_num_threads())
+
+
+def run_stats(run_dir, model):
+    """Parameters and the LM's training budget and time, from the checkpoint and log.jsonl."""
+    ck = torch.load(os.path.join(run_dir, 'calm.pt'), map_location='cpu', weights_only=False)
+    recs = [json.loads(l) for l in open(os.path.join(run_dir, 'log.jsonl'))] if os.path.isfile(
+        os.path.join(run_dir, 'log.jsonl')) else []
+    lm = [r for r in recs if r.get('stage') == 'lm' and 'steps_per_s' in r]
+    secs = sum((b['step'] - a['step']) / b['steps_per_s'] for a, b in zip([{'step': 0}] + lm, lm))
+    head = getattr(model, 'head', None) or getattr(model, 'depth', None) or getattr(model, 'heads', None)
+    return {'kind': ck.get('kind', 'calm'), 'params_M': sum(p.numel() for p in model.parameters()) / 1e6,
+            'head_params_M': sum(p.numel() for p in head.parameters()) / 1e6,
+            'steps': ck['step'], 'batch': ck['recipe']['batch'], 'lm_minutes': secs / 60 if lm else None}
+
+
+def run_table(args):
+    import rq
+    device, runs = args.device, {}
+    for d in args.table:
+        runs[os.path.basename(os.path.normpath(d))] = (d, *load_run(d, device))
+    if len(runs) < len(args.table):
+        raise SystemExit('error: --table: give run folders with distinct names')
+    res = {'runs': {name: run_stats(d, m) for name, (d, v, m) in runs.items()}}
+    first_dir, vae0, _ = next(iter(runs.values()))
+    discrete = [(n, m) for n, (d, v, m) in runs.items() if model_kind(m) != 'calm']
+    res['codec'] = eval_codec(vae0, run_vae_dir(first_dir), args.codec_levels, args.codebook_size,
+                              data.toy_clips('heldout', args.clips), device, discrete)
+    n = args.clips_cont
+    clips = data.toy_clips('heldout', 2 * n, seconds=(args.prompt_seconds or 11.0) + args.continue_seconds + 0.5)
+    detector = TimbreDetector(data.toy_clips('train', args.timbre_fit))
+    rows, refs, entries = {}, None, {}
+    for name, (d, vae, model) in runs.items():
+        a = argparse.Namespace(**vars(args))
+        kind = model_kind(model)
+        if kind == 'calm':
+            a.steps = [args.trigflow_steps] if model.cfg.head_loss == 'trigflow' else args.steps
+            entries.update({f'{name} calm steps={s}': (model, s, 0.8 if t is None else t)
+                            for s in a.steps[:2] for t in args.temperature[:1]})
+        else:
+            a.temperature = args.discrete_temperatures
+            entries[f'{name} {kind}'] = (model, 1, args.discrete_temperatures[0])
+        c = eval_continuation(vae, model, clips[:n], clips[n:], detector, a, device)
+        refs = refs or {f'({k})': r for k, r in c['rows'].items() if k in ('real', 'vae', 'other clip', 'noise')}
+        rows.update({f'{name} {k}': r for k, r in c['rows'].items() if k not in ('real', 'vae', 'other clip', 'noise')})
+        settings = c['settings']
+    res['continuation'] = dict(settings=settings, rows={**rows, **refs})
+    if not args.skip_speed:
+        calm_cfg = next((m.cfg for _, (d, v, m) in runs.items() if model_kind(m) == 'calm'), None)
+        sweep_cfg = rq.config_like(calm_cfg) if calm_cfg else discrete[0][1].cfg
+        if calm_cfg is None:
+            raise SystemExit('error: --table: the speed section compares against a CALM run; add one or --skip-speed')
+        res['speed'] = table_speed(entries, sweep_cfg, args, vae0.frame_rate, device)
+    return res, report_table(res)
+
+
+def report_table(res):
+    c, out = res['codec'], []
+    cols = ['kind', 'params_M', 'head_params_M', 'steps', 'batch', 'lm_minutes']
+    out.append('== Runs ==\n' + table(res['runs'], cols))
+    snr = lambda r: -10 * math.log10(r['post_var'] if 'post_var' in r else max(r['lat_mse'], 1e-12))
+    codec = {k: {**r, 'snr_db': snr(r)} for k, r in c['rows'].items()}
+    out.append(f"== Codec: Gaussian latents vs RVQ ({codec['gaussian (VAE)']['n_clips']} held-out clips; RVQ fitted on "
+               f"{c['n_fit_frames']} cached frames in {c['fit_seconds']:.0f} s) ==\n"
+               + table(codec, ['bits', 'note_acc', 'log_mel_l1', 'snr_db', 'note_acc_real'])
+               + '\nbits: per frame (Gaussian: KL to the prior); snr_db: latent variance / squared quantisation error '
+                 '(Gaussian: / posterior variance, the noise the decoder was trained on)'
+               + '\nper level (held-out): entropy bits ' + ' '.join(f"{s['entropy_bits']:.2f}" for s in c['levels'])
+               + ' | usage ' + ' '.join(f"{s['usage']:.2f}" for s in c['levels'])
+               + f"\nthe discrete LMs' codebooks vs this fit, max abs diff: {c['lm_codebooks_max_abs_diff']}")
+    cont = res['continuation']
+    out.append('== Continuation == ' + json.dumps(cont['settings']) + '\n' + table(cont['rows'], CONT_COLS))
+    if 'speed' in res:
+        s = res['speed']
+        out.append(f"== Speed, batch 1, ms per frame ({s['seconds']:g} s generations unless marked; best of "
+                   f"{s['rounds']} rounds; {s['threads']} threads) ==\n"
+                   + table(s['rows'], ['backbone_ms', 'head_ms', 'frame_ms', 'h', 'head_x', 'whole_x'])
+                   + '\nhead_x, whole_x: head and whole-generation cost relative to the first CALM row '
+                     '(paper: RQ head 12.3x, 30 s generation 1.3x); h = head / (backbone + head)')
+    return '\n\n'.join(out)
+
+# -----------------------------------------------------------------------------
 
 
 def evaluate(run_dir, args, sections=('vae', 'continuation', 'speed')):
@@ -634,7 +829,11 @@ def evaluate(run_dir, args, sections=('vae', 'continuation', 'speed')):
     if 'text' in sections and getattr(args, 'cfg_sweep', None):
         res['text'] = eval_text(vae, model, args, device)
     if 'speed' in sections and not args.skip_speed:
-        res['speed'] = eval_speed(vae, model, clips[0], args, device)
+        if model_kind(model) == 'calm':
+            res['speed'] = eval_speed(vae, model, clips[0], args, device)
+        else:  # no head steps to sweep: backbone, head (all Q codes) and whole generation per frame
+            temp = args.temperature[0] if args.temperature[0] is not None else model.cfg.temperature
+            res['speed'] = time_parts(model, int(round(10 * vae.frame_rate)), 1, temp, device)
     return res
 
 
@@ -644,7 +843,8 @@ def main(argv=None):
     p.add_argument('--json', help='also write the results to this JSON file')
     p.add_argument('--clips', type=int, default=64, help='held-out clips for the VAE section')
     p.add_argument('--clips-cont', type=int, default=32, help='held-out clips for the continuation section')
-    p.add_argument('--steps', default='1,4', help='comma list of sampler steps for continuations')
+    p.add_argument('--steps', default='1,4', help='comma list of sampler steps for continuations (CALM runs; '
+                   'a discrete LM samples each code once)')
     p.add_argument('--temperature', default='default',
                    help="comma list of temperatures (head noise variance); 'default': the model's own")
     p.add_argument('--prompt-seconds', type=float, default=None,
@@ -668,6 +868,14 @@ def main(argv=None):
     p.add_argument('--lm-steps', type=int, default=2000, help='--compare: LM steps for every variant')
     p.add_argument('--trigflow-steps', type=int, default=100, help='--compare: sampler steps of the trigflow run')
     p.add_argument('--retrain', action='store_true', help='--compare: retrain runs that already exist')
+    p.add_argument('--table', nargs='+', metavar='RUN', help='continuous vs discrete: one table of these run folders '
+                   '(codec rows, continuations, speed); CALM runs at --steps (TrigFlow runs at --trigflow-steps), '
+                   'discrete runs at --discrete-temperatures')
+    p.add_argument('--discrete-temperatures', default='0.8,1.0', help='--table: softmax temperatures of discrete runs')
+    p.add_argument('--codec-levels', default='2,4,8,16', help='--table: RVQ level counts Q of the codec and speed rows')
+    p.add_argument('--codebook-size', type=int, default=256, help='--table: codewords per level K of the codec rows')
+    p.add_argument('--speed-seconds', type=float, default=30.0, help='--table: seconds generated per speed measurement')
+    p.add_argument('--speed-rounds', type=int, default=2, help='--table: speed rounds (best of)')
     args = p.parse_args(argv)
     args.steps = [int(s) for s in args.steps.split(',')]
     args.temperature = [None if t == 'default' else float(t) for t in args.temperature.split(',')]
@@ -675,8 +883,12 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # CPU: denormal floats slow long generations down many times
+    args.discrete_temperatures = [float(t) for t in args.discrete_temperatures.split(',')]
+    args.codec_levels = [int(q) for q in args.codec_levels.split(',')]
     if args.compare:
         res, text = run_compare(args)
+    elif args.table:
+        res, text = run_table(args)
     else:
         sections = [s for s in ('vae', 'continuation', 'speed') if not getattr(args, f'skip_{s}')] + ['text']
         res = evaluate(args.ckpt, args, sections)

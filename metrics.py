@@ -2,8 +2,8 @@
 Audio metrics for calm, all numpy: f0 and note-pitch accuracy (does the audio still play the
 annotated melody?), log-mel distance (spectral envelope), SI-SDR (waveform fidelity).
 
-Written once and reused by the VAE tuning and by evaluate.py, so every number in the README comes
-from the same code.
+Written once and reused by the VAE tuning and by evaluate.py, so every number in README.md and docs/
+comes from the same code.
 """
 import numpy as np
 

@@ -10,11 +10,15 @@ token and `--steps` head calls per 80 ms frame), and the whole latent sequence i
 output wav holds the prompt (as the VAE reconstructs it) followed by the continuation, with no seam.
 A prompt longer than the model's context keeps only its last context-length part.
 
-Text (toy runs, issue 6): `python sample.py --text "flute minor fast" --seconds 8` generates from nothing
+Text (toy runs): `python sample.py --text "flute minor fast" --seconds 8` generates from nothing
 (-> out/flute_minor_fast.wav); with a prompt, the text steers the continuation. Words come from the toy
 vocabulary (family: flute clarinet string organ bell; mode: major minor; tempo: slow medium fast), any
-subset in any order. Guidance is latent CFG (notes §9): z = z_uncond + cfg (z_cond - z_uncond) on the
+subset in any order. Guidance is the paper's latent CFG: z = z_uncond + cfg (z_cond - z_uncond) on the
 backbone output, one head call per frame. Without --text a text-conditioned model uses its null condition.
+
+A run trained with `train.py --model rq` or `--model delay` (the discrete baselines of rq.py) is continued
+the same way: the checkpoint says which kind it holds; the prompt is quantised into RVQ codes, the codes are
+sampled frame by frame (`--temperature`, `--top-k`) and dequantised to latents for the VAE decoder.
 """
 import argparse
 import os
@@ -22,25 +26,26 @@ import sys
 import time
 
 import numpy as np
-import soundfile as sf
 import torch
 
 import calm
 import data
+import rq
 import vae as vae_lib
 
 
 def load(run_dir, device='cpu'):
     """(vae, model) from a run folder written by train.py, both in eval mode. The configs travel in the
     checkpoints, so no flag has to repeat them. A run trained with --vae-from finds its VAE through the
-    path stored in calm.pt."""
+    path stored in calm.pt. calm.pt holds the run's LM: CALM, or a discrete baseline (ck['kind'], rq.py)."""
     def read(path):
         if not os.path.isfile(path):
             raise ValueError(f'no checkpoint {path}: train one with `python train.py --toy` or pass --ckpt RUN_DIR')
         return torch.load(path, map_location=device, weights_only=False)
 
     ck = read(os.path.join(run_dir, 'calm.pt'))
-    model = calm.CALM(calm.Config(**ck['config']))
+    kind = ck.get('kind', 'calm')
+    model = calm.CALM(calm.Config(**ck['config'])) if kind == 'calm' else rq.build(rq.Config(**ck['config']))
     model.load_state_dict(ck['model'])
     vae_path = os.path.join(run_dir, 'vae.pt')
     vk = read(vae_path if os.path.isfile(vae_path) else ck.get('vae', vae_path))
@@ -61,7 +66,9 @@ def parse_args(argv=None):
     p.add_argument('--steps', type=int, default=1,
                    help='head steps per frame: consistency steps, or ODE steps for a TrigFlow head (default 1)')
     p.add_argument('--temperature', type=float, default=None,
-                   help='Gaussian temperature: variance of the head noise (default: the model config\'s)')
+                   help='Gaussian temperature: variance of the head noise (default: the model config\'s); '
+                        'for a discrete LM the softmax temperature of its codes (default 0.8)')
+    p.add_argument('--top-k', type=int, help='discrete LMs only: sample each code among the k most likely')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', help='output wav: prompt + continuation (default: <prompt>_calm.wav beside the prompt; '
                                  'without a prompt: out/<text words joined by _>.wav)')
@@ -87,6 +94,13 @@ def main(argv=None):
     vae, model = load(args.ckpt, args.device)
     if ids is not None and not model.cfg.n_text:
         raise ValueError(f'{args.ckpt} holds an unconditional model (trained without text): drop --text')
+    kind = getattr(model.cfg, 'kind', 'calm')
+    if kind != 'calm' and args.steps != 1:
+        raise ValueError(f'{args.ckpt} holds a discrete LM ({kind}): --steps (head steps per frame) is a CALM option')
+    if kind == 'calm' and args.top_k is not None:
+        raise ValueError(f'--top-k is for the discrete LMs (train.py --model rq/delay); {args.ckpt} holds CALM')
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError('--top-k must be >= 1')
     sr = vae.cfg.sample_rate
     wav = data.load_audio(args.prompt, sr) if args.prompt else np.zeros(vae.hop, np.float32)
     n_prompt = len(wav) // vae.hop  # whole frames only: a padded partial frame would encode silence
@@ -103,6 +117,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     gen = torch.Generator(args.device).manual_seed(args.seed)
     kwargs = {} if args.temperature is None else {'temperature': args.temperature}
+    if args.top_k is not None:
+        kwargs['top_k'] = args.top_k
     if ids is not None:
         kwargs.update(text=calm.pad_text([ids], model.cfg.n_text), cfg_alpha=args.cfg)
     with torch.inference_mode():
@@ -116,11 +132,7 @@ def main(argv=None):
         t_all = time.time() - t0
     if not np.isfinite(audio).all():
         raise ValueError('the model produced non-finite audio (is the checkpoint trained?)')
-    # Write then rename: an interrupted run never leaves a half-written file behind.
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + '.tmp.wav'
-    sf.write(tmp, np.clip(audio, -1, 1), sr, subtype='PCM_16')
-    os.replace(tmp, out)
+    data.write_wav(out, audio, sr)  # write then rename: an interrupted run leaves no half-written file
     n_clip = int((np.abs(audio) > 1).sum())
     if n_clip:  # 16-bit wav holds [-1, 1]: say so rather than clip silently
         print(f'note: {n_clip} samples ({100 * n_clip / audio.size:.3f}%) beyond [-1, 1] were clipped', file=sys.stderr)
@@ -128,7 +140,9 @@ def main(argv=None):
     print(f'wrote {out}: {n_prompt / vae.frame_rate:.1f} s prompt + {secs:.1f} s continuation at {sr} Hz'
           + (f' | text "{args.text}", cfg {args.cfg:g}' if ids is not None else ''))
     print(f'generation {t_gen:.2f} s for {secs:.1f} s of audio: real-time factor {t_gen / secs:.3f} '
-          f'({1000 * t_gen / n_new:.1f} ms/frame, {args.steps} head step(s)); with decoding {t_all / secs:.3f}')
+          f'({1000 * t_gen / n_new:.1f} ms/frame, ' + (f'{args.steps} head step(s)' if kind == 'calm' else
+                                                       f'{kind} LM, {model.cfg.n_q} codes per frame')
+          + f'); with decoding {t_all / secs:.3f}')
 
 
 if __name__ == '__main__':

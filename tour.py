@@ -4,7 +4,7 @@ A guided tour of calm in pictures: what each part of a trained run does, one PNG
     pip install matplotlib              # optional dependency, only this script uses it
     python tour.py --ckpt out/toy       # -> out/toy/tour/01_data.png ... 06_training.png
 
-Figures, in the order data flows (README "How it works" walks through them):
+Figures, in the order data flows (README.md, "How it works", walks through them):
   01_data         a held-out toy clip: waveform, log-mel spectrogram, its annotated notes
   02_vae          the clip through the VAE: original vs reconstruction, and the latent frames
   03_trigflow     TrigFlow noising of one latent frame; on a 1-D two-mode toy, the exact PF-ODE paths,
@@ -140,61 +140,47 @@ def mixture_pdf(x):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The figures, one function each, in the order the data flows. Each returns its matplotlib figure.
 
-def main(argv=None):
-    args = parse_args(argv)
-    try:   # optional dependency: imported here so the rest of calm never needs it
-        import matplotlib
-        matplotlib.use('Agg')          # files only, no display
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print('tour.py needs matplotlib: pip install matplotlib', file=sys.stderr)
-        return 1
-    out = args.out or os.path.join(args.ckpt, 'tour')
-    vae, model = load(args.ckpt)
-    os.makedirs(out, exist_ok=True)
-    torch.set_flush_denormal(True)     # CPU: denormal floats made long generations ~20x slower per frame
-    sr, fr, hop = vae.cfg.sample_rate, vae.frame_rate, vae.hop
-    n_new = max(1, round(args.seconds * fr))
-    # one held-out clip, long enough for a two-motif prompt plus the continuation (as evaluate.py does)
-    clip = data.make_clip(data.clip_seed('heldout', args.clip), seconds=11.0 + args.seconds + 0.5)
-    written = []
-
-    print('[1/6] the toy data')
-    short = data.make_clip(data.clip_seed('heldout', args.clip))      # the same notes, cut at 8 s
+def fig_data(plt, clip, index):
+    """01: a held-out toy clip: waveform, log-mel spectrogram with the annotated fundamentals, piano roll."""
+    sr = data.SR
     fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(10, 7.5), sharex=True, height_ratios=[1, 2.2, 1.3])
-    m = short.meta
-    fig.suptitle(f"01 data: held-out toy clip {args.clip}: {m['family']}, {note_name(m['tonic'] + 60)[:-1]} "
+    m = clip.meta
+    fig.suptitle(f"01 data: held-out toy clip {index}: {m['family']}, {note_name(m['tonic'] + 60)[:-1]} "
                  f"{m['mode']}, {m['tempo']:.0f} BPM, a motif of {len(m['motif'])} notes repeated")
-    a1.plot(np.arange(len(short.wav)) / sr, short.wav, lw=0.3, color='k')
+    a1.plot(np.arange(len(clip.wav)) / sr, clip.wav, lw=0.3, color='k')
     a1.set_ylabel('amplitude')
     a1.set_title('waveform (24 kHz)', fontsize=10)
-    show_mel(a2, short.wav, sr, title='log-mel spectrogram (metrics.log_mel); cyan: the annotated fundamental '
-                                      'of each note, the bright lines above it are its harmonics')
-    for n in short.notes:
+    show_mel(a2, clip.wav, sr, title='log-mel spectrogram (metrics.log_mel); cyan: the annotated fundamental '
+                                     'of each note, the bright lines above it are its harmonics')
+    for n in clip.notes:
         a2.hlines(hz_to_mel_bin(data.midi_to_hz(n.pitch), sr), n.onset, n.onset + n.duration, color='cyan', lw=1)
-    piano_roll(a3, short.notes, 'tab:cyan', None)
-    for n in short.notes:
+    piano_roll(a3, clip.notes, 'tab:cyan', None)
+    for n in clip.notes:
         a3.text(n.onset + 0.02, n.pitch + 0.6, note_name(n.pitch), fontsize=7, va='bottom')
-    a3.set_ylim(min(n.pitch for n in short.notes) - 2, max(n.pitch for n in short.notes) + 4)
+    a3.set_ylim(min(n.pitch for n in clip.notes) - 2, max(n.pitch for n in clip.notes) + 4)
     a3.set_ylabel('MIDI pitch')
     a3.set_title('the annotations clip.notes (onset, duration, MIDI pitch) as a piano roll', fontsize=10)
     a3.set_xlabel('time (s)')
     fig.tight_layout()
-    save(fig, os.path.join(out, '01_data.png'), written)
+    return fig
 
-    print('[2/6] the VAE')
-    wav = torch.from_numpy(short.wav)[None]
+
+def fig_vae(plt, vae, clip):
+    """02: the clip through the VAE: original vs reconstruction, and the latent frames. Returns (fig, latents)."""
+    sr, fr = vae.cfg.sample_rate, vae.frame_rate
+    wav = torch.from_numpy(clip.wav)[None]
     with torch.inference_mode():
         lat = vae.encode(wav)                                       # [1, S, D], standardised posterior mean
         rec = vae.decode(lat)[0, :wav.shape[1]].numpy()
-    acc = metrics.note_pitch_accuracy(rec, short.notes, sr)
+    acc = metrics.note_pitch_accuracy(rec, clip.notes, sr)
     fig, ax = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
-    fig.suptitle(f'02 VAE: {len(short.wav) / sr:.0f} s of audio -> {lat.shape[1]} latent frames of {lat.shape[2]} '
+    fig.suptitle(f'02 VAE: {len(clip.wav) / sr:.0f} s of audio -> {lat.shape[1]} latent frames of {lat.shape[2]} '
                  f'dims ({fr:g} frames/s) -> audio')
-    show_mel(ax[0], short.wav, sr, title='original (log-mel)')
+    show_mel(ax[0], clip.wav, sr, title='original (log-mel)')
     show_mel(ax[1], rec, sr, title=f'reconstruction vae.decode(vae.encode(wav)): note-pitch accuracy {acc:.0%}, '
-                                   f'log-mel L1 {metrics.log_mel_l1(short.wav, rec, sr):.2f}')
+                                   f'log-mel L1 {metrics.log_mel_l1(clip.wav, rec, sr):.2f}')
     L = lat[0].numpy()
     im = ax[2].imshow(L.T, origin='lower', aspect='auto', cmap='RdBu_r', vmin=-3, vmax=3, interpolation='nearest',
                       extent=(0, L.shape[0] / fr, -0.5, L.shape[1] - 0.5))
@@ -203,9 +189,12 @@ def main(argv=None):
     ax[2].set_xlabel('time (s)')
     fig.colorbar(im, ax=ax[2], location='right', fraction=0.02, pad=0.01)
     fig.tight_layout()
-    save(fig, os.path.join(out, '02_vae.png'), written)
+    return fig, lat
 
-    print('[3/6] TrigFlow and consistency')
+
+def fig_trigflow(plt, lat, seed):
+    """03: (a) TrigFlow noising of one latent frame; (b, c) on the 1-D two-mode toy, the exact PF-ODE paths, the
+    TrigFlow sampler, the consistency map (= ODE endpoint) and the 1-step mean collapse."""
     fig = plt.figure(figsize=(12, 8))
     gs = fig.add_gridspec(2, 3, width_ratios=[0.8, 3, 3], height_ratios=[1, 1.4])
     fig.suptitle('03 TrigFlow: x_t = cos(t) x_0 + sin(t) z, data at t = 0, noise at t = pi/2; '
@@ -214,7 +203,7 @@ def main(argv=None):
     T = 64
     t = torch.linspace(0, math.pi / 2, T)
     x0 = lat[0, lat.shape[1] // 2].expand(T, -1)                    # a frame from the middle of the clip
-    z = torch.randn(x0.shape[1], generator=torch.Generator().manual_seed(args.seed)).expand(T, -1)
+    z = torch.randn(x0.shape[1], generator=torch.Generator().manual_seed(seed)).expand(T, -1)
     xt, _ = calm.trigflow_interp(x0, z, t)
     ax = fig.add_subplot(gs[0, :])
     ax.imshow(xt.T.numpy(), origin='lower', aspect='auto', cmap='RdBu_r', vmin=-3, vmax=3, interpolation='nearest',
@@ -225,7 +214,7 @@ def main(argv=None):
     ax.set_ylabel('latent dim')
     # (b) the 1-D two-mode toy, exact: ODE paths, sampler, consistency map, 1-step mean
     n_show = 14
-    ts8, x8 = sampler_paths(n_show, 8, args.seed)                     # row 0: the noises everything starts from
+    ts8, x8 = sampler_paths(n_show, 8, seed)                          # row 0: the noises everything starts from
     ts_ode, x_ode = ode_paths(x8[0])
     ax_z = fig.add_subplot(gs[1, 0])
     ax = fig.add_subplot(gs[1, 1], sharey=ax_z)
@@ -242,8 +231,8 @@ def main(argv=None):
     ax.legend(fontsize=7, loc='lower left')
     ax.set_title('(b) 1-D toy: 0.3 N(-1, 0.1^2) + 0.7 N(+1, 0.1^2), rescaled to std 1', fontsize=10)
     # (c) where 4000 noises land: histograms over x
-    ts_, xs1 = sampler_paths(4000, 1, args.seed + 1)
-    _, xs8 = sampler_paths(4000, 8, args.seed + 1)
+    _, xs1 = sampler_paths(4000, 1, seed + 1)
+    _, xs8 = sampler_paths(4000, 8, seed + 1)
     _, xe = ode_paths(xs1[0], 100)
     grid = np.linspace(-2, 2, 400)
     ax = fig.add_subplot(gs[1, 2])
@@ -266,30 +255,34 @@ def main(argv=None):
              'The consistency head (calm.consistency_sample) is trained to reproduce the green map in one call.',
              fontsize=8)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
-    save(fig, os.path.join(out, '03_trigflow.png'), written)
+    return fig
 
-    ctx = model.cfg.context   # a prompt longer than the context keeps its last part for the model (as sample.py)
 
-    print('[4/6] temperature')
-    p = min(round(4.0 * fr), len(clip.wav) // hop)
+def fig_temperature(plt, vae, model, clip, n_new, seed):
+    """04: one 4 s prompt continued at each Gaussian temperature of TEMPERATURES, same seed."""
+    sr, fr = vae.cfg.sample_rate, vae.frame_rate
+    p = min(round(4.0 * fr), len(clip.wav) // vae.hop)
     fig, ax = plt.subplots(len(TEMPERATURES), 1, figsize=(10, 2.2 * len(TEMPERATURES) + 0.6), sharex=True)
     fig.suptitle(f'04 Gaussian temperature: the same {p / fr:.1f} s prompt and seed, {n_new / fr:.1f} s continued '
                  f'(model.generate, 1 consistency step)')
     for a, tau in zip(ax, TEMPERATURES):
-        g = torch.Generator().manual_seed(args.seed)
+        g = torch.Generator().manual_seed(seed)
         w = evaluate.continue_clip(vae, model, clip, p, n_new, 1, tau, g, 'cpu')
         show_mel(a, w, sr, title=f'temperature tau = {tau:g} (head noise variance)')
         a.axvline(p / fr, color='w', ls='--', lw=1.5)
     ax[-1].set_xlabel('time (s); the dashed line is where generation starts')
     fig.tight_layout()
-    save(fig, os.path.join(out, '04_temperature.png'), written)
+    return fig
 
-    print('[5/6] continuation')
+
+def fig_continuation(plt, vae, model, clip, n_new, seed):
+    """05: a two-motif prompt and its continuation; the transcribed notes against the clip's true ones."""
+    sr, fr = vae.cfg.sample_rate, vae.frame_rate
     p = evaluate.prompt_frames(clip, fr)                              # two motif repetitions
     t0, t1 = p / fr, (p + n_new) / fr
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator().manual_seed(seed)
     w = evaluate.continue_clip(vae, model, clip, p, n_new, 1, None, g, 'cpu')
-    gen = evaluate.transcribe(w[p * hop:], sr)
+    gen = evaluate.transcribe(w[p * vae.hop:], sr)
     for n in gen:
         n.onset += t0
     score = evaluate.score_continuation(w, clip, t0, t1, sr)
@@ -313,10 +306,12 @@ def main(argv=None):
                     f"{score['n_hit']} matched in onset and pitch (+-0.1 s)", fontsize=10)
     ax[2].legend(fontsize=7, loc='upper left', ncol=3)
     fig.tight_layout()
-    save(fig, os.path.join(out, '05_continuation.png'), written)
+    return fig
 
-    print('[6/6] training curves')
-    log_path = os.path.join(args.ckpt, 'log.jsonl')
+
+def fig_training(plt, ckpt):
+    """06: the VAE and LM curves of the run's log.jsonl, with the LM's held-out val_mse."""
+    log_path = os.path.join(ckpt, 'log.jsonl')
     recs = [json.loads(line) for line in open(log_path)] if os.path.isfile(log_path) else []
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
     fig.suptitle(f'06 training: {log_path}')
@@ -351,7 +346,43 @@ def main(argv=None):
         else:
             a.text(0.5, 0.5, f'no {stage} records in log.jsonl', ha='center', transform=a.transAxes)
     fig.tight_layout()
-    save(fig, os.path.join(out, '06_training.png'), written)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:   # optional dependency: imported here so the rest of calm never needs it
+        import matplotlib
+        matplotlib.use('Agg')          # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('tour.py needs matplotlib: pip install matplotlib', file=sys.stderr)
+        return 1
+    out = args.out or os.path.join(args.ckpt, 'tour')
+    vae, model = load(args.ckpt)
+    os.makedirs(out, exist_ok=True)
+    torch.set_flush_denormal(True)     # CPU: denormal floats made long generations ~20x slower per frame
+    n_new = max(1, round(args.seconds * vae.frame_rate))
+    # one held-out clip, long enough for a two-motif prompt plus the continuation (as evaluate.py does)
+    clip = data.make_clip(data.clip_seed('heldout', args.clip), seconds=11.0 + args.seconds + 0.5)
+    short = data.make_clip(data.clip_seed('heldout', args.clip))      # the same notes, cut at 8 s
+    written = []
+
+    print('[1/6] the toy data')
+    save(fig_data(plt, short, args.clip), os.path.join(out, '01_data.png'), written)
+    print('[2/6] the VAE')
+    fig, lat = fig_vae(plt, vae, short)
+    save(fig, os.path.join(out, '02_vae.png'), written)
+    print('[3/6] TrigFlow and consistency')
+    save(fig_trigflow(plt, lat, args.seed), os.path.join(out, '03_trigflow.png'), written)
+    print('[4/6] temperature')
+    save(fig_temperature(plt, vae, model, clip, n_new, args.seed), os.path.join(out, '04_temperature.png'), written)
+    print('[5/6] continuation')
+    save(fig_continuation(plt, vae, model, clip, n_new, args.seed), os.path.join(out, '05_continuation.png'), written)
+    print('[6/6] training curves')
+    save(fig_training(plt, args.ckpt), os.path.join(out, '06_training.png'), written)
 
     print('wrote:')
     for path in written:

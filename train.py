@@ -7,11 +7,12 @@ Train calm: first the audio VAE, then the CALM language model on its latents.
     python train.py --stage lm --vae-from out/toy --out out/with_short --short-context 10
     torchrun --nproc_per_node=2 train.py --toy   # DistributedDataParallel (gloo on CPU, nccl on GPU)
 
-Data flows one way (paper §2-§3): wav -> VAE encoder -> latents (encoded ONCE and cached, standardised
+Data flows one way (paper Eq. 2-3): wav -> VAE encoder -> latents (encoded ONCE and cached, standardised
 so that sigma_d = 1) -> CALM backbone + head. Every checkpoint carries its config, optimizer, step and
 RNG state, is written atomically (write, then rename), and `--resume` continues exactly where an
 interrupted run stopped: the batch of step s is a pure function of (seed, s), and the RNG that draws
-the model's noises is saved with the weights.
+the model's noises is saved with the weights. A run prints at its start which recipe each stage takes and
+why (the LM's depends on the device), and records the resolved configs and recipes in <run>/config.json.
 """
 import argparse
 import dataclasses
@@ -28,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import calm
 import data
+import rq
 import vae as vae_lib
 
 # Training recipes (not model shape: that lives in vae.Config / calm.Config). Toy values are sized
@@ -37,20 +39,16 @@ RECIPES = {
     'lm': dict(steps=950, batch=32, lr=2e-3, warmup=50, wd=0.01, sct_lr=0.1),
 }
 # sct_lr: a consistency run's sCT phase after its TrigFlow phase (steps >= calm.Config.diffusion_steps > 0)
-# trains at this fraction of the schedule's lr; sCT from scratch (diffusion_steps = 0) is not scaled.
-# Why: at the full lr the sCT updates (through z they reach the backbone) undid what the TrigFlow phase had
-# learnt: teacher-forced note accuracy 0.86 after TrigFlow alone, 0.61 after 350 sCT steps at 1x, 0.76 at
-# 0.1x, 0.44 after 1800 sCT steps at 1x (README, "What the toy LM learns", items 7 and 9).
+# trains at this fraction of the schedule's lr; sCT from scratch (diffusion_steps = 0) is not scaled. Why:
+# at the full lr the sCT updates, which reach the backbone through z, undid what the TrigFlow phase had
+# learnt (docs/findings.md, "Why a TrigFlow phase before sCT?").
 # Toy training sets: the VAE trains on 512 clips x 8 s (~68 min of audio); the LM on the latents of 4096
-# clips (~9 h). Why so many for the LM: on 512 clips the toy LM memorised the training motifs (training
-# MSE 0.11, held-out stuck at 0.21) instead of learning to continue a motif from its context; on 4096
-# held-out MSE kept falling (0.15 at step 1400 and still going). Measured with an MSE readout probe.
+# clips (~9 h): on 512 the toy LM memorised the training motifs instead of learning to continue a motif
+# from its context (docs/findings.md, "Why does the LM train on 4096 clips?").
 TOY_CLIPS = dict(n=512, lm_n=4096, seconds=8.0)
-# On a CUDA device the LM stage trains 9000 steps of 128 windows (38x the windows of the CPU recipe; 5684 of
-# the steps TrigFlow): ~6 minutes on one H100, where the CPU recipe's 950 x 32 must fit the 20-minute toy on
-# 2 cores. The budget is what the motif needs: continuation note accuracy (1 step, default temperature, 32
-# held-out clips) 0.14 after the CPU recipe, 0.48 after 10500 x 32, 0.81 / 0.85 after 9000 x 128 (two
-# training seeds; README "On one GPU" and item 11 of "What the toy LM learns").
+# On a CUDA device the LM stage trains 9000 steps of 128 windows (38x the windows of the CPU recipe, ~6 min on
+# one H100), where 950 x 32 must fit the 20-minute CPU toy: that longer budget is what continuing the motif
+# needs (docs/findings.md, "What does a GPU budget learn?").
 GPU_LM = dict(steps=9000, batch=128)
 
 
@@ -79,13 +77,21 @@ def parse_args(argv=None):
     p.add_argument('--ckpt-every', type=int, default=100, help='steps between checkpoints (default 100)')
     p.add_argument('--log-every', type=int, default=25)
     p.add_argument('--compile', action='store_true', help='torch.compile the model (GPU)')
-    # The paper's ablations (§4, Table 10a of the notes) as flags; any other field via --lm.FIELD=VALUE.
+    p.add_argument('--model', choices=['calm', 'rq', 'delay'], default='calm',
+                   help='the LM: calm (continuous latents), or a discrete baseline on RVQ codes of the latents '
+                        '(rq.py, same backbone): rq = RQ-Transformer (depth Transformer), delay = MusicGen delay '
+                        'pattern')
+    p.add_argument('--levels', type=int, help=f'--model rq/delay: RVQ levels Q (default {rq.Config.n_q})')
+    p.add_argument('--codebook-size', type=int,
+                   help=f'--model rq/delay: codewords per level K (default {rq.Config.codebook_size})')
+    # The paper's ablations (noise augmentation, short-context Transformer, head batch multiplier; and the
+    # TrigFlow head) as flags; any other field via --lm.FIELD=VALUE.
     p.add_argument('--head-loss', choices=['trigflow', 'consistency'])
     p.add_argument('--head-batch-mul', type=int, help='head batch multiplier M (1 disables it)')
     p.add_argument('--short-context', type=int, help='frames K seen by the short-context Transformer (0 disables)')
     p.add_argument('--no-noise-aug', action='store_true', help='disable noise augmentation of the backbone input')
     p.epilog = ('Config overrides: --vae.FIELD=VALUE and --lm.FIELD=VALUE for any field of vae.Config / calm.Config '
-                '(e.g. --lm.n_layers=2). Tuples take comma-separated values.')
+                '(rq.Config with --model rq/delay; e.g. --lm.n_layers=2). Tuples take comma-separated values.')
     args, rest = p.parse_known_args(argv)
     args.overrides = {'vae': {}, 'lm': {}}
     for item in rest:
@@ -157,6 +163,43 @@ def fmt_time(s):
     return f'{s // 3600}h{s // 60 % 60:02d}m' if s >= 3600 else f'{s // 60}m{s % 60:02d}s'
 
 
+def recipe_reason(stage, args):
+    """One line: the recipe a stage trains with, the defaults it comes from and the flags that changed them.
+    The LM's defaults depend on the device (GPU_LM on CUDA), so this is printed at the start of every run."""
+    if stage == 'vae':
+        steps, batch, what = args.vae_steps or RECIPES['vae']['steps'], RECIPES['vae']['batch'], 'crops'
+        why = ["train.RECIPES['vae'] (the same on every device)"]
+        why += [f'--vae-steps {args.vae_steps}'] if args.vae_steps else []
+    else:
+        cuda = args.device.startswith('cuda')
+        recipe, other = lm_recipe(args, calm.TOY)[0], RECIPES['lm'] if cuda else GPU_LM
+        steps, batch, what = recipe['steps'], recipe['batch'], 'windows'
+        name, elsewhere = ('GPU_LM', 'a CPU') if cuda else ("RECIPES['lm']", 'a CUDA device')
+        why = [f"train.{name} because the device is {args.device} "
+               f"({elsewhere} takes {other['steps']} x {other['batch']})"]
+        why += [f'--lm-steps {args.lm_steps}'] if args.lm_steps else []
+        why += [f'--lm-batch {args.lm_batch}'] if args.lm_batch else []
+    why += [f'--{stage}.{k}={v}' for k, v in args.overrides[stage].items()]
+    return f'{steps} steps x {batch} {what}: ' + ', '.join(why)
+
+
+def record_run(args, stage, cfg, recipe, ddp, log, **extra):
+    """Write the stage's resolved config and recipe into <run>/config.json (with the resolved arguments and
+    the device), written then renamed: what a run did can be read back, not guessed from the command."""
+    if not log.enabled:
+        return
+    path = os.path.join(args.out, 'config.json')
+    run = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            run = json.load(f)
+    run.update(args=vars(args), world_size=dist.get_world_size() if ddp else 1, torch=torch.__version__)
+    run[stage] = {'config': dataclasses.asdict(cfg), 'recipe': recipe, 'why': recipe_reason(stage, args), **extra}
+    with open(path + '.tmp', 'w') as f:
+        json.dump(run, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+
 # -----------------------------------------------------------------------------------------------
 # One training loop for both stages
 
@@ -214,7 +257,7 @@ def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra
             for g in opt.param_groups:
                 g['lr'] = lr_at(step)
             batch, text = get_batch(step), None
-            if isinstance(batch, tuple):  # (latents, description ids): a text-conditioned LM (issue 6)
+            if isinstance(batch, tuple):  # (latents, description ids): a text-conditioned LM
                 batch, text = batch[0], batch[1].to(device)
             batch = batch.to(device, non_blocking=True)
             with autocast:
@@ -292,7 +335,7 @@ def check_replicas(stage, params, log):
 
 
 # -----------------------------------------------------------------------------------------------
-# Stage 1: the VAE (paper §2)
+# Stage 1: the VAE (paper Eq. 2, the VAE-GAN loss, without the adversarial terms in the toy)
 
 def load_audio_set(args):
     """The training audio as a list of float32 arrays at data.SR: toy clips or the user's folder."""
@@ -319,6 +362,7 @@ def crop_batch(clips, step, seed, batch, length, rank=0):
 def train_vae(args, clips, ddp, rank, log):
     cfg = override(vae_lib.PAPER if args.preset == 'paper' else vae_lib.TOY, args.overrides['vae'])
     recipe = dict(RECIPES['vae'], **({'steps': args.vae_steps} if args.vae_steps else {}))
+    record_run(args, 'vae', cfg, recipe, ddp, log)
     torch.manual_seed(args.seed + rank)  # each stage seeds itself: a resumed run re-creates the same init
     model = vae_lib.VAE(cfg).to(args.device)
     length = int(recipe['crop'] * cfg.sample_rate) // model.hop * model.hop
@@ -335,7 +379,7 @@ def train_vae(args, clips, ddp, rank, log):
         lambda s: crop_batch(clips, s, args.seed, recipe['batch'], length, rank), path, args, ddp, log,
         adversary=adversary)
     if finished:
-        # Standardise the latents for the LM (notes §2, §10a): TrigFlow assumes a known data std sigma_d,
+        # Standardise the latents for the LM (as pocket-tts does): TrigFlow assumes a known data std sigma_d,
         # so the LM reads (mu - mean) / std and sigma_d = 1.
         with torch.no_grad():
             mus = [model.posterior(torch.from_numpy(w)[None].to(args.device))[0][0] for w in clips[:256]]
@@ -349,7 +393,7 @@ def train_vae(args, clips, ddp, rank, log):
 
 
 # -----------------------------------------------------------------------------------------------
-# Stage 2: the language model on cached latents (paper §3-§8)
+# Stage 2: the language model on cached latents (paper Eq. 3)
 
 @torch.no_grad()
 def encode_all(vae, n, get_wav, device, cache):
@@ -373,7 +417,7 @@ def encode_all(vae, n, get_wav, device, cache):
 
 def window_batch(latents, step, seed, batch, length, rank=0, texts=None):
     """Random windows of `length` frames from the cached latent sequences; pure function of (seed, step).
-    texts (one list of word ids per cached clip, issue 6): also return each window's clip description as
+    texts (one list of word ids per cached clip): also return each window's clip description as
     ids [batch, L] (calm.pad_text); the windows drawn are the same with or without texts."""
     g = np.random.default_rng([seed, step, rank, 1])
     windows, ids = [], []
@@ -394,8 +438,13 @@ def window_batch(latents, step, seed, batch, length, rank=0, texts=None):
 @torch.no_grad()
 def lm_validate(model, val):
     """Held-out, teacher-forced: the head's temperature-0 one-step prediction of every frame from the true
-    past. The sCT loss itself (adaptive weight, moving target F^-) does not show progress; this does."""
+    past. The sCT loss itself (adaptive weight, moving target F^-) does not show progress; this does.
+    Discrete LMs: their held-out cross-entropy and the MSE of their argmax codes' frame (rq.py)."""
     model.eval()
+    if not isinstance(model, calm.CALM):
+        out = model.held_out(val)
+        model.train()
+        return out
     z = model.conditioning(val, val)
     gen = torch.Generator(val.device).manual_seed(0)  # leaves the global RNG alone: resume stays exact
     pred = model.sample_head(z.flatten(0, 1), steps=1, temperature=0.0, generator=gen).view_as(val)
@@ -409,26 +458,54 @@ def lm_recipe(args, cfg):
     base = RECIPES['lm']
     recipe = {**base, **(GPU_LM if args.device.startswith('cuda') else {}),
               **({'steps': args.lm_steps} if args.lm_steps else {}), **({'batch': args.lm_batch} if args.lm_batch else {})}
-    if recipe['steps'] != base['steps'] and cfg.diffusion_steps and 'diffusion_steps' not in args.overrides['lm']:
+    if (recipe['steps'] != base['steps'] and getattr(cfg, 'diffusion_steps', 0)
+            and 'diffusion_steps' not in args.overrides['lm']):
         cfg = dataclasses.replace(cfg, diffusion_steps=round(cfg.diffusion_steps * recipe['steps'] / base['steps']))
     return recipe, cfg
 
 
-def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
+CALM_ONLY = {'head_loss': '--head-loss', 'head_batch_mul': '--head-batch-mul', 'short_context': '--short-context',
+             'no_noise_aug': '--no-noise-aug'}
+
+
+def lm_config(args, vae):
+    """calm.Config of the LM, or with --model rq/delay an rq.Config with the same backbone (rq.config_like)."""
     cfg = calm.PAPER if args.preset == 'paper' else calm.TOY
     cfg = dataclasses.replace(cfg, latent_dim=vae.cfg.latent_dim)
-    flags = {'head_loss': args.head_loss, 'head_batch_mul': args.head_batch_mul, 'short_context': args.short_context}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
-    if args.no_noise_aug:
-        cfg = dataclasses.replace(cfg, noise_aug=False)
     if not args.data and 'n_text' not in args.overrides['lm']:
-        cfg = dataclasses.replace(cfg, n_text=len(data.VOCAB))  # toy runs are text-conditioned (issue 6)
+        cfg = dataclasses.replace(cfg, n_text=len(data.VOCAB))  # toy runs are text-conditioned
+    if args.model == 'calm':
+        if args.levels is not None or args.codebook_size is not None:
+            raise SystemExit('error: --levels / --codebook-size are for the discrete LMs (--model rq or delay)')
+        flags = {'head_loss': args.head_loss, 'head_batch_mul': args.head_batch_mul, 'short_context': args.short_context}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+        if args.no_noise_aug:
+            cfg = dataclasses.replace(cfg, noise_aug=False)
+    else:
+        used = [flag for k, flag in CALM_ONLY.items() if getattr(args, k) not in (None, False)]
+        if used:
+            raise SystemExit(f'error: {", ".join(used)}: CALM-only flag(s), not for --model {args.model}')
+        qk = {'n_q': args.levels, 'codebook_size': args.codebook_size}
+        cfg = rq.config_like(cfg, kind=args.model, **(rq.PAPER_DEPTH if args.preset == 'paper' else {}),
+                             **{k: v for k, v in qk.items() if v is not None})
     cfg = override(cfg, args.overrides['lm'])
     if args.data and cfg.n_text:
         raise SystemExit('error: text conditioning needs the toy descriptions; --data runs are unconditional')
     if cfg.n_text and cfg.n_text != len(data.VOCAB):
         raise SystemExit(f'error: --lm.n_text must be 0 or {len(data.VOCAB)} (the toy vocabulary)')
+    if args.model != 'calm':
+        try:
+            rq.check(cfg)
+        except ValueError as e:
+            raise SystemExit(f'error: {e}')
+    return cfg
+
+
+def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
+    cfg = lm_config(args, vae)
     recipe, cfg = lm_recipe(args, cfg)
+    record_run(args, 'lm', cfg, recipe, ddp, log, vae=os.path.abspath(os.path.join(vae_dir, 'vae.pt')),
+               kind=args.model)
     cache = os.path.join(vae_dir, 'latents.pt')
     if args.data:
         n, get_wav = len(clips), lambda i: clips[i]
@@ -449,8 +526,18 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
     texts = ([data.tokenize(data.clip_description(data.clip_seed('train', i))) for i in range(len(latents))]
              if cfg.n_text else None)
     torch.manual_seed(args.seed + rank)
-    model = calm.CALM(cfg).to(args.device)
-    if log.enabled:
+    ckpt_path = os.path.join(args.out, 'calm.pt')  # the run's LM, whichever kind (ck['kind'])
+    if args.model != 'calm':  # a discrete baseline; its RVQ is fitted on the cached latents (resumed: loaded)
+        try:
+            model = rq.build_fitted(cfg, latents, args.seed, not (args.resume and os.path.exists(ckpt_path)), log)
+        except ValueError as e:
+            raise SystemExit(f'error: {e}')
+        model.to(args.device)
+        if log.enabled:
+            print(f'lm: {rq.describe(model)}; {recipe["steps"]} steps of {recipe["batch"]} x {cfg.context} frames')
+    else:
+        model = calm.CALM(cfg).to(args.device)
+    if log.enabled and args.model == 'calm':
         first = f' (TrigFlow loss for the first {cfg.diffusion_steps} steps)' if cfg.head_loss == 'consistency' and cfg.diffusion_steps else ''
         print(f'lm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, head loss {cfg.head_loss}{first}, '
               f'M={cfg.head_batch_mul}, K={cfg.short_context}, noise aug {cfg.noise_aug}, '
@@ -467,7 +554,7 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
     return model, *train(
         'lm', model, cfg, recipe,
         lambda s: window_batch(latents, s, args.seed, recipe['batch'], cfg.context, rank, texts),
-        os.path.join(args.out, 'calm.pt'), args, ddp, log, extra={'vae': os.path.abspath(os.path.join(vae_dir, 'vae.pt'))},
+        ckpt_path, args, ddp, log, extra={'vae': os.path.abspath(os.path.join(vae_dir, 'vae.pt')), 'kind': args.model},
         validate=lambda: lm_validate(model, val))
 
 
@@ -501,6 +588,8 @@ def main(argv=None):
     t0 = time.time()
     if log.enabled:
         print(f'run folder {args.out} | device {args.device} | {"DDP x" + str(dist.get_world_size()) if ddp else "1 process"}')
+        for stage in ('vae', 'lm') if args.stage == 'all' else (args.stage,):
+            print(f'{stage} recipe: {recipe_reason(stage, args)}')
 
     clips = load_audio_set(args)
     summary = {}
@@ -527,7 +616,8 @@ def main(argv=None):
         print(f'\ndone in {fmt_time(time.time() - t0)}')
         for stage, stats in summary.items():
             print(f'  {stage}: final ' + ', '.join(f'{k} {v:.4g}' for k, v in stats.items()))
-        print(f'  checkpoints in {args.out}/ (sample with: python sample.py prompt.wav --ckpt {args.out})')
+        print(f'  checkpoints in {args.out}/ (try: python data.py prompt out/prompt.wav; '
+              f'python sample.py out/prompt.wav --ckpt {args.out})')
     if ddp:  # leave together: a rank whose peer has already torn down gloo can abort at exit (seen in tests)
         dist.barrier()
         dist.destroy_process_group()

@@ -1,5 +1,5 @@
 """
-The audio VAE of CALM (paper §2 and Table 13; notes §2, §10a): a Mimi-like causal codec (SEANet
+The audio VAE of CALM (paper Eq. 2, the VAE-GAN loss, and Table 13): a Mimi-like causal codec (SEANet
 convolutional encoder/decoder with a Transformer in the bottleneck) whose residual vector quantiser
 is replaced by a Gaussian bottleneck. The encoder outputs a mean and a log-variance per 80 ms frame,
 training samples with the reparameterisation trick and pays a KL to N(0, I); the language model
@@ -12,7 +12,7 @@ reads the (standardised) posterior mean.
                               # TOY: a loss on the decoded log-magnitudes (spectral_loss) + kl_weight * KL
 
 Everything is causal: latent s depends only on samples < (s + 1) * hop, and output sample t only on
-latents <= t // hop, so the codec can stream (paper §2: Mimi is causal; CALM generates frame by frame).
+latents <= t // hop, so the codec can stream (the paper's VAE is causal, like Mimi; CALM generates frame by frame).
 """
 import math
 from dataclasses import dataclass
@@ -204,7 +204,7 @@ class VAE(nn.Module):
         # Start with a narrow posterior (std e^-2): with logvar = 0 the sampled latent is pure noise at
         # init, the decoder learns to ignore it and the KL then collapses the posterior to the prior.
         nn.init.constant_(self.enc_bottleneck.out.bias[cfg.latent_dim:], -4.0)
-        # Latent statistics for the LM (notes §2): encode() returns (mu - mean) / std, decode() inverts.
+        # Latent statistics for the LM (TrigFlow's known sigma_d): encode() returns (mu - mean) / std, decode() inverts.
         self.register_buffer('latent_mean', torch.zeros(cfg.latent_dim))
         self.register_buffer('latent_std', torch.ones(cfg.latent_dim))
 
@@ -302,7 +302,7 @@ class VAE(nn.Module):
         self.latent_std.copy_(x.std(0).clamp_min(1e-3))
 
     def forward(self, wav):
-        """Training loss on wav [B, T]: returns (loss, stats). Paper §2: reconstruction + kl_weight * KL; the
+        """Training loss on wav [B, T]: returns (loss, stats). Paper Eq. 2: reconstruction + kl_weight * KL; the
         adversarial terms of a VAE-GAN are added by the caller (train.py) on self.last = (target, output)."""
         cfg = self.cfg
         mu, logvar = self.posterior(wav)
@@ -392,7 +392,7 @@ def stft_loss(x, y, sizes):
 
 
 # -----------------------------------------------------------------------------------------------
-# Optional VAE-GAN discriminator (paper §2 follows Mimi / EnCodec: multi-scale STFT discriminator with
+# Optional VAE-GAN discriminator (the paper follows Mimi / EnCodec: multi-scale STFT discriminator with
 # hinge adversarial loss and L1 feature matching), trained by train.py through Adversary.
 
 class STFTDiscriminator(nn.Module):
@@ -449,7 +449,7 @@ def generator_adv_loss(disc, real, fake):
 
 
 class Adversary:
-    """VAE-GAN (paper §2; Mimi and EnCodec, arXiv 2410.00037 §3.3.1 and 2210.13438 §3.4): the multi-scale
+    """VAE-GAN (paper Eq. 2; Mimi and EnCodec, arXiv 2410.00037 §3.3.1 and 2210.13438 §3.4): the multi-scale
     STFT discriminator above with its own AdamW, trained from step cfg.disc_start * steps on (a
     reconstruction-only warm-up before, as RAVE and ParallelWaveGAN do). Each step: one hinge update of D on
     the detached reconstruction, then the generator's adversarial + feature-matching terms under the

@@ -278,11 +278,48 @@ def test_noise_level_is_bounded_by_noise_max():
     assert torch.equal(m.noise_augment(y), y)
 
 
+@HP
+@given(st.floats(-2.0, 1.0), st.floats(0.3, 2.0), st.floats(0.5, 2.0))
+def test_sample_t_is_the_log_normal_proposal(P_mean, P_std, sigma_d):
+    """t = arctan(e^tau / sigma_d) with tau ~ N(P_mean, P_std^2) (sCM §4.2), clamped to [t_eps, pi/2 - t_eps]:
+    so log(sigma_d tan t) is that normal wherever the clamp does not bite. Compare the empirical CDF with
+    the normal's at its quantiles; the clamped tails sit exactly on the bounds."""
+    m = calm.CALM(tiny(P_mean=P_mean, P_std=P_std, sigma_d=sigma_d))
+    torch.manual_seed(0)
+    t = m.sample_t(20000, 'cpu').double()
+    eps = m.cfg.t_eps
+    assert t.min() >= eps - 1e-6 and t.max() <= math.pi / 2 - eps + 1e-6
+    tau = (sigma_d * t.tan()).log()
+    lo, hi = math.log(sigma_d * math.tan(eps)), math.log(sigma_d * math.tan(math.pi / 2 - eps))
+    normal = torch.distributions.Normal(P_mean, P_std)
+    for q in (0.05, 0.25, 0.5, 0.75, 0.95):
+        x = normal.icdf(torch.tensor(q)).item()       # the q-quantile of tau
+        if lo + 0.01 < x < hi - 0.01:                  # inside the clamp: the CDF is the normal's
+            assert abs((tau <= x).double().mean().item() - q) < 0.02, (q, x)
+    below = normal.cdf(torch.tensor(lo)).item()        # mass the clamp puts on t_eps
+    assert abs((t <= eps + 1e-6).double().mean().item() - below) < 0.01
+
+
 def test_checkpoint_roundtrip_and_tangent_warmup():
+    """A model rebuilt from its saved config and state dict is the same model: same tensors, same loss for
+    the same draws, same generation for the same seed. Then the tangent warmup r ramps over its steps."""
     cfg = tiny()
-    m = calm.CALM(cfg)
+    m = randomize(calm.CALM(cfg), seed=3)
     m2 = calm.CALM(calm.Config(**asdict(cfg)))
     m2.load_state_dict(m.state_dict())
+    m2.eval()
+    s1, s2 = m.state_dict(), m2.state_dict()
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+    x = torch.randn(2, 5, 4)
+    losses = []
+    for model in (m, m2):
+        model.train()
+        torch.manual_seed(1)
+        losses.append(model(x, step=7)[0])
+    assert torch.equal(losses[0], losses[1])
+    gen = [model.eval().generate(x[:, :3], 4, steps=2, generator=torch.Generator().manual_seed(2)) for model in (m, m2)]
+    assert torch.equal(gen[0], gen[1])
+    m = calm.CALM(cfg)
     _, st0 = m(torch.randn(2, 5, 4), step=0)
     _, st1 = m(torch.randn(2, 5, 4), step=5)
     _, st2 = m(torch.randn(2, 5, 4), step=50)

@@ -1,4 +1,4 @@
-"""Text conditioning and latent CFG (issue 6): vocabulary, condition dropout, exact alpha = 0 / 1 limits,
+"""Text conditioning and latent CFG: vocabulary, condition dropout, exact alpha = 0 / 1 limits,
 the toy batch's descriptions, and sample.py --text end to end."""
 import dataclasses
 import math

@@ -1,4 +1,5 @@
 """End-to-end tests of train.py and sample.py with tiny configs: the real scripts, real audio files."""
+import dataclasses
 import json
 import os
 import socket
@@ -12,6 +13,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import data  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 
@@ -66,13 +68,41 @@ def test_sct_phase_trains_at_a_fraction_of_the_lr(tiny_run):
     assert recs[4]['lr'] == pytest.approx(mult * lr * (0.1 + 0.9 * 0.5))  # cosine half way, times sct_lr
 
 
-def test_sct_from_scratch_keeps_the_full_lr(tiny_run, tmp_path, monkeypatch):
+def test_sct_from_scratch_keeps_the_full_lr(tiny_run, tmp_path, monkeypatch, capsys):
     tiny_recipes(monkeypatch)
     train_main(['--stage', 'lm', '--vae-from', str(tiny_run), '--out', str(tmp_path), '--lm-steps', '4',
                 '--lm.diffusion_steps=0', *TINY])
+    # the run says at its start which recipe it took and why, and records it
+    out = capsys.readouterr().out
+    assert "lm recipe: 4 steps x 4 windows: train.RECIPES['lm'] because the device is cpu" in out
+    assert '--lm-steps 4' in out and '--lm.diffusion_steps=0' in out and 'vae recipe' not in out
+    run = json.load(open(tmp_path / 'config.json'))
+    assert set(run) >= {'args', 'lm'} and 'vae' not in run
+    assert run['lm']['config']['diffusion_steps'] == 0 and run['lm']['recipe']['steps'] == 4
     recs = {r['step']: r for r in map(json.loads, open(tmp_path / 'log.jsonl')) if 'lr' in r}
     assert 'g_norm' in recs[1]                                          # sCT from the first step
     assert recs[4]['lr'] == pytest.approx(train.RECIPES['lm']['lr'] * (0.1 + 0.9 * 0.5))
+
+
+def test_config_json_records_what_the_run_trained(tiny_run):
+    run = json.load(open(tiny_run / 'config.json'))
+    vae, model = sample.load(str(tiny_run))
+    assert run['vae']['config'] == json.loads(json.dumps(dataclasses.asdict(vae.cfg)))   # tuples read back as lists
+    assert run['lm']['config'] == dataclasses.asdict(model.cfg)
+    assert run['vae']['recipe']['steps'] == run['lm']['recipe']['steps'] == 4
+    assert run['args']['device'] == 'cpu' and run['world_size'] == 1
+    assert '--vae-steps 4' in run['vae']['why'] and '--lm.d_model=32' in run['lm']['why']
+    assert not os.path.exists(tiny_run / 'config.json.tmp')
+
+
+def test_recipe_reason_names_the_device_and_the_flags():
+    why = lambda stage, *a: train.recipe_reason(stage, train.parse_args(list(a)))
+    gpu, cpu = train.GPU_LM, train.RECIPES['lm']
+    assert why('lm', '--device', 'cpu').startswith(f"{cpu['steps']} steps x {cpu['batch']} windows: train.RECIPES['lm']")
+    assert why('lm', '--device', 'cuda').startswith(f"{gpu['steps']} steps x {gpu['batch']} windows: train.GPU_LM")
+    assert why('lm', '--device', 'cuda', '--lm-batch', '8').startswith(f"{gpu['steps']} steps x 8 windows")
+    assert why('vae', '--device', 'cuda', '--vae-steps', '7') == \
+        f"7 steps x {train.RECIPES['vae']['batch']} crops: train.RECIPES['vae'] (the same on every device), --vae-steps 7"
 
 
 def test_lm_recipe_takes_the_gpu_budget_on_cuda_and_flags_win():
@@ -101,6 +131,23 @@ def test_sample_end_to_end(tiny_run, tmp_path):
     n_prompt = int(0.5 * sr) // vae.hop
     assert len(wav) == (n_prompt + round(1 * vae.frame_rate)) * vae.hop
     assert np.isfinite(wav).all() and np.abs(wav).max() > 0
+
+
+def test_data_prompt_then_sample(tiny_run, tmp_path):
+    """The README's first steps: `python data.py prompt PATH` writes held-out clip 0, `python sample.py PATH`
+    continues it beside the prompt."""
+    prompt = tmp_path / 'prompt.wav'
+    r = run('data.py', 'prompt', str(prompt), '--seconds', '2')
+    assert 'sample.py' in r.stdout
+    wav, sr = sf.read(prompt)
+    ref = data.make_clip(data.clip_seed('heldout', 0), 2.0).wav
+    assert sr == data.SR and len(wav) == len(ref)
+    assert np.abs(wav - ref).max() < 1e-4                          # the clip itself, up to 16-bit rounding
+    run('sample.py', str(prompt), '--ckpt', str(tiny_run), '--seconds', '1')
+    assert sf.info(tmp_path / 'prompt_calm.wav').frames > len(ref) // 2
+    r = run('data.py', 'prompt', str(tmp_path / 'bad.wav'), '--clip', '-1', check=False)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == ['error: clip index out of range: -1']
+    assert not list(tmp_path.glob('bad*'))
 
 
 @pytest.mark.parametrize('kind', ['missing', 'directory', 'empty', 'garbage', 'nan', 'too_short'])
@@ -132,7 +179,7 @@ def test_sample_never_overwrites_the_prompt(tiny_run, tmp_path):
 
 
 def test_help_of_every_script():
-    for script in ('train.py', 'sample.py'):
+    for script in ('train.py', 'sample.py', 'data.py'):
         assert 'usage' in run(script, '--help').stdout
 
 
