@@ -63,7 +63,7 @@ def time_steps(rounds, disc_channels):
         runs[name] = (model, train.make_optimizer('vae', model, recipe), adv, [])
     length = int(recipe['crop'] * data.SR) // runs['a'][0].hop * runs['a'][0].hop
     for r in range(rounds + 1):
-        batch = train.crop_batch(clips, r, 0, recipe['batch'], length)
+        batch = torch.from_numpy(data.crop_batch(clips, r, 0, recipe['batch'], length))
         for name, (model, opt, adv, times) in runs.items():
             t = time.perf_counter()
             loss, stats = model(batch)
@@ -104,7 +104,7 @@ def main():
     print(f'{"run":<28} {"phase":>8} {"GAN":>4} {"note_acc":>9} {"log_mel_l1":>11} {"(delay)":>8} {"si_sdr":>8} '
           f'{"(delay)":>8}   ({args.clips} held-out clips; (delay): with vae.delay taken out)')
     for run in args.runs:
-        model, _ = train.load_vae(os.path.join(run, 'vae.pt'), 'cpu')
+        model, _ = vae_lib.load(os.path.join(run, 'vae.pt'))
         r = score(model, clips)
         print(f'{run:<28} {model.cfg.phase:>8} {"yes" if model.cfg.discriminator else "no":>4} {r["note_acc"]:9.3f} '
               f'{r["log_mel_l1"]:11.3f} {r["log_mel_l1_delay"]:8.3f} {r["si_sdr"]:8.2f} {r["si_sdr_delay"]:8.2f}', flush=True)

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -204,8 +203,7 @@ def record_run(args, stage, cfg, recipe, ddp, log, **extra):
 # One training loop for both stages
 
 def lr_schedule(recipe, steps, cfg):
-    """lr(step): linear warmup, then cosine to 10% (nanoGPT's schedule); x recipe['sct_lr'] in the sCT phase
-    of a consistency run that starts with TrigFlow (sCT from scratch is not scaled)."""
+    """lr(step): linear warmup, cosine to 10% (nanoGPT's); x recipe['sct_lr'] in sCT after a TrigFlow phase."""
     tuning = getattr(cfg, 'head_loss', '') == 'consistency' and getattr(cfg, 'diffusion_steps', 0) > 0
     sct_from = cfg.diffusion_steps if tuning else math.inf
 
@@ -274,7 +272,9 @@ def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra
             if step % args.log_every == 0 or step == steps:
                 rate = (step - s_log) / (time.time() - t_log)
                 t_log, s_log = time.time(), step
-                log_step(log, stage, step, steps, lr_at(step - 1), rate, stats)
+                log({'stage': stage, 'step': step, 'lr': lr_at(step - 1), 'steps_per_s': rate, **stats},
+                    f'{stage} {step:>5}/{steps} | ' + ' | '.join(f'{k} {v:.4g}' for k, v in stats.items()) +
+                    f' | {rate:.2f} steps/s | ETA {fmt_time((steps - step) / max(rate, 1e-9))}')
             if step % args.ckpt_every == 0:
                 checkpoint()
                 if validate is not None and step < steps:
@@ -305,12 +305,6 @@ def make_optimizer(stage, model, recipe):
     other = [p for n, p in model.named_parameters() if p.dim() < 2]
     return torch.optim.AdamW([{'params': decay, 'weight_decay': recipe['wd']}, {'params': other, 'weight_decay': 0.0}],
                              lr=recipe['lr'], betas=(0.9, 0.95) if stage == 'lm' else (0.8, 0.99))
-
-
-def log_step(log, stage, step, steps, lr, rate, stats):
-    parts = ' | '.join(f'{k} {v:.4g}' for k, v in stats.items())
-    log({'stage': stage, 'step': step, 'lr': lr, 'steps_per_s': rate, **stats},
-        f'{stage} {step:>5}/{steps} | {parts} | {rate:.2f} steps/s | ETA {fmt_time((steps - step) / max(rate, 1e-9))}')
 
 
 def resume(ckpt_path, model, opt, adversary, device):
@@ -347,18 +341,6 @@ def load_audio_set(args):
     return [c.wav for c in data.toy_clips('train', args.clips, TOY_CLIPS['seconds'])]
 
 
-def crop_batch(clips, step, seed, batch, length, rank=0):
-    """A batch of random crops, a pure function of (seed, step, rank) so a resumed run sees the same data."""
-    g = np.random.default_rng([seed, step, rank])
-    out = np.zeros((batch, length), np.float32)
-    for b in range(batch):
-        wav = clips[g.integers(len(clips))]
-        start = g.integers(max(1, len(wav) - length + 1))
-        piece = wav[start:start + length]
-        out[b, :len(piece)] = piece
-    return torch.from_numpy(out)
-
-
 def train_vae(args, clips, ddp, rank, log):
     cfg = override(vae_lib.PAPER if args.preset == 'paper' else vae_lib.TOY, args.overrides['vae'])
     recipe = dict(RECIPES['vae'], **({'steps': args.vae_steps} if args.vae_steps else {}))
@@ -366,17 +348,15 @@ def train_vae(args, clips, ddp, rank, log):
     torch.manual_seed(args.seed + rank)  # each stage seeds itself: a resumed run re-creates the same init
     model = vae_lib.VAE(cfg).to(args.device)
     length = int(recipe['crop'] * cfg.sample_rate) // model.hop * model.hop
+    adversary = vae_lib.Adversary(cfg, args.seed, args.device, ddp) if cfg.discriminator else None
     if log.enabled:
         print(f'vae: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {model.frame_rate:g} frames/s, '
-              f'{cfg.latent_dim} dims; {len(clips)} clips; {recipe["steps"]} steps of {recipe["batch"]} x {recipe["crop"]} s')
+              f'{cfg.latent_dim} dims; {len(clips)} clips; {recipe["steps"]} steps of {recipe["batch"]} x {recipe["crop"]} s'
+              + (f'; VAE-GAN, discriminator {adversary.describe(recipe["steps"])}' if adversary else ''))
     path = os.path.join(args.out, 'vae.pt')
-    adversary = vae_lib.Adversary(cfg, args.seed, args.device, ddp) if cfg.discriminator else None
-    if adversary is not None and log.enabled:
-        print(f'vae: VAE-GAN, discriminator {sum(p.numel() for p in adversary.disc.parameters()) / 1e6:.2f}M params '
-              f'from step {round(cfg.disc_start * recipe["steps"])}')
     finished, stats = train(
         'vae', model, cfg, recipe,
-        lambda s: crop_batch(clips, s, args.seed, recipe['batch'], length, rank), path, args, ddp, log,
+        lambda s: torch.from_numpy(data.crop_batch(clips, s, args.seed, recipe['batch'], length, rank)), path, args, ddp, log,
         adversary=adversary)
     if finished:
         # Standardise the latents for the LM (as pocket-tts does): TrigFlow assumes a known data std sigma_d,
@@ -558,13 +538,6 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
         validate=lambda: lm_validate(model, val))
 
 
-def load_vae(path, device):
-    ck = torch.load(path, map_location=device, weights_only=False)
-    model = vae_lib.VAE(vae_lib.Config(**ck['config'])).to(device)
-    model.load_state_dict(ck['model'])
-    return model.eval(), ck
-
-
 def main(argv=None):
     args = parse_args(argv)
     ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
@@ -609,7 +582,7 @@ def main(argv=None):
             raise SystemExit(f'error: no VAE at {vae_path}: train it first (--stage vae) or pass --vae-from RUN_DIR')
         if ddp:  # rank 0 may have just written the VAE
             dist.barrier()
-        vae, _ = load_vae(vae_path, args.device)
+        vae, _ = vae_lib.load(vae_path, args.device)
         _, finished, stats = train_lm(args, vae, clips, vae_dir, ddp, rank, log)
         summary['lm'] = stats
     if log.enabled:

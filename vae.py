@@ -482,6 +482,9 @@ class Adversary:
         stats.update(d_loss=d_loss.item(), g_adv=adv.item(), g_feat=feat.item())
         return self.cfg.adv_weight * adv + self.cfg.feat_weight * feat
 
+    def describe(self, steps):
+        return f'{sum(p.numel() for p in self.disc.parameters()) / 1e6:.2f}M params from step {round(self.cfg.disc_start * steps)}'
+
     def state_dict(self):
         return {'disc': self.disc.state_dict(), 'disc_optimizer': self.opt.state_dict()}
 
@@ -494,3 +497,11 @@ class Adversary:
         elif ck['step'] > round(self.cfg.disc_start * ck['steps']):
             raise SystemExit(f"error: the checkpoint has no discriminator and is at step {ck['step']}, past the "
                              f"GAN's start (step {round(self.cfg.disc_start * ck['steps'])}): resume before it")
+
+
+def load(path, device='cpu'):
+    """(VAE in eval mode, checkpoint dict) from a vae.pt written by train.py."""
+    ck = torch.load(path, map_location=device, weights_only=False)
+    model = VAE(Config(**ck['config'])).to(device)
+    model.load_state_dict(ck['model'])
+    return model.eval(), ck
