@@ -3,6 +3,7 @@ Measure the toy codec's decoders side by side (docs/codec.md): (a) the phase voc
 (b) the learned-phase iSTFT head, (c) the learned-phase head trained with the discriminator (VAE-GAN).
 
     python bench_codec.py score out/codec/a out/codec/b     # held-out reconstruction of trained VAEs (vae.pt)
+    python bench_codec.py score out/codec/b --vocoder       # (b)'s magnitudes, decoded with the phase vocoder
     python bench_codec.py time                              # seconds per training step, a/b/c interleaved
 
 `score` prints, per run folder, what evaluate.py's VAE section prints (note-pitch accuracy, log-mel L1,
@@ -14,6 +15,7 @@ each in turn (forward, discriminator update for (c), backward, optimizer), so a 
 three alike; it prints the median and the ratio to (a).
 """
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -88,6 +90,9 @@ def main():
     p.add_argument('what', choices=['score', 'time'])
     p.add_argument('runs', nargs='*', help='score: run folders holding a vae.pt')
     p.add_argument('--clips', type=int, default=64, help='score: held-out toy clips (default 64)')
+    p.add_argument('--vocoder', action='store_true',
+                   help="score: decode every run's magnitudes with the phase vocoder (a learned head's run: "
+                        'what its magnitudes score without its phases)')
     p.add_argument('--rounds', type=int, default=10, help='time: timed steps per variant (default 10)')
     p.add_argument('--disc-channels', type=int, default=vae_lib.Config.disc_channels,
                    help=f'time: channels of the discriminator of (c) (default {vae_lib.Config.disc_channels})')
@@ -105,6 +110,8 @@ def main():
           f'{"(delay)":>8}   ({args.clips} held-out clips; (delay): with vae.delay taken out)')
     for run in args.runs:
         model, _ = vae_lib.load(os.path.join(run, 'vae.pt'))
+        if args.vocoder:
+            model.cfg = dataclasses.replace(model.cfg, phase='vocoder')  # spectral_out then returns no phase
         r = score(model, clips)
         print(f'{run:<28} {model.cfg.phase:>8} {"yes" if model.cfg.discriminator else "no":>4} {r["note_acc"]:9.3f} '
               f'{r["log_mel_l1"]:11.3f} {r["log_mel_l1_delay"]:8.3f} {r["si_sdr"]:8.2f} {r["si_sdr_delay"]:8.2f}', flush=True)
