@@ -99,6 +99,8 @@ def main():
     args = p.parse_args()
     torch.set_flush_denormal(True)
     if args.what == 'time':
+        if args.runs or args.vocoder:
+            p.error('time builds its own three variants: no run folders, no --vocoder')
         return time_steps(args.rounds, args.disc_channels)
     if not args.runs:
         p.error('score needs at least one run folder')
