@@ -43,6 +43,7 @@ class Config:
     diffusion_steps: int = 0      # consistency only: first train this many steps with the TrigFlow loss (see head_loss)
     adaptive_weight: bool = True  # learned w(t) (sCM §4.2 adaptive weighting; paper Eq. 3 trains w jointly)
     t_eps: float = 1e-3           # clamp t into [t_eps, pi/2 - t_eps] for training
+    time_scale: float = 10.0      # fastest time feature, rad per unit t (time_features; docs/consistency.md)
     dropout: float = 0.0
     n_text: int = 0               # text vocabulary size (data.VOCAB); 0 = unconditional model, no embedding
     cond_dropout: float = 0.2     # per-sequence prob. of training on the null condition (0.2: our choice)
@@ -59,6 +60,11 @@ PAPER = Config(latent_dim=128, d_model=1536, n_layers=48, n_heads=24, context=75
 TOY = Config(latent_dim=16, d_model=128, n_layers=3, n_heads=4, context=64, short_context=0,
              short_layers=2, head_width=256, head_blocks=3, head_batch_mul=4, tangent_warmup=200,
              diffusion_steps=600)
+# SMALL (one GPU, your own audio: train.py --preset small): a 12-layer x 512 backbone over 20 s (250 frames
+# at 12.5 Hz), the paper's short-context Transformer (K = 10) and head batch multiplier (M = 8), a head of
+# pocket-tts's size (width 512, 6 blocks) and the toy's TrigFlow-then-sCT schedule. Sizes, not a tuned recipe.
+SMALL = Config(latent_dim=32, d_model=512, n_layers=12, n_heads=8, context=250, short_context=10,
+               short_layers=2, head_width=512, head_blocks=6, head_batch_mul=8, diffusion_steps=600)
 
 HALF_PI = math.pi / 2
 
@@ -178,9 +184,11 @@ class Transformer(nn.Module):
 # F_theta(x_t / sigma_d, t, z). Init as MAR: xavier Linear, zero biases, zero adaLN modulation and final
 # layer, so the head starts as the zero map and every block as the identity.
 
-def time_features(t, dim, scale=100.0):
-    """Sinusoidal features of t in [0, pi/2]. Moderate frequencies (max `scale` rad per unit t) keep
-    dF/dt, which the sCT tangent differentiates through, well-behaved (sCM §4.1 on time embeddings)."""
+def time_features(t, dim, scale):
+    """Sinusoidal features of t in [0, pi/2] (c_noise(t) = t, sCM §4.1), frequencies `scale` down to
+    scale / 10^4 rad per unit t. The sCT tangent differentiates F through them, so a large scale makes
+    dF/dt large and noisy (sCM §4.1): with 100, the trained 1-step map ran backwards within each mode of a
+    1-D mixture; with 3 or 10 it kept the order (docs/consistency.md)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
     ang = (scale * t)[:, None] * freqs[None]
@@ -200,9 +208,9 @@ class ResBlock(nn.Module):
 
 
 class Head(nn.Module):
-    def __init__(self, D, d_cond, w, n_blocks, n_freq=256):
+    def __init__(self, D, d_cond, w, n_blocks, n_freq=256, time_scale=10.0):
         super().__init__()
-        self.n_freq = n_freq
+        self.n_freq, self.time_scale = n_freq, time_scale
         self.inp = nn.Linear(D, w)
         self.time = nn.Sequential(nn.Linear(n_freq, w), nn.SiLU(), nn.Linear(w, w))
         self.cond = nn.Linear(d_cond, w)
@@ -223,7 +231,7 @@ class Head(nn.Module):
 
     def forward(self, x, t, z):
         """x [N, D] = x_t / sigma_d, t [N], z [N, d_cond] -> F_theta [N, D]."""
-        c = self.time(time_features(t, self.n_freq)) + self.cond(z)
+        c = self.time(time_features(t, self.n_freq, self.time_scale)) + self.cond(z)
         h = self.inp(x)
         for blk in self.blocks:
             h = blk(h, c)
@@ -330,7 +338,7 @@ class CALM(nn.Module):
         self.long = Transformer(D, d, cfg.n_heads, [cfg.context] * cfg.n_layers, cfg.dropout)
         self.short = (Transformer(D, d, cfg.n_heads, short_windows(cfg.short_context, cfg.short_layers),
                                   cfg.dropout) if cfg.short_context > 0 else None)
-        self.head = Head(D, d, cfg.head_width, cfg.head_blocks)
+        self.head = Head(D, d, cfg.head_width, cfg.head_blocks, time_scale=cfg.time_scale)
         # Text conditioning (our conditioner): one embedding per word, id n_text = padding = the null
         # condition (a zero row: the empty description). See CALM.condition.
         self.text = nn.Embedding(cfg.n_text + 1, d, padding_idx=cfg.n_text) if cfg.n_text > 0 else None
@@ -409,16 +417,21 @@ class CALM(nn.Module):
             s = step - cfg.diffusion_steps                # tangent warmup starts with sCT
             r = min(1.0, s / cfg.tangent_warmup) if cfg.tangent_warmup > 0 else 1.0
             zd = z.detach()                               # theta^- = stop-grad(theta), backbone included
-            F_minus, g = sct_tangent(lambda a, b: self.head(a, b, zd), xt, t, dxt, sd, r)
-            gn = g.norm(dim=-1, keepdim=True)
-            g = g / (gn + 0.1)                            # tangent normalisation, c = 0.1 (sCM §4.2)
-            err = ((self.head(xt / sd, t, z) - F_minus - g) ** 2).mean(-1)
-            stats.update(r=r, g_norm=gn.mean().item())
+            Fh = lambda a, b: self.head(a, b, zd)
+            F_minus, g = sct_tangent(Fh, xt, t, dxt, sd, r)
+            # Tangent normalisation g / (||.|| + 0.1) (sCM §4.2), but with the norm of the same tangent along an
+            # independent noise u instead of along dx_t/dt (our change): ||g|| depends on which x_0 drew dx_t/dt,
+            # so dividing by it re-weights the regression target and moved mass between modes; ||g_u|| depends
+            # on x_t and t only. Costs a second JVP (docs/consistency.md).
+            _, g_u = sct_tangent(Fh, xt, t, sd * torch.randn_like(dxt), sd, r)
+            g_scaled = g / (g_u.norm(dim=-1, keepdim=True) + 0.1)
+            err = ((self.head(xt / sd, t, z) - F_minus - g_scaled) ** 2).mean(-1)
+            stats.update(r=r, g_norm=g.norm(dim=-1).mean().item())
         else:
             raise ValueError(f"head_loss must be 'trigflow' or 'consistency', got {cfg.head_loss!r}")
         stats['mse'] = err.mean().item()
         if self.weight_net is not None:                   # e^{w(t)} ||.||^2 / D - w(t)  (sCM §4.2)
-            w = self.weight_net(time_features(t, 128))[:, 0]
+            w = self.weight_net(time_features(t, 128, cfg.time_scale))[:, 0]
             err = w.exp() * err - w
         loss = err.mean()
         stats['loss'] = loss.item()

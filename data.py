@@ -8,7 +8,7 @@ pitch tracker (metrics.py). Everything is a pure function of an integer seed.
 
     clip = make_clip(seed)            # Clip(wav float32 [n], notes [Note], meta dict)
     clips = toy_clips('train', 512)   # train / heldout use disjoint seed ranges
-    wav = load_audio('song.flac')     # float32 mono at 24 kHz
+    wav = load_audio('song.flac')     # float32 mono at 24 kHz (a folder of your own audio: corpus.py)
 
     python data.py prompt out/prompt.wav   # a held-out clip as a wav: a prompt for sample.py
 """
@@ -220,9 +220,6 @@ def tokenize(text: str) -> list:
 # -----------------------------------------------------------------------------------------------
 # Your own audio
 
-AUDIO_EXTS = ('.wav', '.flac', '.ogg')
-
-
 def load_audio(path, sr=SR) -> np.ndarray:
     """Read an audio file as float32 mono at `sr` (mix channels, soxr resampling).
 
@@ -248,14 +245,6 @@ def load_audio(path, sr=SR) -> np.ndarray:
     if file_sr != sr:
         x = soxr.resample(x, file_sr, sr)
     return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def audio_folder(dir, sr=SR) -> list:
-    """All wav/flac/ogg files directly in `dir` (sorted by name), loaded with load_audio."""
-    if not os.path.isdir(dir):
-        raise ValueError(f'not a directory: {dir}')
-    names = sorted(f for f in os.listdir(dir) if f.lower().endswith(AUDIO_EXTS))
-    return [load_audio(os.path.join(dir, f), sr) for f in names]
 
 
 def crop_batch(clips, step, seed, batch, length, rank=0) -> np.ndarray:

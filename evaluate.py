@@ -645,13 +645,14 @@ def eval_codec(vae, vae_dir, levels, K, clips, device, models=()):
     Gaussian latents the KL of the posterior to the prior (the rate a bits-back / relative-entropy coder pays).
     lat_mse: squared error of the dequantised latents (standardised units; post_var: the posterior variance
     in the same units, the noise the decoder was trained to tolerate)."""
+    import corpus
     import rq
     Q = max(levels)
     # the RVQ fit settings (rq.Config's rvq_* fields) of the first discrete LM with this K, else the defaults
     like = next((m.cfg for _, m in models if m.cfg.codebook_size == K), rq.Config())
     cfg = dataclasses.replace(like, latent_dim=vae.cfg.latent_dim, n_q=Q, codebook_size=K)
     rvq = rq.RVQ(cfg.latent_dim, Q, K, cfg.rvq_decay, cfg.rvq_dead)
-    latents = torch.load(os.path.join(vae_dir, 'latents.pt'), weights_only=False)
+    latents = [corpus.LatentCache(os.path.join(vae_dir, 'latents')).frames()]  # train.py's cache, in memory
     t0 = time.time()
     rq.fit(rvq, torch.cat(latents), cfg, seed=0, log=lambda m: print(f'[codec] {m}', file=sys.stderr, flush=True))
     fit_s = time.time() - t0

@@ -45,7 +45,9 @@ def load(run_dir, device='cpu'):
 
     ck = read(os.path.join(run_dir, 'calm.pt'))
     kind = ck.get('kind', 'calm')
-    model = calm.CALM(calm.Config(**ck['config'])) if kind == 'calm' else rq.build(rq.Config(**ck['config']))
+    # checkpoints from before Config.time_scale existed were trained with 100
+    model = (calm.CALM(calm.Config(**{'time_scale': 100.0, **ck['config']})) if kind == 'calm'
+             else rq.build(rq.Config(**ck['config'])))
     model.load_state_dict(ck['model'])
     vae_path = os.path.join(run_dir, 'vae.pt')
     vk = read(vae_path if os.path.isfile(vae_path) else ck.get('vae', vae_path))

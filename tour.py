@@ -8,7 +8,8 @@ Figures, in the order data flows (README.md, "How it works", walks through them)
   01_data         a held-out toy clip: waveform, log-mel spectrogram, its annotated notes
   02_vae          the clip through the VAE: original vs reconstruction, and the latent frames
   03_trigflow     TrigFlow noising of one latent frame; on a 1-D two-mode toy, the exact PF-ODE paths,
-                  the TrigFlow sampler, the consistency map (= ODE endpoint) and the 1-step mean collapse
+                  the TrigFlow sampler, the consistency map (= ODE endpoint), the 1-step mean collapse,
+                  and the map a consistency head trained alone on that toy learns
   04_temperature  one prompt continued at Gaussian temperatures 0, 0.5, 0.8, 1
   05_continuation prompt + continuation, and the transcribed notes against the clip's true ones
   06_training     the VAE and LM losses of the run (log.jsonl)
@@ -85,58 +86,98 @@ def save(fig, path, written):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The 1-D two-mode toy of figure 3: x_0 ~ 0.3 N(-1, 0.1^2) + 0.7 N(+1, 0.1^2), scaled to unit std so that
-# sigma_d = 1. Its TrigFlow velocity E[v_t | x_t] is exact in closed form (a Gaussian mixture stays one
-# under x_t = cos t x_0 + sin t z), so the exact PF-ODE, and the consistency map, can be drawn.
+# Gaussian mixtures with a known answer (figure 03 and tests/test_calm.py). A mixture stays one under
+# x_t = cos t x_0 + sin t z (component k: N(cos t mu_k, (cos^2 t s^2 + sin^2 t) I)), so its TrigFlow velocity
+# E[v_t | x_t] is exact in closed form, hence the PF-ODE, hence the map a consistency model must learn.
 
-W, MU, S = np.array([0.3, 0.7]), np.array([-1.0, 1.0]), 0.1
-SCALE = math.sqrt((W * (MU ** 2 + S ** 2)).sum() - (W * MU).sum() ** 2)   # mixture std
-MU, S = MU / SCALE, S / SCALE
-
-
-def exact_F(xs, t):
-    """F(x_t / sigma_d, t) = E[v_t | x_t] / sigma_d (sigma_d = 1) for the two-mode toy, torch in/out.
-    Per component k: x_t ~ N(cos t mu_k, V_k), V_k = cos^2 t s^2 + sin^2 t; E[x_0 | x_t, k] and E[z | x_t, k]
-    are Gaussian regressions; weight them by the posterior probability of k given x_t."""
-    x, t = xs.double()[:, :1], t.double()[:, None]
-    c, s = t.cos(), t.sin()
-    mu, w = torch.tensor(MU, dtype=torch.float64), torch.tensor(W, dtype=torch.float64)
-    V = c ** 2 * S ** 2 + s ** 2                                   # [N, 1]
-    r = x - c * mu                                                 # [N, 2]
-    logp = w.log() - 0.5 * r ** 2 / V - 0.5 * V.log()
-    post = torch.softmax(logp, dim=1)
-    e_x0 = (post * (mu + c * S ** 2 / V * r)).sum(1, keepdim=True)
-    e_z = (post * (s / V * r)).sum(1, keepdim=True)
-    return (c * e_z - s * e_x0).to(xs.dtype)
+def mixture(w, mu, s):
+    """x_0 ~ sum_k w_k N(mu_k, s^2 I), scaled to unit std (sigma_d = 1): (w [K], mu [K, D], s), float64."""
+    w, mu = torch.tensor(w, dtype=torch.float64), torch.tensor(mu, dtype=torch.float64)
+    m = (w[:, None] * mu).sum(0)
+    sd = ((w[:, None] * (mu ** 2 + s ** 2)).sum(0) - m ** 2).mean().sqrt()
+    return w, mu / sd, s / sd.item()
 
 
-def ode_paths(x_noise, n=400):
-    """Exact PF-ODE dx/dt = F(x, t) (sigma_d = 1) from t = pi/2 to 0, RK4 on a fine grid: times [n+1], x [n+1, N]."""
+TOY = mixture([0.3, 0.7], [[-1.0], [1.0]], 0.1)   # figure 03's 1-D two-mode toy
+
+
+def mixture_F(mix, x, t):
+    """F(x_t, t) = E[v_t | x_t] (sigma_d = 1): per component, E[x_0 | x_t, k] and E[z | x_t, k] are Gaussian
+    regressions; weight them by the posterior probability of k given x_t. x [N, D], t [N] -> [N, D]."""
+    w, mu, s = mix
+    x, t = x.double(), t.double()[:, None]
+    c, si = t.cos(), t.sin()
+    V = c ** 2 * s ** 2 + si ** 2                                      # [N, 1]
+    r = x[:, None] - c[:, :, None] * mu                                # [N, K, D]
+    post = torch.softmax(w.log() - 0.5 * (r ** 2).sum(-1) / V - 0.5 * mu.shape[1] * V.log(), 1)[..., None]
+    e_x0 = (post * (mu + (c * s ** 2 / V)[..., None] * r)).sum(1)
+    e_z = (post * ((si / V)[..., None] * r)).sum(1)
+    return c * e_z - si * e_x0
+
+
+def ode_paths(mix, x_noise, n=400):
+    """The exact PF-ODE dx/dt = F(x, t) from t = pi/2 to 0, RK4 in float64 (400 steps: converged to ~1e-7):
+    times [n+1], x [n+1, N, D]; row -1 is the map a consistency model must learn."""
     ts = np.linspace(math.pi / 2, 0, n + 1)
-    Fn = lambda x, t: exact_F(x, torch.full((len(x),), t, dtype=torch.float64))
-    x = torch.as_tensor(x_noise, dtype=torch.float64)[:, None]
+    Fn = lambda x, t: mixture_F(mix, x, torch.full((len(x),), t, dtype=torch.float64))
+    x = torch.as_tensor(x_noise, dtype=torch.float64)
     xs = [x]
     for a, b in zip(ts[:-1], ts[1:]):
         h = b - a
         k1 = Fn(x, a); k2 = Fn(x + h / 2 * k1, a + h / 2); k3 = Fn(x + h / 2 * k2, a + h / 2); k4 = Fn(x + h * k3, b)
         x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
         xs.append(x)
-    return ts, torch.cat(xs, 1).T.numpy()
+    return ts, torch.stack(xs).numpy()
+
+
+def sample_mixture(mix, n):
+    w, mu, s = mix
+    return (mu[torch.multinomial(w, n, replacement=True)] + s * torch.randn(n, mu.shape[1])).float()
+
+
+def train_head_alone(head_loss, sample_x0, D, n_iter, seed=0, batch=512, lr=2e-3):
+    """calm's head (and its adaptive weight) trained alone with CALM.head_loss on x_0 = sample_x0(batch)
+    [batch, D], the conditioning z pure noise (x_0 does not depend on it); Adam, lr decaying linearly to 0,
+    gradients clipped at 1 as train.py does. Returns the model in eval mode."""
+    torch.manual_seed(seed)
+    cfg = calm.Config(latent_dim=D, d_model=8, n_layers=1, n_heads=1, context=4, short_context=0,
+                      head_width=64, head_blocks=2, head_loss=head_loss, head_batch_mul=1,
+                      tangent_warmup=n_iter // 10)
+    m = calm.CALM(cfg)
+    params = list(m.head.parameters()) + list(m.weight_net.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
+    for i in range(n_iter):
+        for gr in opt.param_groups:
+            gr['lr'] = lr * (1 - i / n_iter)
+        loss, _ = m.head_loss(torch.randn(batch, 8), sample_x0(batch), i)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)   # as train.py clips
+        opt.step()
+    return m.eval()
 
 
 def sampler_paths(n, steps, seed):
-    """calm.trigflow_sample on the exact F, recording the state it hands F at each grid time: times [steps+1],
-    x [steps+1, n]. Row 0 is the sampler's own noise draw, so the other curves can start from the same noises."""
+    """calm.trigflow_sample on the toy's exact F, recording the state it hands F at each grid time: times
+    [steps+1], x [steps+1, n]. Row 0 is the sampler's own noise draw, so the other curves can start from the
+    same noises."""
     seen = []
     def Fn(x, t):
         seen.append((t[0].item(), x[:, 0].clone()))
-        return exact_F(x, t)
+        return mixture_F(TOY, x, t).float()
     x0 = calm.trigflow_sample(Fn, (n, 1), steps, generator=torch.Generator().manual_seed(seed))
     return np.array([t for t, _ in seen] + [0.0]), np.stack([x.numpy() for _, x in seen] + [x0[:, 0].numpy()])
 
 
 def mixture_pdf(x):
-    return sum(w * np.exp(-0.5 * ((x - m) / S) ** 2) / (S * math.sqrt(2 * math.pi)) for w, m in zip(W, MU))
+    """The 1-D toy's density on a numpy grid x."""
+    w, mu, s = TOY
+    return sum(wk * np.exp(-0.5 * ((x - m) / s) ** 2) / (s * math.sqrt(2 * math.pi))
+               for wk, m in zip(w.tolist(), mu[:, 0].tolist()))
+
+
+TOY_MEAN = (TOY[0] * TOY[1][:, 0]).sum().item()   # where TrigFlow in 1 step sends every noise
+HEAD_ITERS = 3000   # figure 03 (d): sCT steps of the head trained alone (as tests/test_calm.py's map test)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -194,9 +235,10 @@ def fig_vae(plt, vae, clip):
 
 def fig_trigflow(plt, lat, seed):
     """03: (a) TrigFlow noising of one latent frame; (b, c) on the 1-D two-mode toy, the exact PF-ODE paths, the
-    TrigFlow sampler, the consistency map (= ODE endpoint) and the 1-step mean collapse."""
-    fig = plt.figure(figsize=(12, 8))
-    gs = fig.add_gridspec(2, 3, width_ratios=[0.8, 3, 3], height_ratios=[1, 1.4])
+    TrigFlow sampler, the consistency map (= ODE endpoint) and the 1-step mean collapse; (d) that map as a
+    consistency head trained alone on the toy learns it."""
+    fig = plt.figure(figsize=(16, 8))
+    gs = fig.add_gridspec(2, 4, width_ratios=[0.8, 3, 3, 3], height_ratios=[1, 1.4])
     fig.suptitle('03 TrigFlow: x_t = cos(t) x_0 + sin(t) z, data at t = 0, noise at t = pi/2; '
                  'the head learns to go back')
     # (a) one real latent frame noised along t
@@ -215,13 +257,14 @@ def fig_trigflow(plt, lat, seed):
     # (b) the 1-D two-mode toy, exact: ODE paths, sampler, consistency map, 1-step mean
     n_show = 14
     ts8, x8 = sampler_paths(n_show, 8, seed)                          # row 0: the noises everything starts from
-    ts_ode, x_ode = ode_paths(x8[0])
+    ts_ode, x_ode = ode_paths(TOY, x8[0][:, None])
+    x_ode = x_ode[..., 0]
     ax_z = fig.add_subplot(gs[1, 0])
     ax = fig.add_subplot(gs[1, 1], sharey=ax_z)
     ax.plot(ts_ode, x_ode, color='tab:blue', lw=1, alpha=0.8)
     ax.plot(ts8, x8, 'o--', color='tab:orange', ms=3, lw=0.8, alpha=0.9)
     ax.plot(np.zeros(n_show), x_ode[-1], '*', color='tab:green', ms=10)
-    ax.plot([0], [(W * MU).sum()], 'X', color='tab:red', ms=10)
+    ax.plot([0], [TOY_MEAN], 'X', color='tab:red', ms=10)
     ax.plot([], [], color='tab:blue', label='exact PF-ODE paths')
     ax.plot([], [], 'o--', color='tab:orange', ms=3, label='calm.trigflow_sample, 8 steps')
     ax.plot([], [], '*', color='tab:green', ms=10, label='consistency map f(z, pi/2) = ODE endpoint')
@@ -233,13 +276,14 @@ def fig_trigflow(plt, lat, seed):
     # (c) where 4000 noises land: histograms over x
     _, xs1 = sampler_paths(4000, 1, seed + 1)
     _, xs8 = sampler_paths(4000, 8, seed + 1)
-    _, xe = ode_paths(xs1[0], 100)
+    _, xe = ode_paths(TOY, xs1[0][:, None], 100)
+    xe = xe[..., 0]
     grid = np.linspace(-2, 2, 400)
     ax = fig.add_subplot(gs[1, 2])
     bins = np.linspace(-2, 2, 81)
     ax.hist(xe[-1], bins, density=True, color='tab:green', alpha=0.5, label='consistency map (exact, 1 call)')
     ax.hist(xs8[-1], bins, density=True, histtype='step', color='tab:orange', lw=1.5, label='TrigFlow 8 steps')
-    ax.axvline((W * MU).sum(), color='tab:red', lw=2, label='TrigFlow 1 step (all at the mean)')
+    ax.axvline(TOY_MEAN, color='tab:red', lw=2, label='TrigFlow 1 step (all at the mean)')
     ax.plot(grid, mixture_pdf(grid), 'k', lw=1, label='data density')
     ax.set_xlabel('x_0')
     ax.set_ylabel('density')
@@ -251,8 +295,25 @@ def fig_trigflow(plt, lat, seed):
     ax_z.set_title('noise z ~ N(0, 1)', fontsize=10)
     ax_z.set_xlabel('density')
     ax_z.set_ylabel('x')
+    # (d) the same map learnt: calm's head trained alone on the toy with the sCT loss, sampled in one call
+    m = train_head_alone('consistency', lambda n: sample_mixture(TOY, n), 1, HEAD_ITERS, seed=seed)
+    grid_T = torch.linspace(-2.5, 2.5, 201)[:, None]
+    with torch.no_grad():
+        f1 = calm.consistency_fn(lambda x, t: m.head(x, t, torch.zeros(len(x), 8)), grid_T,
+                                 torch.full((len(grid_T),), math.pi / 2))
+    ax = fig.add_subplot(gs[1, 3])
+    ax.plot(grid_T[:, 0], ode_paths(TOY, grid_T)[1][-1, :, 0], color='tab:green', lw=3, alpha=0.6,
+            label='exact map: PF-ODE end point')
+    ax.plot(grid_T[:, 0], f1[:, 0], '.', color='tab:purple', ms=3,
+            label=f'trained head, 1 step ({HEAD_ITERS} sCT steps)')
+    ax.axhline(TOY_MEAN, color='tab:red', lw=1, ls=':', label='the mean')
+    ax.set_xlabel('noise x_T')
+    ax.set_ylabel('x_0 = f(x_T, pi/2)')
+    ax.legend(fontsize=7, loc='upper left')
+    ax.set_title('(d) the consistency map, exact vs learnt', fontsize=10)
     fig.text(0.01, 0.005, 'Nothing is trained in (b) and (c): F is the exact velocity E[v_t | x_t] of the toy. '
-             'The consistency head (calm.consistency_sample) is trained to reproduce the green map in one call.',
+             "In (d) calm's head is trained alone on the toy (tour.train_head_alone, CALM.head_loss with the sCT "
+             'loss) and must reproduce the green map in one call, keeping the order of the noises within each mode.',
              fontsize=8)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     return fig
@@ -375,7 +436,7 @@ def main(argv=None):
     print('[2/6] the VAE')
     fig, lat = fig_vae(plt, vae, short)
     save(fig, os.path.join(out, '02_vae.png'), written)
-    print('[3/6] TrigFlow and consistency')
+    print(f'[3/6] TrigFlow and consistency (trains a 1-D head for {HEAD_ITERS} steps, about a minute)')
     save(fig_trigflow(plt, lat, args.seed), os.path.join(out, '03_trigflow.png'), written)
     print('[4/6] temperature')
     save(fig_temperature(plt, vae, model, clip, n_new, args.seed), os.path.join(out, '04_temperature.png'), written)

@@ -3,7 +3,7 @@ Train calm: first the audio VAE, then the CALM language model on its latents.
 
     python train.py --toy                     # the whole toy pipeline on this CPU (~19 min), -> out/toy
                                               # (on CUDA the LM trains 9000 x 128 windows: ~9 min on an H100)
-    python train.py --data my_audio/ --out out/mine
+    python train.py --data my_audio/ --out out/mine    # a folder (searched recursively) of your own audio
     python train.py --stage lm --vae-from out/toy --out out/with_short --short-context 10
     torchrun --nproc_per_node=2 train.py --toy   # DistributedDataParallel (gloo on CPU, nccl on GPU)
 
@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import calm
+import corpus
 import data
 import rq
 import vae as vae_lib
@@ -58,11 +59,15 @@ def parse_args(argv=None):
     p.add_argument('--lm-clips', type=int,
                    help='number of toy clips whose latents train the LM (default: 8 x --clips = '
                         f"{TOY_CLIPS['lm_n']}); the first --clips of them are the VAE's")
-    p.add_argument('--data', help='folder of your own audio (wav/flac/ogg); resampled and mixed to mono')
+    p.add_argument('--data', help='folder of your own audio (wav/flac/ogg/mp3, searched recursively; read from disk '
+                                  'as needed, resampled and mixed to mono; docs/scale.md)')
+    p.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1),
+                   help='with --data: DataLoader processes reading VAE crops ahead (default: min(4, CPUs); 0 = none)')
     p.add_argument('--stage', choices=['all', 'vae', 'lm'], default='all', help='what to train (default: all)')
     p.add_argument('--out', default='out/toy', help='run folder for checkpoints, caches and logs (default: out/toy)')
     p.add_argument('--vae-from', help='with --stage lm: take the VAE (and its latent cache) from this run folder')
-    p.add_argument('--preset', choices=['toy', 'paper'], default='toy', help='model sizes (paper: for a GPU)')
+    p.add_argument('--preset', choices=['toy', 'small', 'paper'], default='toy',
+                   help='model sizes: toy (CPU), small (one GPU, your own speech or music), paper (several GPUs)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--resume', action='store_true', help='continue the run in --out where it stopped')
@@ -217,13 +222,10 @@ def lr_schedule(recipe, steps, cfg):
 
 
 def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra=None, validate=None, adversary=None):
-    """Train `model` for recipe['steps'] steps of AdamW with linear warmup + cosine decay.
-
-    get_batch(step) must be a pure function of the step (resume reproduces the data order);
-    model(batch, step) returns (loss, stats); validate(), if given, returns held-out stats, logged at
-    every checkpoint; adversary (VAE-GAN), if given, adds its terms to the loss and trains a
-    discriminator. Returns (finished, stats of the last step and validation).
-    """
+    """Train `model` for recipe['steps'] steps of AdamW with linear warmup + cosine decay. get_batch(step) must
+    be a pure function of the step (resume reproduces the data order); model(batch, step) returns (loss, stats);
+    validate(), if given, returns held-out stats, logged at every checkpoint; adversary (VAE-GAN), if given, adds
+    its terms to the loss and trains a discriminator. Returns (finished, stats of the last step and validation)."""
     device = args.device
     opt = make_optimizer(stage, model, recipe)
     step, steps = 0, recipe['steps']
@@ -300,8 +302,7 @@ def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra
 
 
 def make_optimizer(stage, model, recipe):
-    """AdamW; weight decay on matrices only."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]  # AdamW; weight decay on matrices only
     other = [p for n, p in model.named_parameters() if p.dim() < 2]
     return torch.optim.AdamW([{'params': decay, 'weight_decay': recipe['wd']}, {'params': other, 'weight_decay': 0.0}],
                              lr=recipe['lr'], betas=(0.9, 0.95) if stage == 'lm' else (0.8, 0.99))
@@ -332,17 +333,22 @@ def check_replicas(stage, params, log):
 # Stage 1: the VAE (paper Eq. 2, the VAE-GAN loss, without the adversarial terms in the toy)
 
 def load_audio_set(args):
-    """The training audio as a list of float32 arrays at data.SR: toy clips or the user's folder."""
-    if args.data:
-        clips = data.audio_folder(args.data, data.SR)
-        if not clips:
-            raise SystemExit(f'error: no wav/flac/ogg files in {args.data}')
-        return clips
-    return [c.wav for c in data.toy_clips('train', args.clips, TOY_CLIPS['seconds'])]
+    """The training audio: the toy clips as a list of float32 arrays at data.SR, or for --data a corpus.Index
+    of the user's files (their headers only; the audio stays on disk). The index is cached in the run
+    folder; under DDP rank 0 builds it and the other ranks read it."""
+    if not args.data:
+        return [c.wav for c in data.toy_clips('train', args.clips, TOY_CLIPS['seconds'])]
+    try:
+        index = corpus.shared_index(args.data, os.path.join(args.out, 'index.json'))
+    except ValueError as e:
+        raise SystemExit(f'error: --data: {e}')
+    if not len(index):
+        raise SystemExit(f"error: no readable {'/'.join(e[1:] for e in corpus.AUDIO_EXTS)} files under {args.data}")
+    return index
 
 
 def train_vae(args, clips, ddp, rank, log):
-    cfg = override(vae_lib.PAPER if args.preset == 'paper' else vae_lib.TOY, args.overrides['vae'])
+    cfg = override(getattr(vae_lib, args.preset.upper()), args.overrides['vae'])
     recipe = dict(RECIPES['vae'], **({'steps': args.vae_steps} if args.vae_steps else {}))
     record_run(args, 'vae', cfg, recipe, ddp, log)
     torch.manual_seed(args.seed + rank)  # each stage seeds itself: a resumed run re-creates the same init
@@ -353,16 +359,19 @@ def train_vae(args, clips, ddp, rank, log):
         print(f'vae: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {model.frame_rate:g} frames/s, '
               f'{cfg.latent_dim} dims; {len(clips)} clips; {recipe["steps"]} steps of {recipe["batch"]} x {recipe["crop"]} s'
               + (f'; VAE-GAN, discriminator {adversary.describe(recipe["steps"])}' if adversary else ''))
+    if isinstance(clips, corpus.Index):  # --data: DataLoader workers read crops from disk, also pure in the step
+        get_batch = corpus.CropLoader(corpus.CropDataset(clips, args.seed, recipe['batch'], length, cfg.sample_rate,
+                                                         rank), args.workers, pin_memory=args.device.startswith('cuda'))
+    else:
+        get_batch = lambda s: torch.from_numpy(data.crop_batch(clips, s, args.seed, recipe['batch'], length, rank))
     path = os.path.join(args.out, 'vae.pt')
-    finished, stats = train(
-        'vae', model, cfg, recipe,
-        lambda s: torch.from_numpy(data.crop_batch(clips, s, args.seed, recipe['batch'], length, rank)), path, args, ddp, log,
-        adversary=adversary)
+    finished, stats = train('vae', model, cfg, recipe, get_batch, path, args, ddp, log, adversary=adversary)
     if finished:
         # Standardise the latents for the LM (as pocket-tts does): TrigFlow assumes a known data std sigma_d,
         # so the LM reads (mu - mean) / std and sigma_d = 1.
         with torch.no_grad():
-            mus = [model.posterior(torch.from_numpy(w)[None].to(args.device))[0][0] for w in clips[:256]]
+            mus = [model.posterior(torch.from_numpy(w)[None].to(args.device))[0][0]
+                   for w in corpus.stats_audio(clips, cfg.sample_rate)]
         model.set_latent_stats(torch.cat(mus))
         if log.enabled:
             ck = torch.load(path, weights_only=False)
@@ -375,38 +384,40 @@ def train_vae(args, clips, ddp, rank, log):
 # -----------------------------------------------------------------------------------------------
 # Stage 2: the language model on cached latents (paper Eq. 3)
 
-@torch.no_grad()
-def encode_all(vae, n, get_wav, device, cache):
-    """Encode n clips once (the LM never re-encodes audio) and cache the latents beside the VAE.
-    get_wav(i) -> float32 wav of clip i: toy clips are rendered on the fly, so the LM can see far more
-    clips than the VAE trained on without holding their audio in memory. A cache of another size is rebuilt."""
-    if os.path.exists(cache):
-        latents = torch.load(cache, weights_only=False)
-        if len(latents) == n:
-            return latents
-    t0 = time.time()
-    latents = []
-    for i in range(n):
-        latents.append(vae.encode(torch.from_numpy(get_wav(i))[None].to(device))[0].cpu())
-        if (i + 1) % 256 == 0 or i + 1 == n:
-            rate = (i + 1) / (time.time() - t0)
-            print(f'encode {i + 1}/{n} clips | {rate:.1f} clips/s | ETA {fmt_time((n - i - 1) / rate)}', flush=True)
-    save_atomic(latents, cache)
-    return latents
+def encode_all(vae, clips, n, cache, device, rank=0):
+    """Encode the LM's training audio ONCE into the latent cache beside the VAE (corpus.encode_latents: a
+    memory-mapped array on disk, resumable, each DDP rank encoding its share) and return it; the LM never
+    re-encodes audio. Toy: n clips, rendered on the fly past the VAE's own (so the LM sees far more clips
+    than the VAE trained on without holding their audio), cached as float32. --data: corpus.encode_index."""
+    if isinstance(clips, corpus.Index):
+        return corpus.encode_index(vae, clips, cache, device, verbose=rank == 0)
+
+    def read(i, start, count):
+        wav = clips[i] if i < len(clips) else data.make_clip(data.clip_seed('train', i), TOY_CLIPS['seconds']).wav
+        return wav[start:start + count]
+    length = int(round(TOY_CLIPS['seconds'] * data.SR))  # data.make_clip's length
+    # bucket=1: the clips all have one length (one input shape), and unpadded they keep their exact values
+    return corpus.encode_latents(vae, [length] * n, read, cache, device, np.float32, bucket=1,
+                                 names=[f'toy-train-{i}' for i in range(n)], verbose=rank == 0)
 
 
 def window_batch(latents, step, seed, batch, length, rank=0, texts=None):
     """Random windows of `length` frames from the cached latent sequences; pure function of (seed, step).
-    texts (one list of word ids per cached clip): also return each window's clip description as
-    ids [batch, L] (calm.pad_text); the windows drawn are the same with or without texts."""
+    latents: a list of [frames, D] tensors or a corpus.LatentCache (memmap; only the windows are read).
+    Sequences are drawn uniformly, or in proportion to their length when the cache says so (--data:
+    files of any length). texts (one list of word ids per cached clip): also return each window's clip
+    description as ids [batch, L] (calm.pad_text); the windows drawn are the same with or without texts."""
     g = np.random.default_rng([seed, step, rank, 1])
+    cum = getattr(latents, 'cum', None)
     windows, ids = [], []
     for b in range(batch):
-        i = g.integers(len(latents))
+        i = g.integers(len(latents)) if cum is None else int(np.searchsorted(cum, g.integers(cum[-1]), side='right'))
         z = latents[i]
         ids.append(texts[i] if texts is not None else [])
         start = g.integers(max(1, z.shape[0] - length + 1))
         w = z[start:start + length]
+        if isinstance(w, np.ndarray):  # a memory-mapped cache: read this window only, as float32
+            w = torch.from_numpy(w.astype(np.float32))
         if w.shape[0] < length:  # short user clips: repeat the last frame rather than invent silence latents
             w = torch.cat([w, w[-1:].expand(length - w.shape[0], -1)])
         windows.append(w)
@@ -450,7 +461,7 @@ CALM_ONLY = {'head_loss': '--head-loss', 'head_batch_mul': '--head-batch-mul', '
 
 def lm_config(args, vae):
     """calm.Config of the LM, or with --model rq/delay an rq.Config with the same backbone (rq.config_like)."""
-    cfg = calm.PAPER if args.preset == 'paper' else calm.TOY
+    cfg = getattr(calm, args.preset.upper())
     cfg = dataclasses.replace(cfg, latent_dim=vae.cfg.latent_dim)
     if not args.data and 'n_text' not in args.overrides['lm']:
         cfg = dataclasses.replace(cfg, n_text=len(data.VOCAB))  # toy runs are text-conditioned
@@ -486,21 +497,9 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
     recipe, cfg = lm_recipe(args, cfg)
     record_run(args, 'lm', cfg, recipe, ddp, log, vae=os.path.abspath(os.path.join(vae_dir, 'vae.pt')),
                kind=args.model)
-    cache = os.path.join(vae_dir, 'latents.pt')
-    if args.data:
-        n, get_wav = len(clips), lambda i: clips[i]
-    else:  # the VAE's clips are the first toy clips; the LM sees args.lm_clips of them
-        n = args.lm_clips or TOY_CLIPS['lm_n'] * args.clips // TOY_CLIPS['n']
-        get_wav = lambda i: clips[i] if i < len(clips) else data.make_clip(data.clip_seed('train', i),
-                                                                           TOY_CLIPS['seconds']).wav
-    if rank == 0:
-        latents = encode_all(vae, n, get_wav, args.device, cache)
-    if ddp:
-        dist.barrier()
-    if rank != 0:
-        latents = torch.load(cache, weights_only=False)
-    if args.device.startswith('cuda'):
-        latents = [z.pin_memory() for z in latents]
+    # the VAE's clips are the first toy clips; the LM sees args.lm_clips of them
+    n = len(clips) if args.data else args.lm_clips or TOY_CLIPS['lm_n'] * args.clips // TOY_CLIPS['n']
+    latents = encode_all(vae, clips, n, os.path.join(vae_dir, 'latents'), args.device, rank)
     # Toy clip i of the cache is data.clip_seed('train', i): its description is a pure function of i, kept
     # beside the latents as word ids (no audio re-rendered).
     texts = ([data.tokenize(data.clip_description(data.clip_seed('train', i))) for i in range(len(latents))]
@@ -509,7 +508,8 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
     ckpt_path = os.path.join(args.out, 'calm.pt')  # the run's LM, whichever kind (ck['kind'])
     if args.model != 'calm':  # a discrete baseline; its RVQ is fitted on the cached latents (resumed: loaded)
         try:
-            model = rq.build_fitted(cfg, latents, args.seed, not (args.resume and os.path.exists(ckpt_path)), log)
+            fit = not (args.resume and os.path.exists(ckpt_path))
+            model = rq.build_fitted(cfg, [latents.frames()], args.seed, fit, log)
         except ValueError as e:
             raise SystemExit(f'error: {e}')
         model.to(args.device)

@@ -53,6 +53,11 @@ class Config:
 # 8 Transformer layers each side, 10 s context, KL weight 0.01, VAE-GAN. (For a GPU.)
 PAPER = Config(discriminator=True)
 
+# Small (one GPU, your own speech or music: train.py --preset small): the paper's speech VAE layout (24 kHz,
+# 12.5 frames/s, 32 dims, same ratios) with half the conv channels, a 256-wide bottleneck and 2 Transformer
+# layers per side (as pocket-tts's codec; fewer layers also shorten the left context of chunked encoding).
+SMALL = Config(channels=32, max_channels=512, d_model=256, n_transformer_layers=2, n_heads=4, discriminator=True)
+
 # Toy (CPU): same 12.5 frames/s and the same design, with the outermost stage of each side replaced by a
 # fixed transform: the encoder reads a causal STFT (n_fft 960, hop 240: 100 frames/s, log-magnitudes),
 # one strided conv stage (x8) reaches 12.5 frames/s; the decoder mirrors it back to 100 frames/s of
