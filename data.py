@@ -247,6 +247,19 @@ def load_audio(path, sr=SR) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def crop_batch(clips, step, seed, batch, length, rank=0) -> np.ndarray:
+    """The VAE's training batch [batch, length]: random crops of `clips` (zero-padded when shorter), a pure
+    function of (seed, step, rank) so that a resumed run sees the same data."""
+    g = np.random.default_rng([seed, step, rank])
+    out = np.zeros((batch, length), np.float32)
+    for b in range(batch):
+        wav = clips[g.integers(len(clips))]
+        start = g.integers(max(1, len(wav) - length + 1))
+        piece = wav[start:start + length]
+        out[b, :len(piece)] = piece
+    return out
+
+
 # -----------------------------------------------------------------------------------------------
 # Command line: a prompt to try sample.py on, right after training
 

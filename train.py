@@ -19,7 +19,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -208,48 +207,46 @@ def record_run(args, stage, cfg, recipe, ddp, log, **extra):
 # -----------------------------------------------------------------------------------------------
 # One training loop for both stages
 
-def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra=None, validate=None):
-    """Train `model` for recipe['steps'] steps of AdamW with linear warmup + cosine decay.
-
-    get_batch(step) must be a pure function of the step (resume reproduces the data order);
-    model(batch, step) returns (loss, stats); validate(), if given, returns held-out stats, logged at
-    every checkpoint. Returns (finished, stats of the last step and validation).
-    """
-    device = args.device
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    other = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': recipe['wd']}, {'params': other, 'weight_decay': 0.0}],
-                            lr=recipe['lr'], betas=(0.9, 0.95) if stage == 'lm' else (0.8, 0.99))
-    steps, step = recipe['steps'], 0
-    if args.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ck['model'])
-        opt.load_state_dict(ck['optimizer'])
-        step, steps = ck['step'], ck['steps']
-        set_rng_state(ck['rng'])
-        if log.enabled:
-            print(f'{stage}: resuming from {ckpt_path} at step {step}/{steps}')
-
-    # sCT tuning after a TrigFlow phase runs at recipe['sct_lr'] x the schedule; sCT from scratch does not
+def lr_schedule(recipe, steps, cfg):
+    """lr(step): linear warmup, cosine to 10% (nanoGPT's); x recipe['sct_lr'] in sCT after a TrigFlow phase."""
     tuning = getattr(cfg, 'head_loss', '') == 'consistency' and getattr(cfg, 'diffusion_steps', 0) > 0
     sct_from = cfg.diffusion_steps if tuning else math.inf
 
-    def lr_at(s):  # linear warmup, then cosine to 10% (nanoGPT's schedule); x sct_lr in the sCT phase
+    def lr_at(s):
         lr = recipe['lr'] * (recipe.get('sct_lr', 1.0) if s >= sct_from else 1.0)
         if s < recipe['warmup']:
             return lr * (s + 1) / recipe['warmup']
         frac = (s - recipe['warmup']) / max(1, steps - recipe['warmup'])
         return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+    return lr_at
+
+
+def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra=None, validate=None, adversary=None):
+    """Train `model` for recipe['steps'] steps of AdamW with linear warmup + cosine decay. get_batch(step) must
+    be a pure function of the step (resume reproduces the data order); model(batch, step) returns (loss, stats);
+    validate(), if given, returns held-out stats, logged at every checkpoint; adversary (VAE-GAN), if given, adds
+    its terms to the loss and trains a discriminator. Returns (finished, stats of the last step and validation)."""
+    device = args.device
+    opt = make_optimizer(stage, model, recipe)
+    step, steps = 0, recipe['steps']
+    if args.resume and os.path.exists(ckpt_path):
+        step, steps = resume(ckpt_path, model, opt, adversary, device)
+        if log.enabled:
+            print(f'{stage}: resuming from {ckpt_path} at step {step}/{steps}')
+    lr_at = lr_schedule(recipe, steps, cfg)
 
     def checkpoint():
         if log.enabled:
             save_atomic({'config': dataclasses.asdict(cfg), 'model': model.state_dict(), 'optimizer': opt.state_dict(),
-                         'step': step, 'steps': steps, 'rng': rng_state(), 'recipe': recipe, **(extra or {})},
-                        ckpt_path)
+                         'step': step, 'steps': steps, 'rng': rng_state(), 'recipe': recipe, **(extra or {}),
+                         **(adversary.state_dict() if adversary is not None else {})}, ckpt_path)
 
-    net = model
-    if ddp:
-        net = DDP(model)
+    def held_out():
+        stats.update(validate())
+        log({'stage': stage, 'step': step, **stats}, f'{stage} {step:>5}/{steps} | held-out ' +
+            ' | '.join(f'{k} {v:.4g}' for k, v in stats.items() if k.startswith('val')))
+
+    net = DDP(model) if ddp else model
     if args.compile:
         net = torch.compile(net)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else torch.autocast('cpu', enabled=False)
@@ -265,25 +262,25 @@ def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra
             batch = batch.to(device, non_blocking=True)
             with autocast:
                 loss, stats = net(batch, step, text) if stage == 'lm' else net(batch)
+                if adversary is not None:  # updates the discriminator, returns the generator's terms
+                    loss = loss + adversary(step, steps, lr_at(step), *model.last, stats)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            stats['grad_norm'] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+            groups = model.grad_groups() if hasattr(model, 'grad_groups') else {'grad_norm': model.parameters()}
+            stats.update({k: float(torch.nn.utils.clip_grad_norm_(ps, 1.0)) for k, ps in groups.items()})
             opt.step()
             step += 1
             done_here += 1
             if step % args.log_every == 0 or step == steps:
                 rate = (step - s_log) / (time.time() - t_log)
                 t_log, s_log = time.time(), step
-                eta = (steps - step) / max(rate, 1e-9)
-                parts = ' | '.join(f'{k} {v:.4g}' for k, v in stats.items())
                 log({'stage': stage, 'step': step, 'lr': lr_at(step - 1), 'steps_per_s': rate, **stats},
-                    f'{stage} {step:>5}/{steps} | {parts} | {rate:.2f} steps/s | ETA {fmt_time(eta)}')
+                    f'{stage} {step:>5}/{steps} | ' + ' | '.join(f'{k} {v:.4g}' for k, v in stats.items()) +
+                    f' | {rate:.2f} steps/s | ETA {fmt_time((steps - step) / max(rate, 1e-9))}')
             if step % args.ckpt_every == 0:
                 checkpoint()
                 if validate is not None and step < steps:
-                    stats.update(validate())
-                    log({'stage': stage, 'step': step, **stats}, f'{stage} {step:>5}/{steps} | held-out ' +
-                        ' | '.join(f'{k} {v:.4g}' for k, v in stats.items() if k.startswith('val')))
+                    held_out()
             out_of_time = args.minutes is not None and time.time() - t_start > 60 * args.minutes
             if out_of_time or (args.stop_after is not None and done_here >= args.stop_after):
                 if log.enabled:
@@ -297,18 +294,39 @@ def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra
         raise SystemExit(130)
     checkpoint()
     if validate is not None and step >= steps:
-        stats.update(validate())
-        log({'stage': stage, 'step': step, **stats}, f'{stage} {step:>5}/{steps} | held-out ' +
-            ' | '.join(f'{k} {v:.4g}' for k, v in stats.items() if k.startswith('val')))
-    if ddp:  # the replicas must hold identical weights (DDP all-reduces gradients); measure it
-        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-        ref = flat.clone()
-        dist.broadcast(ref, 0)
-        diff = (flat - ref).abs().max()
-        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-        log({'stage': stage, 'replica_max_abs_diff': float(diff)}, f'{stage}: replicas differ by at most {float(diff):.3g}')
+        held_out()
+    if ddp:  # the VAE-GAN's discriminator too
+        check_replicas(stage, [*model.parameters(), *(adversary.disc.parameters() if adversary else [])], log)
     model.eval()
     return step >= steps, stats
+
+
+def make_optimizer(stage, model, recipe):
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]  # AdamW; weight decay on matrices only
+    other = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{'params': decay, 'weight_decay': recipe['wd']}, {'params': other, 'weight_decay': 0.0}],
+                             lr=recipe['lr'], betas=(0.9, 0.95) if stage == 'lm' else (0.8, 0.99))
+
+
+def resume(ckpt_path, model, opt, adversary, device):
+    """Load weights, optimizer(s) and RNG state from a checkpoint; returns (step, steps)."""
+    ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+    model.load_state_dict(ck['model'])
+    opt.load_state_dict(ck['optimizer'])
+    set_rng_state(ck['rng'])
+    if adversary is not None:
+        adversary.load_state_dict(ck)
+    return ck['step'], ck['steps']
+
+
+def check_replicas(stage, params, log):
+    """DDP: the replicas must hold identical weights (DDP all-reduces gradients); measure it."""
+    flat = torch.cat([p.detach().flatten() for p in params])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    diff = (flat - ref).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    log({'stage': stage, 'replica_max_abs_diff': float(diff)}, f'{stage}: replicas differ by at most {float(diff):.3g}')
 
 
 # -----------------------------------------------------------------------------------------------
@@ -329,18 +347,6 @@ def load_audio_set(args):
     return index
 
 
-def crop_batch(clips, step, seed, batch, length, rank=0):
-    """A batch of random crops, a pure function of (seed, step, rank) so a resumed run sees the same data."""
-    g = np.random.default_rng([seed, step, rank])
-    out = np.zeros((batch, length), np.float32)
-    for b in range(batch):
-        wav = clips[g.integers(len(clips))]
-        start = g.integers(max(1, len(wav) - length + 1))
-        piece = wav[start:start + length]
-        out[b, :len(piece)] = piece
-    return torch.from_numpy(out)
-
-
 def train_vae(args, clips, ddp, rank, log):
     cfg = override(getattr(vae_lib, args.preset.upper()), args.overrides['vae'])
     recipe = dict(RECIPES['vae'], **({'steps': args.vae_steps} if args.vae_steps else {}))
@@ -348,16 +354,18 @@ def train_vae(args, clips, ddp, rank, log):
     torch.manual_seed(args.seed + rank)  # each stage seeds itself: a resumed run re-creates the same init
     model = vae_lib.VAE(cfg).to(args.device)
     length = int(recipe['crop'] * cfg.sample_rate) // model.hop * model.hop
+    adversary = vae_lib.Adversary(cfg, args.seed, args.device, ddp) if cfg.discriminator else None
     if log.enabled:
         print(f'vae: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {model.frame_rate:g} frames/s, '
-              f'{cfg.latent_dim} dims; {len(clips)} clips; {recipe["steps"]} steps of {recipe["batch"]} x {recipe["crop"]} s')
+              f'{cfg.latent_dim} dims; {len(clips)} clips; {recipe["steps"]} steps of {recipe["batch"]} x {recipe["crop"]} s'
+              + (f'; VAE-GAN, discriminator {adversary.describe(recipe["steps"])}' if adversary else ''))
     if isinstance(clips, corpus.Index):  # --data: DataLoader workers read crops from disk, also pure in the step
         get_batch = corpus.CropLoader(corpus.CropDataset(clips, args.seed, recipe['batch'], length, cfg.sample_rate,
                                                          rank), args.workers, pin_memory=args.device.startswith('cuda'))
     else:
-        get_batch = lambda s: crop_batch(clips, s, args.seed, recipe['batch'], length, rank)
+        get_batch = lambda s: torch.from_numpy(data.crop_batch(clips, s, args.seed, recipe['batch'], length, rank))
     path = os.path.join(args.out, 'vae.pt')
-    finished, stats = train('vae', model, cfg, recipe, get_batch, path, args, ddp, log)
+    finished, stats = train('vae', model, cfg, recipe, get_batch, path, args, ddp, log, adversary=adversary)
     if finished:
         # Standardise the latents for the LM (as pocket-tts does): TrigFlow assumes a known data std sigma_d,
         # so the LM reads (mu - mean) / std and sigma_d = 1.
@@ -530,13 +538,6 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
         validate=lambda: lm_validate(model, val))
 
 
-def load_vae(path, device):
-    ck = torch.load(path, map_location=device, weights_only=False)
-    model = vae_lib.VAE(vae_lib.Config(**ck['config'])).to(device)
-    model.load_state_dict(ck['model'])
-    return model.eval(), ck
-
-
 def main(argv=None):
     args = parse_args(argv)
     ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
@@ -581,7 +582,7 @@ def main(argv=None):
             raise SystemExit(f'error: no VAE at {vae_path}: train it first (--stage vae) or pass --vae-from RUN_DIR')
         if ddp:  # rank 0 may have just written the VAE
             dist.barrier()
-        vae, _ = load_vae(vae_path, args.device)
+        vae, _ = vae_lib.load(vae_path, args.device)
         _, finished, stats = train_lm(args, vae, clips, vae_dir, ddp, rank, log)
         summary['lm'] = stats
     if log.enabled:

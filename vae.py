@@ -8,7 +8,7 @@ reads the (standardised) posterior mean.
     vae = VAE(TOY)
     x = vae.encode(wav)       # [B, T] -> [B, ceil(T / hop), D], standardised posterior mean
     wav_hat = vae.decode(x)   # [B, S, D] -> [B, S * hop]
-    loss, stats = vae(wav)    # training: L1 + multi-res STFT (+ adversarial) + kl_weight * KL;
+    loss, stats = vae(wav)    # training: L1 + multi-res STFT + kl_weight * KL (+ adversarial: Adversary);
                               # TOY: a loss on the decoded log-magnitudes (spectral_loss) + kl_weight * KL
 
 Everything is causal: latent s depends only on samples < (s + 1) * hop, and output sample t only on
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -39,9 +40,11 @@ class Config:
     freq_weight: float = 1.0         # multi-resolution STFT
     stft_sizes: tuple = (2048, 1024, 512, 256, 128)
     stft_hop: int = 0                # 0: SEANet convs on the waveform. >0: spectral ends (TOY), see VAE
-    spec_weight: float = 1.0         # spectral ends only: the loss on the decoder's log-magnitudes
-    discriminator: bool = False      # VAE-GAN: multi-scale STFT discriminator (make_discriminator)
+    spec_weight: float = 0.0         # spectral ends only: the loss on the decoder's log-magnitudes
+    phase: str = 'vocoder'           # spectral ends only: 'vocoder' (fixed phase advance) or 'learned' (iSTFT head)
+    discriminator: bool = False      # VAE-GAN: multi-scale STFT discriminator, trained by train.py
     disc_channels: int = 32
+    disc_start: float = 0.3          # VAE-GAN: fraction of the training steps that are reconstruction-only
     adv_weight: float = 0.1
     feat_weight: float = 1.0
 
@@ -65,8 +68,10 @@ SMALL = Config(channels=32, max_channels=512, d_model=256, n_transformer_layers=
 # "phasey"; pitch, envelope and timing are kept. 16 latent dims: toy music needs little rate. No
 # Transformer layers in the toy bottleneck (optional, paper Table 13 has 8): with 2 layers the latent
 # carried ~8 nats/frame and pitch accuracy was 0% after 500 steps, without them 46 nats and 45%.
+# phase='learned' swaps the vocoder for a learned-phase iSTFT head (VAE.istft_head; docs/codec.md).
 TOY = Config(ratios=(8,), stft_hop=240, channels=256, max_channels=256, n_residual=2, latent_dim=16,
-             d_model=128, n_transformer_layers=0, n_heads=4, context=16, kl_weight=1e-4, spec_weight=1.0)
+             d_model=128, n_transformer_layers=0, n_heads=4, context=16, kl_weight=1e-4, spec_weight=1.0,
+             time_weight=0.0, freq_weight=0.0)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -169,6 +174,7 @@ class Bottleneck(nn.Module):
 class VAE(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
+        check_config(cfg)
         self.cfg = cfg
         self.hop = math.prod(cfg.ratios) * max(cfg.stft_hop, 1)
         self.frame_rate = cfg.sample_rate / self.hop
@@ -177,6 +183,7 @@ class VAE(nn.Module):
         # n_fft / 2 + 1 log-magnitudes of a causal STFT frame (n_fft = 4 * stft_hop, Hann, 75% overlap).
         self.n_fft = 4 * cfg.stft_hop
         io = self.n_fft // 2 + 1 if cfg.stft_hop else 1
+        self.delay = self.n_fft - cfg.stft_hop  # the output is the input delayed by this many samples (see vocoder)
         res = lambda ch: [ResidualUnit(ch, 3 ** j) for j in range(cfg.n_residual)]  # dilations 1, 3, 9 (SEANet)
         # Encoder (SEANet): conv k7, then per ratio (smallest first): residual units, ELU, strided conv
         # (kernel 2r) doubling the channels; then the bottleneck Transformer and a head for mean/logvar.
@@ -192,9 +199,13 @@ class VAE(nn.Module):
         for i, r in zip(range(len(cfg.ratios), 0, -1), cfg.ratios):
             dec += [nn.ELU(), CausalConvTranspose1d(chans[i], chans[i - 1], 2 * r, stride=r)] + res(chans[i - 1])
         self.decoder = nn.Sequential(*dec, nn.ELU(), CausalConv1d(chans[0], io, 7))
+        if cfg.phase == 'learned':  # the learned head's phase branch: increments per bin from the decoder's features
+            self.phase_net = nn.Sequential(CausalConv1d(chans[0], chans[0], 7), nn.ELU(), CausalConv1d(chans[0], io, 7))
         if cfg.stft_hop:
             self.register_buffer('window', torch.hann_window(self.n_fft), persistent=False)
         self.apply(init_weights)
+        if cfg.phase == 'learned':  # phase increments start at 0: the learned head starts as the phase vocoder
+            nn.init.zeros_(self.phase_net[-1].weight)
         # Start with a narrow posterior (std e^-2): with logvar = 0 the sampled latent is pure noise at
         # init, the decoder learns to ignore it and the KL then collapses the posterior to the prior.
         nn.init.constant_(self.enc_bottleneck.out.bias[cfg.latent_dim:], -4.0)
@@ -222,8 +233,18 @@ class VAE(nn.Module):
 
     def decode_raw(self, z):
         """Raw latents [B, S, D] -> wav [B, S * hop]."""
-        h = self.decoder(self.dec_bottleneck(z.transpose(1, 2)))
-        return self.vocoder(h, z.shape[1] * self.hop) if self.cfg.stft_hop else h[:, 0]
+        if not self.cfg.stft_hop:
+            return self.decoder(self.dec_bottleneck(z.transpose(1, 2)))[:, 0]
+        logmag, d = self.spectral_out(z)
+        return self.vocoder(logmag, z.shape[1] * self.hop) if d is None else self.istft_head(logmag, d, z.shape[1] * self.hop)
+
+    def spectral_out(self, z):
+        """Spectral ends: raw latents [B, S, D] -> (log-magnitudes, phase increments or None), each
+        [B, n_fft/2+1, 8 S]. The phase branch reads the decoder's features detached: the latent and the
+        magnitudes are trained by the spectral loss alone (a toy latent read from log-magnitudes carries
+        no more about the phase than the magnitudes do), and a learned phase costs no pitch accuracy."""
+        feats = self.decoder[:-1](self.dec_bottleneck(z.transpose(1, 2)))
+        return self.decoder[-1](feats), self.phase_net(feats.detach()) if self.cfg.phase == 'learned' else None
 
     def vocoder(self, logmag, n):
         """Log-magnitudes [B, n_fft/2+1, F] -> wav [B, n]. Phase vocoder with bin-centre phase advance:
@@ -236,9 +257,38 @@ class VAE(nn.Module):
         k = torch.arange(n_fft // 2 + 1, device=logmag.device)
         phase = (2 * math.pi * hop / n_fft) * torch.arange(N, device=logmag.device)[:, None] * k
         spec = torch.polar(torch.exp(logmag.float().clamp(max=8.0)).transpose(1, 2), phase.expand(logmag.shape[0], -1, -1))
+        return self.overlap_add(spec, n)
+
+    def istft_head(self, logmag, d, n):
+        """The learned-phase head (Vocos, arXiv 2306.00814 §3.2: log-magnitude and phase per bin, inverse
+        STFT), with the phase predicted as a per-frame increment and summed over frames (the phase gradient
+        of arXiv 2208.12782): a steady note gives a steady decoder output, hence a steady increment, hence a
+        sinusoid; a phase predicted directly would repeat every frame. The increment is the vocoder's
+        bin-centre advance plus pi * tanh(d) (a partial up to 50 Hz = 2 bins away can steer the bin), and d
+        starts at 0, so the head starts as the phase vocoder. Causal as the vocoder: the sum runs over
+        past frames only, and the frames are overlap-added at the same places."""
+        logmag, d = logmag.float(), d.float()  # [B, n_fft/2+1, F] each
+        N, k = d.shape[-1], torch.arange(d.shape[1], device=d.device)
+        # bin k turns by 2 pi k hop / n_fft = (pi / 2) k per frame (n_fft = 4 hop); reduced mod 2 pi exactly
+        base = (math.pi / 2) * ((torch.arange(N, device=d.device)[:, None] * k) % 4)
+        phase = base + torch.cumsum(math.pi * torch.tanh(d), dim=-1).transpose(1, 2)
+        return self.overlap_add(torch.polar(torch.exp(logmag.clamp(max=8.0)).transpose(1, 2), phase), n)
+
+    def overlap_add(self, spec, n):
+        """Complex frames [B, F, n_fft/2+1] -> wav [B, n]: frame f windowed and added at [f hop, f hop + n_fft)."""
+        hop, n_fft, N = self.cfg.stft_hop, self.n_fft, spec.shape[1]
         frames = torch.fft.irfft(spec, n=n_fft) * self.window  # [B, F, n_fft]
         out = F.fold(frames.transpose(1, 2), (1, (N - 1) * hop + n_fft), (1, n_fft), stride=(1, hop))
         return out[:, 0, 0, :n] / 1.5  # the squared Hann windows at 75% overlap sum to 1.5
+
+    def grad_groups(self):
+        """Parameters whose gradient norms train.py clips separately. The learned head's phase branch learns
+        from other losses at another scale; under one shared clip its spikes (total norm 355 at step 25)
+        shrink the other parameters' steps, and that run's magnitudes once blew up (spectral loss 805 at
+        step 125, ~1 before and after)."""
+        phase = [p for n, p in self.named_parameters() if n.startswith('phase_net.')]
+        rest = [p for n, p in self.named_parameters() if not n.startswith('phase_net.')]
+        return {'grad_norm': rest, 'grad_norm_phase': phase} if phase else {'grad_norm': rest}
 
     @torch.no_grad()
     def encode(self, wav):
@@ -257,26 +307,49 @@ class VAE(nn.Module):
         self.latent_std.copy_(x.std(0).clamp_min(1e-3))
 
     def forward(self, wav):
-        """Training loss on wav [B, T]: returns (loss, stats). Paper Eq. 2, minus the adversarial
-        terms (computed outside with make_discriminator when cfg.discriminator)."""
+        """Training loss on wav [B, T]: returns (loss, stats). Paper Eq. 2: reconstruction + kl_weight * KL; the
+        adversarial terms of a VAE-GAN are added by the caller (train.py) on self.last = (target, output)."""
         cfg = self.cfg
         mu, logvar = self.posterior(wav)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # reparameterisation trick
         l_kl = kl_divergence(mu, logvar)
-        if cfg.stft_hop:  # spectral ends: the loss is on the decoder's log-magnitudes (no phase to fit)
-            T = wav.shape[-1]
+        T, stats = wav.shape[-1], {}
+        if cfg.stft_hop:  # spectral ends: a loss on the decoder's log-magnitudes, the waveform losses below if asked
             target = self.log_spectrogram(F.pad(wav, (0, self.n_frames(T) * self.hop - T)))
-            l_spec = spectral_loss(self.decoder(self.dec_bottleneck(z.transpose(1, 2))), target)
+            logmag, d = self.spectral_out(z)
+            l_spec = spectral_loss(logmag, target)
             loss = cfg.spec_weight * l_spec + cfg.kl_weight * l_kl
-            return loss, {'loss': loss.item(), 'spec': l_spec.item(), 'kl': l_kl.item()}
-        wav_hat = self.decode_raw(z)[:, :wav.shape[-1]]
+            stats = {'loss': loss.item(), 'spec': l_spec.item(), 'kl': l_kl.item()}
+            if not (cfg.time_weight or cfg.freq_weight or cfg.discriminator):
+                return loss, stats
+            # The waveform terms train the vocoder's magnitudes, or the learned head's phase branch only.
+            n = z.shape[1] * self.hop
+            wav_hat = (self.vocoder(logmag, n) if d is None else self.istft_head(logmag.detach(), d, n))[:, :T]
+            wav = F.pad(wav, (self.delay, 0))[:, :T]  # the spectral ends' output lags by self.delay samples
+        else:
+            wav_hat = self.decode_raw(z)[:, :T]
+            loss = cfg.kl_weight * l_kl
         l_time = (wav_hat - wav).abs().mean()
         l_freq = stft_loss(wav, wav_hat, cfg.stft_sizes)
-        loss = cfg.time_weight * l_time + cfg.freq_weight * l_freq + cfg.kl_weight * l_kl
-        self.last_recon = wav_hat  # for the adversarial terms, when a discriminator is trained outside
-        return loss, {'loss': loss.item(), 'l1': l_time.item(), 'stft': l_freq.item(), 'kl': l_kl.item()}
+        loss = loss + cfg.time_weight * l_time + cfg.freq_weight * l_freq
+        self.last = (wav, wav_hat)  # for the adversarial terms, when a discriminator is trained
+        return loss, {**stats, 'loss': loss.item(), 'l1': l_time.item(), 'stft': l_freq.item(), 'kl': l_kl.item()}
 
     loss = forward
+
+
+def check_config(cfg):
+    """A clear error for a combination that would leave a field without effect."""
+    if cfg.phase not in ('vocoder', 'learned'):
+        raise ValueError(f"vae.Config.phase must be 'vocoder' or 'learned', not {cfg.phase!r}")
+    if not cfg.stft_hop and (cfg.phase != 'vocoder' or cfg.spec_weight):
+        raise ValueError('vae.Config.phase and spec_weight act on the spectral ends: set stft_hop > 0 '
+                         '(the waveform decoder learns its phase anyway)')
+    if cfg.phase == 'learned' and not (cfg.spec_weight and (cfg.time_weight or cfg.freq_weight or cfg.discriminator)):
+        raise ValueError("phase='learned' needs spec_weight (its magnitudes) and a loss on the waveform (its phase): "
+                         'time_weight, freq_weight or discriminator')
+    if not 0 <= cfg.disc_start < 1:
+        raise ValueError(f'vae.Config.disc_start is a fraction of the training steps in [0, 1), not {cfg.disc_start}')
 
 
 def init_weights(mod):
@@ -325,7 +398,7 @@ def stft_loss(x, y, sizes):
 
 # -----------------------------------------------------------------------------------------------
 # Optional VAE-GAN discriminator (the paper follows Mimi / EnCodec: multi-scale STFT discriminator with
-# hinge adversarial loss and L1 feature matching). Trained by the caller with its own optimizer.
+# hinge adversarial loss and L1 feature matching), trained by train.py through Adversary.
 
 class STFTDiscriminator(nn.Module):
     def __init__(self, n_fft, ch):
@@ -378,3 +451,62 @@ def generator_adv_loss(disc, real, fake):
         adv = adv + F.relu(1 - lf).mean()
         feat = feat + sum((a.detach() - b).abs().mean() / (a.detach().abs().mean() + 1e-7) for a, b in zip(fr, ff)) / len(fr)
     return adv / len(disc.discs), feat / len(disc.discs)
+
+
+class Adversary:
+    """VAE-GAN (paper Eq. 2; Mimi and EnCodec, arXiv 2410.00037 §3.3.1 and 2210.13438 §3.4): the multi-scale
+    STFT discriminator above with its own AdamW, trained from step cfg.disc_start * steps on (a
+    reconstruction-only warm-up before, as RAVE and ParallelWaveGAN do). Each step: one hinge update of D on
+    the detached reconstruction, then the generator's adversarial + feature-matching terms under the
+    updated D, added to the reconstruction losses (the paper keeps them for music)."""
+
+    def __init__(self, cfg, seed, device, ddp):
+        self.cfg, self.ddp = cfg, ddp
+        with torch.random.fork_rng(devices=[]):  # D's init leaves the VAE's noise draws (global RNG) as they were
+            torch.manual_seed(seed + 1)          # the same D on every DDP replica
+            self.disc = make_discriminator(cfg).to(device)
+        self.opt = torch.optim.AdamW(self.disc.parameters(), lr=0.0, betas=(0.8, 0.99))
+
+    def __call__(self, step, steps, lr, real, fake, stats):
+        if step < round(self.cfg.disc_start * steps):
+            return 0.0
+        self.disc.requires_grad_(True)
+        d_loss = disc_loss(self.disc, real, fake.detach())
+        self.opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        if self.ddp:  # one D on every replica: average its gradients as DDP does the VAE's
+            for p in self.disc.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+        torch.nn.utils.clip_grad_norm_(self.disc.parameters(), 10.0)
+        for g in self.opt.param_groups:
+            g['lr'] = lr
+        self.opt.step()
+        self.disc.requires_grad_(False)  # the generator's terms below train the VAE only
+        adv, feat = generator_adv_loss(self.disc, real, fake)
+        stats.update(d_loss=d_loss.item(), g_adv=adv.item(), g_feat=feat.item())
+        return self.cfg.adv_weight * adv + self.cfg.feat_weight * feat
+
+    def describe(self, steps):
+        return f'{sum(p.numel() for p in self.disc.parameters()) / 1e6:.2f}M params from step {round(self.cfg.disc_start * steps)}'
+
+    def state_dict(self):
+        return {'disc': self.disc.state_dict(), 'disc_optimizer': self.opt.state_dict()}
+
+    def load_state_dict(self, ck):
+        """From a training checkpoint. One without a discriminator (a run trained without it) resumes as a
+        VAE-GAN if it stopped before disc_start: up to there the two runs take the same steps."""
+        if 'disc' in ck:
+            self.disc.load_state_dict(ck['disc'])
+            self.opt.load_state_dict(ck['disc_optimizer'])
+        elif ck['step'] > round(self.cfg.disc_start * ck['steps']):
+            raise SystemExit(f"error: the checkpoint has no discriminator and is at step {ck['step']}, past the "
+                             f"GAN's start (step {round(self.cfg.disc_start * ck['steps'])}): resume before it")
+
+
+def load(path, device='cpu'):
+    """(VAE in eval mode, checkpoint dict) from a vae.pt written by train.py."""
+    ck = torch.load(path, map_location=device, weights_only=False)
+    model = VAE(Config(**ck['config'])).to(device)
+    model.load_state_dict(ck['model'])
+    return model.eval(), ck

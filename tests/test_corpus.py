@@ -284,7 +284,7 @@ def test_ddp_ranks_encode_their_share_into_one_cache(folder, tmp_path):
     assert 'encode: 2 of 4 sources (rank 0 of 2)' in r.stdout and r.stdout.count('warning: skipping') == 2
     diffs = [json.loads(line).get('replica_max_abs_diff') for line in open(out / 'log.jsonl')]
     assert [d for d in diffs if d is not None] == [0.0, 0.0]
-    vae, _ = train.load_vae(str(out / 'vae.pt'), 'cpu')
+    vae, _ = vae_lib.load(str(out / 'vae.pt'), 'cpu')
     index = corpus.build_index(str(folder), verbose=False)
     single = train.encode_all(vae, index, len(index), str(tmp_path / 'single'), 'cpu')
     assert np.array_equal(np.asarray(single.array), np.load(out / 'latents.npy'))

@@ -211,3 +211,30 @@ def test_ddp_replicas_stay_identical(tmp_path):
     diffs = [json.loads(line) for line in open(out / 'log.jsonl')]
     diffs = [r['replica_max_abs_diff'] for r in diffs if 'replica_max_abs_diff' in r]
     assert len(diffs) == 2 and max(diffs) == 0.0
+
+
+GAN = ['--stage', 'vae', '--vae-steps', '4', '--vae.discriminator=true', '--vae.disc_channels=2',
+       '--vae.disc_start=0.25', '--vae.phase=learned', '--ckpt-every', '1', *TINY]
+
+
+def test_vae_gan_trains_its_discriminator_and_resumes_exactly(tmp_path, monkeypatch):
+    """discriminator=True trains D from step disc_start * steps on (logged d_loss / g_adv / g_feat, D and its
+    optimizer in the checkpoint), and a run interrupted after the GAN started resumes to the same weights.
+    With the learned-phase head, whose phase branch only the adversarial terms train here."""
+    tiny_recipes(monkeypatch)
+    full, cut = tmp_path / 'full', tmp_path / 'cut'
+    train_main(['--out', str(full), *GAN])
+    recs = [json.loads(line) for line in open(full / 'log.jsonl')]
+    assert 'd_loss' not in recs[0] and all({'d_loss', 'g_adv', 'g_feat'} <= set(r) for r in recs[1:])  # GAN from step 1
+    assert all(r['grad_norm_phase'] > 0 for r in recs[1:])  # the learned phase branch, clipped on its own
+    d = [r['d_loss'] for r in recs[1:]]
+    assert all(np.isfinite(d)) and len(set(d)) == len(d)  # the discriminator's loss moves
+    train_main(['--out', str(cut), '--stop-after', '2', *GAN])  # one step into the GAN phase
+    train_main(['--out', str(cut), '--resume', *GAN])
+    a, b = (torch.load(p / 'vae.pt', weights_only=False) for p in (full, cut))
+    fresh = train.vae_lib.Adversary(train.vae_lib.Config(**a['config']), 0, 'cpu', False).disc.state_dict()
+    assert any(not torch.equal(a['disc'][k], fresh[k]) for k in fresh)  # D was trained
+    for key in ('model', 'disc'):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    assert a['disc_optimizer']['state'][0]['step'] == b['disc_optimizer']['state'][0]['step'] == 3
