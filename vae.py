@@ -282,10 +282,9 @@ class VAE(nn.Module):
         return out[:, 0, 0, :n] / 1.5  # the squared Hann windows at 75% overlap sum to 1.5
 
     def grad_groups(self):
-        """Parameters whose gradient norms train.py clips separately. The learned head's phase branch learns
-        from other losses at another scale; under one shared clip its spikes (total norm 355 at step 25)
-        shrink the other parameters' steps, and that run's magnitudes once blew up (spectral loss 805 at
-        step 125, ~1 before and after)."""
+        """Parameters whose gradient norms train.py clips separately: the learned head's phase branch learns
+        from other losses at another scale, and under one shared clip its spikes shrank the other parameters'
+        steps (docs/codec.md)."""
         phase = [p for n, p in self.named_parameters() if n.startswith('phase_net.')]
         rest = [p for n, p in self.named_parameters() if not n.startswith('phase_net.')]
         return {'grad_norm': rest, 'grad_norm_phase': phase} if phase else {'grad_norm': rest}
