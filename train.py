@@ -162,11 +162,6 @@ class Log:
             print(line, flush=True)
 
 
-def fmt_time(s):
-    s = int(round(s))
-    return f'{s // 3600}h{s // 60 % 60:02d}m' if s >= 3600 else f'{s // 60}m{s % 60:02d}s'
-
-
 def recipe_reason(stage, args):
     """One line: the recipe a stage trains with, the defaults it comes from and the flags that changed them.
     The LM's defaults depend on the device (GPU_LM on CUDA), so this is printed at the start of every run."""
@@ -276,7 +271,7 @@ def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra
                 t_log, s_log = time.time(), step
                 log({'stage': stage, 'step': step, 'lr': lr_at(step - 1), 'steps_per_s': rate, **stats},
                     f'{stage} {step:>5}/{steps} | ' + ' | '.join(f'{k} {v:.4g}' for k, v in stats.items()) +
-                    f' | {rate:.2f} steps/s | ETA {fmt_time((steps - step) / max(rate, 1e-9))}')
+                    f' | {rate:.2f} steps/s | ETA {corpus.fmt_time((steps - step) / max(rate, 1e-9))}')
             if step % args.ckpt_every == 0:
                 checkpoint()
                 if validate is not None and step < steps:
@@ -586,7 +581,7 @@ def main(argv=None):
         _, finished, stats = train_lm(args, vae, clips, vae_dir, ddp, rank, log)
         summary['lm'] = stats
     if log.enabled:
-        print(f'\ndone in {fmt_time(time.time() - t0)}')
+        print(f'\ndone in {corpus.fmt_time(time.time() - t0)}')
         for stage, stats in summary.items():
             print(f'  {stage}: final ' + ', '.join(f'{k} {v:.4g}' for k, v in stats.items()))
         print(f'  checkpoints in {args.out}/ (try: python data.py prompt out/prompt.wav; '
