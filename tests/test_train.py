@@ -3,6 +3,7 @@ import dataclasses
 import json
 import os
 import socket
+import shutil
 import subprocess
 import sys
 
@@ -238,3 +239,19 @@ def test_vae_gan_trains_its_discriminator_and_resumes_exactly(tmp_path, monkeypa
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
     assert a['disc_optimizer']['state'][0]['step'] == b['disc_optimizer']['state'][0]['step'] == 3
+
+
+def test_a_checkpoint_from_before_time_scale_loads_with_100(tiny_run, tmp_path):
+    """calm.pt files written before Config.time_scale existed were trained with time features at 100 rad per
+    unit t: sample.load must rebuild them so, or their head would read other features than it learnt."""
+    shutil.copy(tiny_run / 'vae.pt', tmp_path / 'vae.pt')
+    ck = torch.load(tiny_run / 'calm.pt', weights_only=False)
+    assert ck['config']['time_scale'] == 10.0        # what a run writes now
+    del ck['config']['time_scale']
+    torch.save(ck, tmp_path / 'calm.pt')
+    _, old = sample.load(str(tmp_path))
+    _, new = sample.load(str(tiny_run))
+    assert old.cfg.time_scale == 100.0 and old.head.time_scale == 100.0 and new.head.time_scale == 10.0
+    x, t, z = torch.randn(3, new.cfg.latent_dim), torch.rand(3), torch.randn(3, new.cfg.d_model)
+    with torch.no_grad():
+        assert not torch.allclose(old.head(x, t, z), new.head(x, t, z))   # same weights, other features
