@@ -53,8 +53,8 @@ class Config:
 # 25 Hz; the head and short-Transformer sizes here are our guesses. Never trained here.
 PAPER = Config(latent_dim=128, d_model=1536, n_layers=48, n_heads=24, context=750, short_context=10,
                short_layers=4, head_width=1536, head_blocks=6, head_batch_mul=8, tangent_warmup=10000)
-# TOY: small enough that its LM stage fits the 20-minute CPU toy (~11 min on 2 cores); the head's sCT step
-# (its JVP) dominates the cost. The first 600 of 950 steps use the TrigFlow loss (diffusion_steps, see
+# TOY: small enough that the whole toy trains in 20-30 minutes on 2 CPU cores; the head's sCT steps (two
+# JVPs each) dominate the LM stage's cost. The first 600 of 950 steps use the TrigFlow loss (diffusion_steps, see
 # CALM.head_loss). No short-context Transformer (short_context=0, the paper's own ablation): on the toy it
 # made continuations worse; `--short-context 10` restores it. The measurements: docs/findings.md.
 TOY = Config(latent_dim=16, d_model=128, n_layers=3, n_heads=4, context=64, short_context=0,
@@ -187,8 +187,8 @@ class Transformer(nn.Module):
 def time_features(t, dim, scale):
     """Sinusoidal features of t in [0, pi/2] (c_noise(t) = t, sCM §4.1), frequencies `scale` down to
     scale / 10^4 rad per unit t. The sCT tangent differentiates F through them, so a large scale makes
-    dF/dt large and noisy (sCM §4.1): with 100, the trained 1-step map ran backwards within each mode of a
-    1-D mixture; with 3 or 10 it kept the order (docs/consistency.md)."""
+    dF/dt large and noisy (sCM §4.1): trained without tangent normalisation, a 1-D mixture's 1-step map ran
+    backwards within each mode with 100 and kept its order with 10 (docs/consistency.md)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
     ang = (scale * t)[:, None] * freqs[None]
