@@ -2,15 +2,15 @@
 CALM: Continuous Audio Language Model (Rouard et al., arXiv 2509.06926), minimal and readable.
 
     x_1..x_S  continuous VAE latents (standardised, so sigma_d = 1)
-    z_long_s  = T_long(noisy x_<s)                 causal Transformer, long context       (paper Eq. 3)
-    z_short_s = T_short(clean x_{s-K}..x_{s-1})    sliding-window Transformer, K frames   (paper Eq. 3)
+    z_long_s  = T_long(noisy x_<s)               causal Transformer, long context     (paper Eq. 3)
+    z_short_s = T_short(clean x_{s-K}..x_{s-1})  sliding-window Transformer, K frames (paper Eq. 3)
     z_s       = z_long_s + z_short_s
-    x_s      ~ head(noise, t, z_s)                  MAR adaLN MLP trained with TrigFlow or sCM (sCM §3-§4)
+    x_s      ~ head(noise, t, z_s)     MAR adaLN MLP trained with TrigFlow or sCM (sCM §3-§4)
 
-"paper" is the CALM paper, arXiv 2509.06926 (its Eq. 3: the training objective, with z_s as above and
-the noise-augmented inputs); "sCM §n" refers to Lu & Song, arXiv 2410.11081 (§3 TrigFlow and
-sCT, §4.1 architecture, §4.2 training objective tricks); "MAR" to Li et al., arXiv 2406.11838.
-Runs standalone on random latents: `python calm.py` prints parameter counts and a timing.
+"paper" is the CALM paper, arXiv 2509.06926 (its Eq. 3: the training objective, with z_s as above
+and the noise-augmented inputs); "sCM §n" refers to Lu & Song, arXiv 2410.11081 (§3 TrigFlow and
+sCT, §4.1 architecture, §4.2 training objective tricks); "MAR" to Li et al., arXiv 2406.11838. Runs
+standalone on random latents: `python calm.py` prints parameter counts and a timing.
 """
 import math
 import time
@@ -32,47 +32,59 @@ class Config:
     short_layers: int = 2
     head_width: int = 256
     head_blocks: int = 3
-    head_loss: str = 'consistency'   # 'trigflow' (diffusion, sCM §3) or 'consistency' (sCT, sCM §3-4)
-    head_batch_mul: int = 4       # M: each z_s is reused M times with fresh (noise, t) (MAR; paper uses 8)
-    noise_aug: bool = True        # corrupt backbone inputs during training (paper Eq. 3; Pasini et al. 2411.18447)
+    head_loss: str = 'consistency'   # 'trigflow' (diffusion, sCM §3) or 'consistency' (sCT, sCM
+                                     # §3-4)
+    head_batch_mul: int = 4       # M: each z_s is reused M times with fresh (noise, t) (MAR; paper
+                                  # uses 8)
+    noise_aug: bool = True        # corrupt backbone inputs during training (paper Eq. 3; Pasini et
+                                  # al. 2411.18447)
     noise_max: float = 1.0        # noise level k ~ U(0, noise_max) (paper Eq. 3: U(0, 1))
     sigma_d: float = 1.0          # data std of the (standardised) latents, TrigFlow's sigma_d
-    P_mean: float = -1.0          # log-normal time proposal tau ~ N(P_mean, P_std^2) (sCT CIFAR values)
+    P_mean: float = -1.0          # log-normal time proposal tau ~ N(P_mean, P_std^2) (sCT CIFAR
+                                  # values)
     P_std: float = 1.4
     tangent_warmup: int = 1000    # steps over which r ramps 0 -> 1 (sCM §4.2 "tangent warmup")
-    diffusion_steps: int = 0      # consistency only: first train this many steps with the TrigFlow loss (see head_loss)
-    adaptive_weight: bool = True  # learned w(t) (sCM §4.2 adaptive weighting; paper Eq. 3 trains w jointly)
+    diffusion_steps: int = 0      # consistency only: first train this many steps with the TrigFlow
+                                  # loss (see head_loss)
+    adaptive_weight: bool = True  # learned w(t) (sCM §4.2 adaptive weighting; paper Eq. 3 trains w
+                                  # jointly)
     t_eps: float = 1e-3           # clamp t into [t_eps, pi/2 - t_eps] for training
-    time_scale: float = 10.0      # fastest time feature, rad per unit t (time_features; docs/consistency.md)
+    time_scale: float = 10.0      # fastest time feature, rad per unit t (time_features;
+                                  # docs/consistency.md)
     dropout: float = 0.0
-    n_text: int = 0               # text vocabulary size (data.VOCAB); 0 = unconditional model, no embedding
-    cond_dropout: float = 0.2     # per-sequence prob. of training on the null condition (0.2: our choice)
+    n_text: int = 0               # text vocabulary size (data.VOCAB); 0 = unconditional model, no
+                                  # embedding
+    cond_dropout: float = 0.2     # per-sequence prob. of training on the null condition (0.2: our
+                                  # choice)
 
 
-# Presets. PAPER: the music LM is MusicGen-medium sized (1.35B, 48 layers x 1536) on 128-dim latents at
-# 25 Hz; the head and short-Transformer sizes here are our guesses. Never trained here.
+# Presets. PAPER: the music LM is MusicGen-medium sized (1.35B, 48 layers x 1536) on 128-dim latents
+# at 25 Hz; the head and short-Transformer sizes here are our guesses. Never trained here.
 PAPER = Config(latent_dim=128, d_model=1536, n_layers=48, n_heads=24, context=750, short_context=10,
-               short_layers=4, head_width=1536, head_blocks=6, head_batch_mul=8, tangent_warmup=10000)
-# TOY: small enough that the whole toy trains in 20-30 minutes on 2 CPU cores; the head's sCT steps (two
-# JVPs each) dominate the LM stage's cost. The first 600 of 950 steps use the TrigFlow loss (diffusion_steps, see
-# CALM.head_loss). No short-context Transformer (short_context=0, the paper's own ablation): on the toy it
-# made continuations worse; `--short-context 10` restores it. The measurements: docs/findings.md.
+               short_layers=4, head_width=1536, head_blocks=6, head_batch_mul=8,
+               tangent_warmup=10000)
+# TOY: small enough that the whole toy trains in 20-30 minutes on 2 CPU cores; the head's sCT steps
+# (two JVPs each) dominate the LM stage's cost. The first 600 of 950 steps use the TrigFlow loss
+# (diffusion_steps, see CALM.head_loss). No short-context Transformer (short_context=0, the paper's
+# own ablation): on the toy it made continuations worse; `--short-context 10` restores it. The
+# measurements: docs/findings.md.
 TOY = Config(latent_dim=16, d_model=128, n_layers=3, n_heads=4, context=64, short_context=0,
              short_layers=2, head_width=256, head_blocks=3, head_batch_mul=4, tangent_warmup=200,
              diffusion_steps=600)
-# SMALL (one GPU, your own audio: train.py --preset small): a 12-layer x 512 backbone over 20 s (250 frames
-# at 12.5 Hz), the paper's short-context Transformer (K = 10) and head batch multiplier (M = 8), a head of
-# pocket-tts's size (width 512, 6 blocks) and the toy's TrigFlow-then-sCT schedule. Sizes, not a tuned recipe.
+# SMALL (one GPU, your own audio: train.py --preset small): a 12-layer x 512 backbone over 20 s (250
+# frames at 12.5 Hz), the paper's short-context Transformer (K = 10) and head batch multiplier (M =
+# 8), a head of pocket-tts's size (width 512, 6 blocks) and the toy's TrigFlow-then-sCT schedule.
+# Sizes, not a tuned recipe.
 SMALL = Config(latent_dim=32, d_model=512, n_layers=12, n_heads=8, context=250, short_context=10,
                short_layers=2, head_width=512, head_blocks=6, head_batch_mul=8, diffusion_steps=600)
 
 HALF_PI = math.pi / 2
 
 
-# ----------------------------------------------------------------------------------------------------
-# Transformer with RoPE and a ring-buffer KV cache. Relative (rotary) positions make attention depend only
-# on distances, so the cache can roll past cfg.context at a flat per-frame cost, and the short-context
-# Transformer is the same module with a window of K.
+# --------------------------------------------------------------------------------------------------
+# Transformer with RoPE and a ring-buffer KV cache. Relative (rotary) positions make attention
+# depend only on distances, so the cache can roll past cfg.context at a flat per-frame cost, and the
+# short-context Transformer is the same module with a window of K.
 
 def rope(x, pos, inv_freq):
     """Rotary embedding of x [B, H, S, hd] at integer positions pos [S]."""
@@ -88,7 +100,8 @@ class Attention(nn.Module):
         self.h, self.hd, self.window = n_heads, d // n_heads, window
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
-        self.register_buffer('inv_freq', 1.0 / 10000 ** (torch.arange(0, self.hd, 2).float() / self.hd),
+        self.register_buffer('inv_freq',
+                             1.0 / 10000 ** (torch.arange(0, self.hd, 2).float() / self.hd),
                              persistent=False)
 
     def split(self, h, pos):
@@ -101,15 +114,17 @@ class Attention(nn.Module):
         q, k, v = self.split(h, torch.arange(S, device=h.device))
         if S <= self.window:   # plain causal attention is the same as windowed attention here
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:                  # position s sees positions s-window+1..s: what the rolling cache sees
+        else:                  # position s sees positions s-window+1..s: what the rolling cache
+                               # sees
             i = torch.arange(S, device=h.device)
             band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=band)
         return self.proj(y.transpose(1, 2).reshape(B, S, d))
 
     def step(self, h, pos, cache):
-        """One new token h [B, 1, d] at absolute position pos; cache = (k [B,H,W,hd], v) ring buffers.
-        Softmax attention is order-free, so the ring needs no shifting: slot pos % W is overwritten."""
+        """One new token h [B, 1, d] at absolute position pos; cache = (k [B,H,W,hd], v) ring
+        buffers. Softmax attention is order-free, so the ring needs no shifting: slot pos % W is
+        overwritten."""
         B = h.shape[0]
         q, k, v = self.split(h, torch.tensor([pos], device=h.device))
         ck, cv = cache
@@ -127,7 +142,8 @@ class Block(nn.Module):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.attn = Attention(d, n_heads, window)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d),
+                                 nn.Dropout(dropout))
 
     def forward(self, h):
         h = h + self.attn(self.ln1(h))
@@ -139,10 +155,11 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Causal Transformer over frames; position s reads Linear(x_{s-1}) (a learned start frame at s=1)
-    and outputs the conditioning for x_s (paper Eq. 3). windows[l] = how many positions layer l attends to
-    (stacked windows add up: the receptive field is sum(w_l - 1) + 1 positions). inp: another input
-    module in place of Linear(D, d) (rq.py's discrete LMs feed frames as summed code embeddings)."""
+    """Causal Transformer over frames; position s reads Linear(x_{s-1}) (a learned start frame at
+    s=1) and outputs the conditioning for x_s (paper Eq. 3). windows[l] = how many positions layer l
+    attends to (stacked windows add up: the receptive field is sum(w_l - 1) + 1 positions). inp:
+    another input module in place of Linear(D, d) (rq.py's discrete LMs feed frames as summed code
+    embeddings)."""
     def __init__(self, D, d, n_heads, windows, dropout=0.0, inp=None):
         super().__init__()
         self.d, self.n_heads = d, n_heads
@@ -168,7 +185,7 @@ class Transformer(nn.Module):
                                  for sh in shapes]}
 
     def step(self, x_prev, cache, c=None):
-        """x_prev [B, D] (the previous frame) or None for the first frame -> z [B, d]; one new token."""
+        """x_prev [B, D] (the previous frame) or None at the start -> z [B, d]; one new token."""
         B = cache['kv'][0][0].shape[0]
         h = (self.start.expand(B, -1) if x_prev is None else self.inp(x_prev))[:, None]
         if c is not None:
@@ -179,16 +196,17 @@ class Transformer(nn.Module):
         return self.ln_f(h[:, 0])
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # MLP head: MAR's residual MLP with adaptive LayerNorm (MAR §3.3 / its SimpleMLPAdaLN), computing
-# F_theta(x_t / sigma_d, t, z). Init as MAR: xavier Linear, zero biases, zero adaLN modulation and final
-# layer, so the head starts as the zero map and every block as the identity.
+# F_theta(x_t / sigma_d, t, z). Init as MAR: xavier Linear, zero biases, zero adaLN modulation and
+# final layer, so the head starts as the zero map and every block as the identity.
 
 def time_features(t, dim, scale):
     """Sinusoidal features of t in [0, pi/2] (c_noise(t) = t, sCM §4.1), frequencies `scale` down to
-    scale / 10^4 rad per unit t. The sCT tangent differentiates F through them, so a large scale makes
-    dF/dt large and noisy (sCM §4.1): trained without tangent normalisation, a 1-D mixture's 1-step map ran
-    backwards within each mode with 100 and kept its order with 10 (docs/consistency.md)."""
+    scale / 10^4 rad per unit t. The sCT tangent differentiates F through them, so a large scale
+    makes dF/dt large and noisy (sCM §4.1): trained without tangent normalisation, a 1-D mixture's
+    1-step map ran backwards within each mode with 100 and kept its order with 10
+    (docs/consistency.md)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
     ang = (scale * t)[:, None] * freqs[None]
@@ -239,10 +257,11 @@ class Head(nn.Module):
         return self.out(self.ln_f(h) * (1 + scale) + shift)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Samplers (module-level so tests can run them on an analytic F). F(x_scaled, t) -> F_theta.
-# Temperature tau (paper's Gaussian temperature heuristic): every noise draw has std sqrt(tau) * sigma_d.
-# For a Gaussian target the sampler is affine in its noises, so the output variance scales by tau.
+# Temperature tau (paper's Gaussian temperature heuristic): every noise draw has std sqrt(tau) *
+# sigma_d. For a Gaussian target the sampler is affine in its noises, so the output variance scales
+# by tau.
 
 def trigflow_interp(x0, noise, t):
     """TrigFlow (sCM §3): x_t = cos t x_0 + sin t z, z ~ N(0, sigma_d^2 I), and its velocity
@@ -252,16 +271,17 @@ def trigflow_interp(x0, noise, t):
 
 
 def consistency_fn(Fn, xt, t, sigma_d=1.0):
-    """f_theta(x_t, t) = cos t x_t - sin t sigma_d F(x_t / sigma_d, t) (sCM §3); f(x, 0) = x always."""
+    """f_theta(x_t, t) = cos t x_t - sin t sigma_d F(x_t / sigma_d, t) (sCM §3); f(x, 0) = x always.
+    """
     return t.cos()[:, None] * xt - t.sin()[:, None] * sigma_d * Fn(xt / sigma_d, t)
 
 
 def sct_tangent(Fn, xt, t, dxt, sigma_d=1.0, r=1.0):
     """sCT tangent (sCM §3 with the §4.2 tangent warmup r), before normalisation:
         g = -cos^2 t (sigma_d F^- - dx_t/dt) - r cos t sin t (x_t + sigma_d dF^-/dt)
-    which is cos t * d f^-/dt along the trajectory when r = 1. dF^-/dt comes from one forward-mode JVP
-    along (dx_t/dt / sigma_d, 1) with both tangents scaled by cos t sin t, as sCM does for stability.
-    Returns (F^-, g), both without gradient (theta^- = stop-grad theta)."""
+    which is cos t * d f^-/dt along the trajectory when r = 1. dF^-/dt comes from one forward-mode
+    JVP along (dx_t/dt / sigma_d, 1) with both tangents scaled by cos t sin t, as sCM does for
+    stability. Returns (F^-, g), both without gradient (theta^- = stop-grad theta)."""
     cos, sin = t.cos()[:, None], t.sin()[:, None]
     cs = cos * sin
     with torch.no_grad():
@@ -272,8 +292,8 @@ def sct_tangent(Fn, xt, t, dxt, sigma_d=1.0, r=1.0):
 
 def consistency_times(steps):
     """Intermediate times for N-step consistency sampling, starting at pi/2. sCM §5 uses t_mid = 1.1
-    for 2 steps; for more steps we continue geometrically in sigma = tan(t) from tan(1.1) ~ 1.96 down to
-    0.25 (our choice): N=4 -> t ~ (pi/2, 1.100, 0.611, 0.245)."""
+    for 2 steps; for more steps we continue geometrically in sigma = tan(t) from tan(1.1) ~ 1.96
+    down to 0.25 (our choice): N=4 -> t ~ (pi/2, 1.100, 0.611, 0.245)."""
     if steps == 1:
         return [HALF_PI]
     sig = torch.logspace(math.log10(math.tan(1.1)), math.log10(0.25), steps - 1).tolist()
@@ -282,8 +302,9 @@ def consistency_times(steps):
 
 def consistency_sample(Fn, shape, steps=1, temperature=1.0, sigma_d=1.0, generator=None, times=None,
                        device=None):
-    """sCM multistep sampling: x_0 = f(x_t, t) with f(x_t, t) = cos t x_t - sin t sigma_d F(x_t/sigma_d, t)
-    (sCM §3, TrigFlow parameterisation); between steps re-noise x_0 to the next t."""
+    """sCM multistep sampling: x_0 = f(x_t, t) with f(x_t, t) = cos t x_t - sin t sigma_d
+    F(x_t/sigma_d, t) (sCM §3, TrigFlow parameterisation); between steps re-noise x_0 to the next t.
+    """
     times = consistency_times(steps) if times is None else times
     std = math.sqrt(temperature) * sigma_d
     N = shape[0]
@@ -296,9 +317,9 @@ def consistency_sample(Fn, shape, steps=1, temperature=1.0, sigma_d=1.0, generat
 
 
 def trigflow_times(steps, tan_max=160.0, tan_min=0.004, rho=7.0):
-    """ODE grid pi/2 = t_0 > ... > t_steps = 0. Inner times follow EDM's rho = 7 schedule in
-    sigma / sigma_d = tan t (EDM's 80 and 0.002 over its sigma_data 0.5): a uniform grid in t starves
-    the small-t end, where narrow conditional distributions get their width (measured: 100 uniform steps
+    """ODE grid pi/2 = t_0 > ... > t_steps = 0. Inner times follow EDM's rho = 7 schedule in sigma /
+    sigma_d = tan t (EDM's 80 and 0.002 over its sigma_data 0.5): a uniform grid in t starves the
+    small-t end, where narrow conditional distributions get their width (measured: 100 uniform steps
     keep 79% of a N(mu, 0.05^2) target's variance, this grid 93%)."""
     if steps == 1:
         return [HALF_PI, 0.0]
@@ -307,10 +328,11 @@ def trigflow_times(steps, tan_max=160.0, tan_min=0.004, rho=7.0):
     return [HALF_PI] + [math.atan(v) for v in tan.tolist()] + [0.0]
 
 
-def trigflow_sample(Fn, shape, steps=100, temperature=1.0, sigma_d=1.0, generator=None, device=None):
-    """Integrate the PF-ODE dx/dt = sigma_d F(x/sigma_d, t) from pi/2 to 0 (sCM §3), one network call
-    per step, with the TrigFlow DDIM step x_s = cos(t-s) x_t - sin(t-s) sigma_d F(x_t/sigma_d, t)
-    (= re-noising the predicted x_0 with the predicted noise; it is EDM's Euler step in x/cos t
+def trigflow_sample(Fn, shape, steps=100, temperature=1.0, sigma_d=1.0, generator=None,
+                    device=None):
+    """Integrate the PF-ODE dx/dt = sigma_d F(x/sigma_d, t) from pi/2 to 0 (sCM §3), one network
+    call per step, with the TrigFlow DDIM step x_s = cos(t-s) x_t - sin(t-s) sigma_d F(x_t/sigma_d,
+    t) (= re-noising the predicted x_0 with the predicted noise; it is EDM's Euler step in x/cos t
     coordinates and, from pi/2 to 0 in one step, the consistency map f)."""
     x = math.sqrt(temperature) * sigma_d * torch.randn(shape, generator=generator, device=device)
     ts = trigflow_times(steps)
@@ -321,14 +343,15 @@ def trigflow_sample(Fn, shape, steps=100, temperature=1.0, sigma_d=1.0, generato
 
 
 def short_windows(K, n_layers):
-    """Per-layer windows of T_short whose receptive field is exactly the last K frames: stacked sliding
-    windows reach sum(w_l - 1) + 1 positions, so split K - 1 over the layers (K=10, 2 layers -> 5, 6).
-    Training stays one causal pass (no per-frame re-encoding) and T_short never sees x_{s-K-1}."""
-    extra = [(K - 1) // n_layers + (1 if l < (K - 1) % n_layers else 0) for l in range(n_layers)]
+    """Per-layer windows of T_short whose receptive field is exactly the last K frames: stacked
+    sliding windows reach sum(w_l - 1) + 1 positions, so split K - 1 over the layers (K=10, 2 layers
+    -> 5, 6). Training stays one causal pass (no per-frame re-encoding) and T_short never sees
+    x_{s-K-1}."""
+    extra = [(K - 1) // n_layers + (1 if i < (K - 1) % n_layers else 0) for i in range(n_layers)]
     return [1 + e for e in extra][::-1]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 class CALM(nn.Module):
     def __init__(self, cfg: Config):
@@ -336,12 +359,14 @@ class CALM(nn.Module):
         self.cfg = cfg
         D, d = cfg.latent_dim, cfg.d_model
         self.long = Transformer(D, d, cfg.n_heads, [cfg.context] * cfg.n_layers, cfg.dropout)
-        self.short = (Transformer(D, d, cfg.n_heads, short_windows(cfg.short_context, cfg.short_layers),
+        self.short = (Transformer(D, d, cfg.n_heads,
+                                  short_windows(cfg.short_context, cfg.short_layers),
                                   cfg.dropout) if cfg.short_context > 0 else None)
         self.head = Head(D, d, cfg.head_width, cfg.head_blocks, time_scale=cfg.time_scale)
-        # Text conditioning (our conditioner): one embedding per word, id n_text = padding = the null
-        # condition (a zero row: the empty description). See CALM.condition.
-        self.text = nn.Embedding(cfg.n_text + 1, d, padding_idx=cfg.n_text) if cfg.n_text > 0 else None
+        # Text conditioning (our conditioner): one embedding per word, id n_text = padding = the
+        # null condition (a zero row: the empty description). See CALM.condition.
+        self.text = nn.Embedding(cfg.n_text + 1, d,
+                                 padding_idx=cfg.n_text) if cfg.n_text > 0 else None
         if self.text is not None:
             nn.init.normal_(self.text.weight[:cfg.n_text], std=0.02)
         # learned log-variance weight w(t) of sCM §4.2, zero-init (starts as the plain MSE)
@@ -352,39 +377,44 @@ class CALM(nn.Module):
 
     # --- conditioning z_s = z_long_s + z_short_s (paper Eq. 3) ---
     def noise_augment(self, x):
-        """x~_s = sqrt(k_s) eps + sqrt(1 - k_s) x_s with one k_s ~ U(0, noise_max) per frame (paper Eq. 3: U(0, 1),
-        k indexed per frame). Only the backbone's inputs are corrupted; targets and T_short's inputs stay clean."""
+        """x~_s = sqrt(k_s) eps + sqrt(1 - k_s) x_s with one k_s ~ U(0, noise_max) per frame (paper
+        Eq. 3: U(0, 1), k indexed per frame). Only the backbone's inputs are corrupted; targets and
+        T_short's inputs stay clean."""
         k = self.cfg.noise_max * torch.rand(x.shape[0], x.shape[1], 1, device=x.device)
         return k.sqrt() * torch.randn_like(x) + (1 - k).sqrt() * x
 
     def conditioning(self, x_long, x_short, c=None):
-        """z [B, S, d] for every frame: T_long reads x_long (noisy in training), T_short clean x_short.
-        c [B, d]: the text condition, seen by T_long only (CALM.condition)."""
+        """z [B, S, d] for every frame: T_long reads x_long (noisy in training), T_short clean
+        x_short. c [B, d]: the text condition, seen by T_long only (CALM.condition)."""
         z = self.long(x_long, c)
         return z + self.short(x_short) if self.short is not None else z
 
     def condition(self, text):
-        """text [B, L] word ids (pad = cfg.n_text) -> c [B, d], the sum of the word embeddings; all-pad rows
-        (the null condition) give c = 0, i.e. exactly the unconditional network. c is ADDED to every input
-        of T_long (start frame included) rather than prepended as prefix tokens: a prefix would be evicted
-        by the ring-buffer KV cache once generation runs past cfg.context, an added vector never is. The
-        paper's music models take a text (CLAP) conditioner (samples page, "Text-to-Music" update); how it
-        enters the backbone we could not confirm, so the summed-and-added vector is our choice. T_short
-        stays unconditioned: it restores local detail (the paper's role for it). Training: each sequence is
-        replaced by the null condition with probability cfg.cond_dropout to learn z_uncond for CFG
-        (classifier-free guidance, Ho & Salimans, arXiv 2207.12598)."""
+        """text [B, L] word ids (pad = cfg.n_text) -> c [B, d], the sum of the word embeddings;
+        all-pad rows (the null condition) give c = 0, i.e. exactly the unconditional network. c is
+        ADDED to every input of T_long (start frame included) rather than prepended as prefix
+        tokens: a prefix would be evicted by the ring-buffer KV cache once generation runs past
+        cfg.context, an added vector never is. The paper's music models take a text (CLAP)
+        conditioner (samples page, "Text-to-Music" update); how it enters the backbone we could not
+        confirm, so the summed-and-added vector is our choice. T_short stays unconditioned: it
+        restores local detail (the paper's role for it). Training: each sequence is replaced by the
+        null condition with probability cfg.cond_dropout to learn z_uncond for CFG (classifier-free
+        guidance, Ho & Salimans, arXiv 2207.12598)."""
         if self.text is None:
-            raise ValueError('this model has no text conditioning (n_text = 0): sample without --text')
-        c = (self.text(text) * (text != self.cfg.n_text)[..., None]).sum(1)   # pads count 0, even if edited
+            raise ValueError('this model has no text conditioning (n_text = 0): sample without '
+                             '--text')
+        # pads count 0, even if edited
+        c = (self.text(text) * (text != self.cfg.n_text)[..., None]).sum(1)
         if self.training and self.cfg.cond_dropout > 0:
             keep = torch.rand(c.shape[0], device=c.device) >= self.cfg.cond_dropout
             c = c * keep[:, None].to(c.dtype)
         return c
 
     def forward(self, x, step=0, text=None):
-        """x [B, S, D] clean standardised latents, text [B, L] ids or None -> (loss, stats). Teacher forcing:
-        predicts every x_s."""
-        c = self.condition(text) if text is not None else None   # drawn first: noise draws follow it
+        """x [B, S, D] clean standardised latents, text [B, L] ids or None -> (loss, stats). Teacher
+        forcing: predicts every x_s."""
+        # drawn first: noise draws follow it
+        c = self.condition(text) if text is not None else None
         x_long = self.noise_augment(x) if (self.training and self.cfg.noise_aug) else x
         z = self.conditioning(x_long, x) if c is None else self.conditioning(x_long, x, c)
         return self.head_loss(z.reshape(-1, z.shape[-1]), x.reshape(-1, x.shape[-1]), step)
@@ -397,8 +427,9 @@ class CALM(nn.Module):
         return t.clamp(self.cfg.t_eps, HALF_PI - self.cfg.t_eps)
 
     def head_loss(self, z, x0, step=0):
-        """z [N, d], x0 [N, D] -> (loss, stats). Head batch multiplier: each row repeated M times with its
-        own (noise, t); the backbone ran once (MAR §3.3; the paper's head batch multiplier)."""
+        """z [N, d], x0 [N, D] -> (loss, stats). Head batch multiplier: each row repeated M times
+        with its own (noise, t); the backbone ran once (MAR §3.3; the paper's head batch
+        multiplier)."""
         cfg, sd = self.cfg, self.cfg.sigma_d
         M = cfg.head_batch_mul
         z, x0 = z.repeat_interleave(M, 0), x0.repeat_interleave(M, 0)
@@ -406,29 +437,36 @@ class CALM(nn.Module):
         noise = sd * torch.randn_like(x0)
         xt, dxt = trigflow_interp(x0, noise, t)
         stats = {}
-        # Consistency runs may start with `diffusion_steps` of the TrigFlow loss: it trains the same F (the
-        # velocity in sCM's parameterisation), and sCT then fine-tunes it into a consistency model, as
-        # consistency tuning from a diffusion model does. Why: the sCT loss reaches the backbone only through
-        # the normalised tangent, a weak signal early on; measured on the toy: docs/findings.md.
-        diffusion = cfg.head_loss == 'trigflow' or (cfg.head_loss == 'consistency' and step < cfg.diffusion_steps)
-        if diffusion:                                     # diffusion loss ||sigma_d F - v_t||^2 (sCM §3)
+        # Consistency runs may start with `diffusion_steps` of the TrigFlow loss: it trains the same
+        # F (the velocity in sCM's parameterisation), and sCT then fine-tunes it into a consistency
+        # model, as consistency tuning from a diffusion model does. Why: the sCT loss reaches the
+        # backbone only through the normalised tangent, a weak signal early on; measured on the toy:
+        # docs/findings.md.
+        tuning = cfg.head_loss == 'consistency' and step < cfg.diffusion_steps
+        diffusion = cfg.head_loss == 'trigflow' or tuning
+        if diffusion:                                     # diffusion loss ||sigma_d F - v_t||^2
+                                                          # (sCM §3)
             err = ((sd * self.head(xt / sd, t, z) - dxt) ** 2).mean(-1)
-        elif cfg.head_loss == 'consistency':              # sCT loss (sCM §3 + §4.2 tricks; paper Eq. 3)
+        elif cfg.head_loss == 'consistency':              # sCT loss (sCM §3 + §4.2 tricks; paper
+                                                          # Eq. 3)
             s = step - cfg.diffusion_steps                # tangent warmup starts with sCT
             r = min(1.0, s / cfg.tangent_warmup) if cfg.tangent_warmup > 0 else 1.0
-            zd = z.detach()                               # theta^- = stop-grad(theta), backbone included
+            zd = z.detach()                               # theta^- = stop-grad(theta), backbone
+                                                          # included
             Fh = lambda a, b: self.head(a, b, zd)
             F_minus, g = sct_tangent(Fh, xt, t, dxt, sd, r)
-            # Tangent normalisation g / (||.|| + 0.1) (sCM §4.2), but with the norm of the same tangent along an
-            # independent noise u instead of along dx_t/dt (our change): ||g|| depends on which x_0 drew dx_t/dt,
-            # so dividing by it re-weights the regression target and moved mass between modes; ||g_u|| depends
-            # on x_t and t only. Costs a second JVP (docs/consistency.md).
+            # Tangent normalisation g / (||.|| + 0.1) (sCM §4.2), but with the norm of the same
+            # tangent along an independent noise u instead of along dx_t/dt (our change): ||g||
+            # depends on which x_0 drew dx_t/dt, so dividing by it re-weights the regression target
+            # and moved mass between modes; ||g_u|| depends on x_t and t only. Costs a second JVP
+            # (docs/consistency.md).
             _, g_u = sct_tangent(Fh, xt, t, sd * torch.randn_like(dxt), sd, r)
             g_scaled = g / (g_u.norm(dim=-1, keepdim=True) + 0.1)
             err = ((self.head(xt / sd, t, z) - F_minus - g_scaled) ** 2).mean(-1)
             stats.update(r=r, g_norm=g.norm(dim=-1).mean().item())
         else:
-            raise ValueError(f"head_loss must be 'trigflow' or 'consistency', got {cfg.head_loss!r}")
+            raise ValueError(f"head_loss must be 'trigflow' or 'consistency', not "
+                             f"{cfg.head_loss!r}")
         stats['mse'] = err.mean().item()
         if self.weight_net is not None:                   # e^{w(t)} ||.||^2 / D - w(t)  (sCM §4.2)
             w = self.weight_net(time_features(t, 128, cfg.time_scale))[:, 0]
@@ -439,8 +477,8 @@ class CALM(nn.Module):
 
     # --- generation: per-frame pieces, exposed so evaluators can time backbone vs head ---
     def new_state(self, B, device=None, text=None, cfg_alpha=None):
-        """Caches for batch B. text [B, L] ids: conditional; with cfg_alpha also guided, with a second T_long
-        cache for the null branch ('long_null')."""
+        """Caches for batch B. text [B, L] ids: conditional; with cfg_alpha also guided, with a
+        second T_long cache for the null branch ('long_null')."""
         state = {'long': self.long.new_cache(B, device),
                  'short': self.short.new_cache(B, device) if self.short is not None else None,
                  'c': None, 'alpha': None}
@@ -452,16 +490,18 @@ class CALM(nn.Module):
 
     @torch.no_grad()
     def step_backbone(self, x_prev, state):
-        """x_prev [B, D] (last frame, None at the start) -> z [B, d] for the next frame; one token each.
-        Latent CFG (the paper's): z_cfg = z_uncond + alpha (z_cond - z_uncond) on T_long's output, one T_long
-        pass per branch; T_short's output is added once, after the mix, and the head runs once per frame
-        (guided 1-step sampling is still 1 head call). torch.lerp computes end - (end - start)(1 - w) for
-        w >= 0.5, so alpha = 1 gives z_cond and alpha = 0 gives z_uncond bit for bit. The branches are two
-        batch-B passes, not one 2B batch: a 2B matmul rounds differently from a B one (measured 2e-7 on
-        CPU), which would break the exact alpha = 0 / 1 equalities with unguided sampling (tests)."""
+        """x_prev [B, D] (last frame, None at the start) -> z [B, d] for the next frame; one token
+        each. Latent CFG (the paper's): z_cfg = z_uncond + alpha (z_cond - z_uncond) on T_long's
+        output, one T_long pass per branch; T_short's output is added once, after the mix, and the
+        head runs once per frame (guided 1-step sampling is still 1 head call). torch.lerp computes
+        end - (end - start)(1 - w) for w >= 0.5, so alpha = 1 gives z_cond and alpha = 0 gives
+        z_uncond bit for bit. The branches are two batch-B passes, not one 2B batch: a 2B matmul
+        rounds differently from a B one (measured 2e-7 on CPU), which would break the exact alpha =
+        0 / 1 equalities with unguided sampling (tests)."""
         c, alpha = state.get('c'), state.get('alpha')
         z = self.long.step(x_prev, state['long'], c)
-        if alpha is not None:   # the null branch reads the same frames with c = None (= the zero condition)
+        if alpha is not None:   # the null branch reads the same frames with c = None (= the zero
+                                # condition)
             z = torch.lerp(self.long.step(x_prev, state['long_null']), z, alpha)
         return z + self.short.step(x_prev, state['short']) if self.short is not None else z
 
@@ -475,19 +515,20 @@ class CALM(nn.Module):
         return trigflow_sample(Fn, shape, steps, temperature, sd, generator, z.device)
 
     @torch.inference_mode()
-    def generate(self, prompt=None, n_frames=100, steps=1, temperature=0.8, generator=None, text=None,
-                 cfg_alpha=None):
+    def generate(self, prompt=None, n_frames=100, steps=1, temperature=0.8, generator=None,
+                 text=None, cfg_alpha=None):
         """prompt [B, P, D] or None -> [B, n_frames, D] new frames, streamed with the KV caches.
-        temperature 0.8: the paper's best for speech continuation (its Gaussian temperature: noise std
-        sqrt(tau); pocket-tts uses 0.7); 1.0 samples the model's own distribution.
-        text [B, L] word ids (None: the null condition); cfg_alpha: latent CFG strength (None: no guidance,
-        conditional branch only). Only the head draws noise, one [B, D] draw per step whatever the mode,
-        so a seed gives the same noises guided or not."""
+        temperature 0.8: the paper's best for speech continuation (its Gaussian temperature: noise
+        std sqrt(tau); pocket-tts uses 0.7); 1.0 samples the model's own distribution. text [B, L]
+        word ids (None: the null condition); cfg_alpha: latent CFG strength (None: no guidance,
+        conditional branch only). Only the head draws noise, one [B, D] draw per step whatever the
+        mode, so a seed gives the same noises guided or not."""
         B = prompt.shape[0] if prompt is not None else (1 if text is None else text.shape[0])
         device = next(self.parameters()).device
         state = self.new_state(B, device, text, cfg_alpha)
         x = None
-        if prompt is not None:                       # prefill frame by frame (same code path as sampling)
+        if prompt is not None:                       # prefill frame by frame (same code path as
+                                                     # sampling)
             for p in range(prompt.shape[1]):
                 self.step_backbone(x, state)
                 x = prompt[:, p]
@@ -508,7 +549,8 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-if __name__ == '__main__':   # smoke test on random latents: param counts, a training step, generation speed
+if __name__ == '__main__':   # smoke test on random latents: param counts, a training step,
+                             # generation speed
     torch.manual_seed(0)
     print(f"PAPER params: {n_params(CALM(PAPER)) / 1e6:.1f}M")
     for loss in ['trigflow', 'consistency']:
@@ -519,7 +561,9 @@ if __name__ == '__main__':   # smoke test on random latents: param counts, a tra
         for i in range(3):
             t0 = time.time()
             loss_, st = m(x, step=i)
-            opt.zero_grad(); loss_.backward(); opt.step()
+            opt.zero_grad()
+            loss_.backward()
+            opt.step()
         print(f"TOY {loss}: {n_params(m) / 1e6:.2f}M params, {time.time() - t0:.2f} s/step "
               f"({torch.get_num_threads()} threads), stats {st}")
         m.eval()

@@ -1,21 +1,24 @@
 """
-Your own audio at scale: `train.py --data DIR` on hours of speech or music without loading it into memory.
+Your own audio at scale: `train.py --data DIR` on hours of speech or music without loading it into
+memory.
 
-    index = build_index('my_audio/', 'out/mine/index.json')  # every file's length and rate, from its header
+    index = build_index('my_audio/', 'out/mine/index.json')   # each file's length and rate
     get_batch = CropLoader(CropDataset(index, seed, batch, length, sr), workers=4)   # VAE stage
-    latents = encode_latents(vae, lengths, read, 'out/mine/latents')   # LM stage: each file encoded once
-    latents[i]                                                  # file i's latents [frames, D], a memmap view
+    latents = encode_latents(vae, lengths, read, 'out/mine/latents')   # LM stage: encoded once
+    latents[i]                                  # file i's latents [frames, D], a memmap view
 
-1. The index: a recursive scan for the formats soundfile reads (wav, flac, ogg, mp3). Only headers are
-   read; the result is cached in the run folder and only new or changed files are read again. A file
-   that is empty or unreadable is skipped with one warning line; nothing stops the run.
-2. VAE crops are read from disk with a seek, mixed to mono and resampled per crop (soxr), in DataLoader
-   workers. The batch of step s is a pure function of (seed, step, rank), so `--resume` is exact.
-3. The latent cache: <path>.npy, one [total frames, D] array (np.load(..., mmap_mode='r') reads it lazily),
-   <path>.json (where each file starts, its length, and the key that says which VAE and files made it) and
-   <path>.done (one byte per file, set once its latents are on disk: an interrupted encoding resumes).
-   Long files are encoded in chunks, each with enough left context that a causal encoder gives the
-   latents of one pass (the paper's VAE is causal, like Mimi), so memory does not grow with a file's length.
+1. The index: a recursive scan for the formats soundfile reads (wav, flac, ogg, mp3). Only headers
+   are read; the result is cached in the run folder and only new or changed files are read again.
+   A file that is empty or unreadable is skipped with one warning line; nothing stops the run.
+2. VAE crops are read from disk with a seek, mixed to mono and resampled per crop (soxr), in
+   DataLoader workers. The batch of step s is a pure function of (seed, step, rank), so `--resume`
+   is exact.
+3. The latent cache: <path>.npy, one [total frames, D] array (np.load(..., mmap_mode='r') reads it
+   lazily), <path>.json (where each file starts, its length, and the key that says which VAE and
+   files made it) and <path>.done (one byte per file, set once its latents are on disk: an
+   interrupted encoding resumes). Long files are encoded in chunks, each with enough left context
+   that a causal encoder gives the latents of one pass (the paper's VAE is causal, like Mimi), so
+   memory does not grow with a file's length.
 """
 import ctypes
 import hashlib
@@ -76,11 +79,13 @@ class Index:
         return float((self.frames / self.rates).sum() / 3600)
 
     def read(self, i, start, n, sr):
-        return read_segment(os.path.join(self.root, self.paths[i]), int(self.rates[i]), start, n, sr)
+        path = os.path.join(self.root, self.paths[i])
+        return read_segment(path, int(self.rates[i]), start, n, sr)
 
 
 def probe(path, size):
-    """[frames, rate, reason]: the header alone; reason is '' for a usable file, else why it is skipped."""
+    """[frames, rate, reason]: the header alone; reason is '' for a usable file, else why it is
+    skipped."""
     if size == 0:
         return [0, 0, 'empty file (0 bytes)']
     try:
@@ -93,9 +98,10 @@ def probe(path, size):
 
 
 def build_index(root, cache_path=None, verbose=True):
-    """Index every wav/flac/ogg/mp3 under `root` (recursively, in sorted order; hidden files such as macOS's
-    ._name are ignored). cache_path (a json file): entries whose size and modification time have not changed
-    are reused, so a second run reads no header. Raises ValueError (one line) if root is not a folder."""
+    """Index every wav/flac/ogg/mp3 under `root` (recursively, in sorted order; hidden files such as
+    macOS's ._name are ignored). cache_path (a json file): entries whose size and modification time
+    have not changed are reused, so a second run reads no header. Raises ValueError (one line) if
+    root is not a folder."""
     if not os.path.isdir(root):
         raise ValueError(f'not a directory: {root}')
     root = os.path.abspath(root)
@@ -143,8 +149,8 @@ def build_index(root, cache_path=None, verbose=True):
 
 
 def shared_index(root, cache_path):
-    """build_index for every process of a run: under DDP (torch.distributed initialised) rank 0 builds it
-    and prints the summary, the other ranks then read its cache (no header read twice)."""
+    """build_index for every process of a run: under DDP (torch.distributed initialised) rank 0
+    builds it and prints the summary, the other ranks then read its cache (no header read twice)."""
     ddp = dist.is_available() and dist.is_initialized()
     if ddp and dist.get_rank() != 0:
         dist.barrier()
@@ -153,13 +159,14 @@ def shared_index(root, cache_path):
         return build_index(root, cache_path)
     finally:
         if ddp:
-            dist.barrier()  # also on an error: the other ranks then fail on the same folder, not hang
+            dist.barrier()  # also on an error: the other ranks then fail on the same folder, not
+                            # hang
 
 
 def stats_audio(clips, sr, n=256, seconds=8.0):
-    """The audio whose posterior means set the VAE's latent statistics (train.py): the first n toy clips (a
-    list of arrays), or the first `seconds` of n files spread evenly over an Index, read one by one (not held
-    together in memory). No padding, no random draw."""
+    """The audio whose posterior means set the VAE's latent statistics (train.py): the first n toy
+    clips (a list of arrays), or the first `seconds` of n files spread evenly over an Index, read
+    one by one (not held together in memory). No padding, no random draw."""
     if not isinstance(clips, Index):
         return clips[:n]
     lengths = clips.n_samples(sr)
@@ -174,12 +181,15 @@ _warned = set()
 
 
 def read_segment(path, file_sr, start, n, sr):
-    """n samples at rate sr starting at sample `start` (counted at sr) of an audio file: only that part is
-    read (seek), mixed to mono, resampled with soxr and zero-padded past the end. A file that cannot be
-    read gives silence and one warning line (once per file and process) rather than stopping a run."""
+    """n samples at rate sr starting at sample `start` (counted at sr) of an audio file: only that
+    part is read (seek), mixed to mono, resampled with soxr and zero-padded past the end. A file
+    that cannot be read gives silence and one warning line (once per file and process) rather than
+    stopping a run."""
     out = np.zeros(n, np.float32)
-    margin = 0 if file_sr == sr else file_sr // 100 + 16  # 10 ms each side: the resampler sees no false edge
-    q = file_sr // math.gcd(file_sr, sr)  # start reading on a sample that falls on the output grid too
+    margin = 0 if file_sr == sr else file_sr // 100 + 16  # 10 ms each side: the resampler sees no
+                                                          # false edge
+    q = file_sr // math.gcd(file_sr, sr)  # start reading on a sample that falls on the output grid
+                                          # too
     a = max(0, start * file_sr // sr - margin) // q * q
     b = -(-(start + n) * file_sr // sr) + margin
     try:
@@ -191,12 +201,14 @@ def read_segment(path, file_sr, start, n, sr):
     except Exception as e:
         if path not in _warned:
             _warned.add(path)
-            print(f'warning: cannot read {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); '
-                  f'using silence', file=sys.stderr, flush=True)
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f'warning: cannot read {path} ({reason}); using silence', file=sys.stderr,
+                  flush=True)
         return out
     if file_sr != sr and len(x):
         x = soxr.resample(x, file_sr, sr)
-        x = x[start - a * sr // file_sr:]  # x[k] is at time a / file_sr + k / sr (a * sr / file_sr is whole)
+        x = x[start - a * sr // file_sr:]  # x[k] is at time a / file_sr + k / sr (a * sr / file_sr
+                                           # is whole)
     x = x[:n]
     out[:len(x)] = x
     out[~np.isfinite(out)] = 0.0
@@ -204,14 +216,16 @@ def read_segment(path, file_sr, start, n, sr):
 
 
 class CropDataset(torch.utils.data.Dataset):
-    """Item s = the batch of training step s: `batch` crops of `length` samples at rate sr. A file is drawn
-    with probability proportional to its duration (every second of audio equally likely, however the corpus
-    is cut into files), then a uniform start; a pure function of (seed, s, rank)."""
+    """Item s = the batch of training step s: `batch` crops of `length` samples at rate sr. A file
+    is drawn with probability proportional to its duration (every second of audio equally likely,
+    however the corpus is cut into files), then a uniform start; a pure function of (seed, s, rank).
+    """
 
     def __init__(self, index, seed, batch, length, sr, rank=0):
         if not len(index):
             raise ValueError('no audio files to crop from')
-        self.index, self.seed, self.batch, self.length, self.sr, self.rank = index, seed, batch, length, sr, rank
+        self.index, self.seed, self.batch, self.length = index, seed, batch, length
+        self.sr, self.rank = sr, rank
         self.n = index.n_samples(sr)
         self.cum = np.cumsum(self.n)
 
@@ -226,9 +240,9 @@ class CropDataset(torch.utils.data.Dataset):
 
 
 class CropLoader:
-    """get_batch(step) for train.train(): DataLoader workers read the batches of the next steps ahead.
-    Asking for another step than the next one (a resumed run) restarts the workers at that step; the
-    batch of a step does not depend on the workers, it is dataset[step]."""
+    """get_batch(step) for train.train(): DataLoader workers read the batches of the next steps
+    ahead. Asking for another step than the next one (a resumed run) restarts the workers at that
+    step; the batch of a step does not depend on the workers, it is dataset[step]."""
 
     def __init__(self, dataset, workers=4, pin_memory=False):
         self.dataset, self.workers, self.pin_memory = dataset, workers, pin_memory
@@ -237,9 +251,11 @@ class CropLoader:
     def __call__(self, step):
         if self.it is None or step != self.next:
             loader = torch.utils.data.DataLoader(
-                self.dataset, batch_size=None, sampler=itertools.count(step), num_workers=self.workers,
-                pin_memory=self.pin_memory, prefetch_factor=4 if self.workers else None,
-                generator=torch.Generator())  # its own: a DataLoader draws a seed, which must not move the global RNG
+                self.dataset, batch_size=None, sampler=itertools.count(step),
+                num_workers=self.workers, pin_memory=self.pin_memory,
+                prefetch_factor=4 if self.workers else None,
+                # its own generator: a DataLoader draws a seed, which must not move the global RNG
+                generator=torch.Generator())
             self.it = iter(loader)
         self.next = step + 1
         return next(self.it)
@@ -249,9 +265,11 @@ class CropLoader:
 # 3. The latent cache
 
 def left_context_frames(vae):
-    """Frames of past audio that latent frame s depends on (beyond its own): the receptive field of the
-    causal encoder (STFT front end, convs, then the bottleneck Transformer's window per layer), plus one."""
-    r, jump = 1, 1  # receptive field of the conv stack in its input steps, and the stride product so far
+    """Frames of past audio that latent frame s depends on (beyond its own): the receptive field of
+    the causal encoder (STFT front end, convs, then the bottleneck Transformer's window per layer),
+    plus one."""
+    r, jump = 1, 1  # receptive field of the conv stack in its input steps, and the stride product
+                    # so far
     for m in vae.encoder.modules():
         if isinstance(m, vae_lib.CausalConv1d):
             r += (m.kernel_size[0] - 1) * m.dilation[0] * jump
@@ -261,13 +279,14 @@ def left_context_frames(vae):
 
 
 def encode_chunks(vae, read, n, device, chunk_frames, context_frames, bucket=1):
-    """Latents of one source of n samples (read(start, count) -> float32 audio), chunk by chunk: each chunk
-    of latent frames [f0, f1) is encoded from audio starting context_frames earlier and only its own frames
-    are kept. A source of at most chunk_frames is one call of vae.encode on the whole of it.
-    bucket > 1: each call's audio is zero-padded on the right to a multiple of `bucket` frames and the frames
-    past the source are dropped (causal: the kept ones never see the padding). Sources of any length then
-    make a bounded number of input shapes: every new shape costs memory that the conv backend (oneDNN)
-    keeps and fragments the heap; measured, the process grew with the number of files encoded."""
+    """Latents of one source of n samples (read(start, count) -> float32 audio), chunk by chunk:
+    each chunk of latent frames [f0, f1) is encoded from audio starting context_frames earlier and
+    only its own frames are kept. A source of at most chunk_frames is one call of vae.encode on the
+    whole of it. bucket > 1: each call's audio is zero-padded on the right to a multiple of `bucket`
+    frames and the frames past the source are dropped (causal: the kept ones never see the padding).
+    Sources of any length then make a bounded number of input shapes: every new shape costs memory
+    that the conv backend (oneDNN) keeps and fragments the heap; measured, the process grew with the
+    number of files encoded."""
     hop, S = vae.hop, vae.n_frames(n)
     for f0 in range(0, S, chunk_frames):
         f1, c0 = min(S, f0 + chunk_frames), max(0, f0 - context_frames)
@@ -288,14 +307,16 @@ def fingerprint(vae):
 
 
 class LatentCache:
-    """The cached latents, memory-mapped: cache[i] is source i's [frames_i, D] slice (a view: nothing is read
-    until it is sliced). by_length: train.window_batch draws sources in proportion to their length."""
+    """The cached latents, memory-mapped: cache[i] is source i's [frames_i, D] slice (a view:
+    nothing is read until it is sliced). by_length: train.window_batch draws sources in proportion
+    to their length."""
 
     def __init__(self, path, by_length=False):
         with open(path + '.json') as f:
             meta = json.load(f)
         self.names = meta['names']
-        self.starts, self.lengths = np.asarray(meta['starts'], np.int64), np.asarray(meta['lengths'], np.int64)
+        self.starts = np.asarray(meta['starts'], np.int64)
+        self.lengths = np.asarray(meta['lengths'], np.int64)
         self.array = np.load(path + '.npy', mmap_mode='r')
         self.cum = np.cumsum(self.lengths) if by_length else None
 
@@ -306,18 +327,21 @@ class LatentCache:
         return self.array[self.starts[i]:self.starts[i] + self.lengths[i]]
 
     def frames(self):
-        """Every cached frame, in source order, as one float32 [frames, D] tensor in memory (an RVQ fit)."""
+        """Every cached frame, in source order, as one float32 [frames, D] tensor in memory (an RVQ
+        fit)."""
         return torch.from_numpy(np.array(self.array, np.float32))
 
 
-def encode_latents(vae, lengths, read, path, device='cpu', dtype=np.float32, names=None, by_length=False,
-                   chunk_seconds=60.0, bucket=16, verbose=True):
-    """Encode every source once into the cache at `path` (.npy, .json, .done) and return it as a LatentCache.
+def encode_latents(vae, lengths, read, path, device='cpu', dtype=np.float32, names=None,
+                   by_length=False, chunk_seconds=60.0, bucket=16, verbose=True):
+    """Encode every source once into the cache at `path` (.npy, .json, .done) and return it as a
+    LatentCache.
 
-    lengths[i]: source i's length in samples at the VAE's rate; read(i, start, count) -> float32 audio.
-    A complete cache with the same key (VAE weights, sources, dtype) is returned as it is; a partial one
-    continues with the sources not yet marked done. chunk_seconds, bucket: see encode_chunks. Under DDP (torch.distributed initialised), rank r
-    encodes sources r, r + world, ...; all ranks must call this.
+    lengths[i]: source i's length in samples at the VAE's rate; read(i, start, count) -> float32
+    audio. A complete cache with the same key (VAE weights, sources, dtype) is returned as it is; a
+    partial one continues with the sources not yet marked done. chunk_seconds, bucket: see
+    encode_chunks. Under DDP (torch.distributed initialised), rank r encodes sources r, r + world,
+    ...; all ranks must call this.
     """
     lengths = np.asarray(lengths, np.int64)
     names = list(names) if names is not None else [str(i) for i in range(len(lengths))]
@@ -335,32 +359,37 @@ def encode_latents(vae, lengths, read, path, device='cpu', dtype=np.float32, nam
                 same = json.load(f)['key'] == key
         except (OSError, ValueError, KeyError, TypeError):
             same = False
-        if not (same and os.path.exists(npy) and os.path.exists(done_path) and os.path.getsize(done_path) == len(lengths)):
-            # A new cache. The json is written last: it commits the layout (an interruption before it
-            # leaves no json, so the next run starts over).
+        complete = os.path.exists(npy) and os.path.exists(done_path)
+        if not (same and complete and os.path.getsize(done_path) == len(lengths)):
+            # A new cache. The json is written last: it commits the layout (an interruption before
+            # it leaves no json, so the next run starts over).
             if os.path.exists(meta_path):
                 os.remove(meta_path)
-            arr = np.lib.format.open_memmap(npy + '.tmp', mode='w+', dtype=dtype, shape=(int(frames.sum()), dim))
+            shape = (int(frames.sum()), dim)
+            arr = np.lib.format.open_memmap(npy + '.tmp', mode='w+', dtype=dtype, shape=shape)
             del arr  # a sparse file of the final size: sources are written into it in place
             os.replace(npy + '.tmp', npy)
             with open(done_path + '.tmp', 'wb') as f:
                 f.write(bytes(len(lengths)))
             os.replace(done_path + '.tmp', done_path)
-            write_json_atomic({'key': key, 'names': names, 'starts': starts.tolist(), 'lengths': frames.tolist()},
-                              meta_path)
+            write_json_atomic({'key': key, 'names': names, 'starts': starts.tolist(),
+                               'lengths': frames.tolist()}, meta_path)
     if ddp:
         dist.barrier()
     done = np.fromfile(done_path, np.uint8)
     todo = [i for i in range(rank, len(lengths), world) if not done[i]]
     if verbose and done.all():
-        print(f'encode: reusing the complete latent cache {npy} ({len(lengths)} sources, {frames.sum()} frames)')
+        print(f'encode: reusing the complete latent cache {npy} ({len(lengths)} sources, '
+              f'{frames.sum()} frames)')
     if todo:
         try:
-            encode_sources(vae, todo, lengths, read, npy, done_path, starts, dtype, device, chunk_seconds, bucket,
-                           f' (rank {rank} of {world})' if ddp else '', verbose)
+            share = f' (rank {rank} of {world})' if ddp else ''
+            encode_sources(vae, todo, lengths, read, npy, done_path, starts, dtype, device,
+                           chunk_seconds, bucket, share, verbose)
         except KeyboardInterrupt:
             if verbose:
-                print('\nencode: interrupted; the sources done so far are kept, run the same command to continue')
+                print('\nencode: interrupted; the sources done so far are kept, run the same '
+                      'command to continue')
             raise SystemExit(130)
     if ddp:
         dist.barrier()
@@ -370,42 +399,49 @@ def encode_latents(vae, lengths, read, path, device='cpu', dtype=np.float32, nam
 
 
 def encode_index(vae, index, path, device='cpu', verbose=True):
-    """encode_latents of every file of an Index at the VAE's rate: long files in chunks, cached as float16
-    (ample for standardised latents; half the disk and page cache), sources drawn by length."""
+    """encode_latents of every file of an Index at the VAE's rate: long files in chunks, cached as
+    float16 (ample for standardised latents; half the disk and page cache), sources drawn by length.
+    """
     sr = vae.cfg.sample_rate
-    return encode_latents(vae, index.n_samples(sr), lambda i, a, c: index.read(i, a, c, sr), path, device,
-                          np.float16, names=index.paths, by_length=True, verbose=verbose)
+    return encode_latents(vae, index.n_samples(sr), lambda i, a, c: index.read(i, a, c, sr), path,
+                          device, np.float16, names=index.paths, by_length=True, verbose=verbose)
 
 
-def encode_sources(vae, todo, lengths, read, npy, done_path, starts, dtype, device, chunk_seconds, bucket, share,
-                   verbose):
-    """encode_latents' work: each source in `todo`, chunk by chunk, written in place, then marked done."""
-    offset, dim = np.load(npy, mmap_mode='r').offset, vae.cfg.latent_dim  # offset: where the .npy header ends
+def encode_sources(vae, todo, lengths, read, npy, done_path, starts, dtype, device, chunk_seconds,
+                   bucket, share, verbose):
+    """encode_latents' work: each source in `todo`, chunk by chunk, written in place, then marked
+    done."""
+    # offset: where the .npy header ends
+    offset, dim = np.load(npy, mmap_mode='r').offset, vae.cfg.latent_dim
     ctx = left_context_frames(vae)
     chunk = -(-max(2 * ctx, round(chunk_seconds * vae.frame_rate)) // bucket) * bucket
     hours, secs = lengths[todo].sum() / vae.cfg.sample_rate / 3600, 0.0
     t0 = t_print = t_trim = time.time()
     if verbose:
-        print(f'encode: {len(todo)} of {len(lengths)} sources{share}, {hours:.2f} h of audio, in chunks of '
-              f'{chunk} frames with {ctx} frames of left context -> {npy}', flush=True)
-    # Plain writes at an offset, no writable memmap: written pages never count in this process's memory.
+        print(f'encode: {len(todo)} of {len(lengths)} sources{share}, {hours:.2f} h of audio, '
+              f'in chunks of {chunk} frames with {ctx} frames of left context -> {npy}', flush=True)
+    # Plain writes at an offset, no writable memmap: written pages never count in this process's
+    # memory.
     with open(npy, 'r+b', buffering=0) as f, open(done_path, 'r+b', buffering=0) as fd:
         for k, i in enumerate(todo):
             pos = starts[i]
-            for z in encode_chunks(vae, lambda a, c: read(i, a, c), int(lengths[i]), device, chunk, ctx, bucket):
+            for z in encode_chunks(vae, lambda a, c: read(i, a, c), int(lengths[i]), device, chunk,
+                                   ctx, bucket):
                 f.seek(offset + int(pos) * dim * dtype.itemsize)
                 f.write(z.float().cpu().numpy().astype(dtype).tobytes())
                 pos += len(z)
             fd.seek(i)
-            fd.write(b'\x01')  # after its latents: a source is marked done only once they are on disk
+            fd.write(b'\x01')  # after its latents: a source is done only once they are on disk
             secs += lengths[i] / vae.cfg.sample_rate
             if time.time() - t_trim > 10 or k + 1 == len(todo):
-                # Hand the freed heap back to the OS now and then (glibc keeps it), so that the LM stage starts
-                # from the memory of one chunk. Not after every source: that cost ~30 ms per toy clip.
+                # Hand the freed heap back to the OS now and then (glibc keeps it), so that the LM
+                # stage starts from the memory of one chunk. Not after every source: that cost ~30
+                # ms per toy clip.
                 malloc_trim(0)
                 t_trim = time.time()
             if verbose and (time.time() - t_print > 10 or k + 1 == len(todo)):
                 t_print, el = time.time(), time.time() - t0
                 eta = (hours * 3600 - secs) * el / max(secs, 1e-9)
-                print(f'encode {k + 1}/{len(todo)} sources{share} | {secs / 3600:.2f}/{hours:.2f} h | '
-                      f'{secs / el:.0f}x real time | ETA {fmt_time(eta)}', flush=True)
+                print(f'encode {k + 1}/{len(todo)} sources{share} | '
+                      f'{secs / 3600:.2f}/{hours:.2f} h | {secs / el:.0f}x real time | '
+                      f'ETA {fmt_time(eta)}', flush=True)

@@ -8,7 +8,7 @@ pitch tracker (metrics.py). Everything is a pure function of an integer seed.
 
     clip = make_clip(seed)            # Clip(wav float32 [n], notes [Note], meta dict)
     clips = toy_clips('train', 512)   # train / heldout use disjoint seed ranges
-    wav = load_audio('song.flac')     # float32 mono at 24 kHz (a folder of your own audio: corpus.py)
+    wav = load_audio('song.flac')     # float32 mono at 24 kHz (a folder of audio: corpus.py)
 
     python data.py prompt out/prompt.wav   # a held-out clip as a wav: a prompt for sample.py
 """
@@ -68,27 +68,30 @@ def partial_weights(family, n):
             if h <= n:
                 w[h - 1] = a
     elif family == 'bell':     # mallet: fundamental plus a bright 4th and 10th harmonic
-        w = np.where(k == 1, 1.0, 0.0) + np.where(k == 4, 0.35, 0.0) + np.where(k == 10, 0.12, 0.0) \
-            + np.where(k == 2, 0.15, 0.0)
+        w = np.where(k == 1, 1.0, 0.0) + np.where(k == 4, 0.35, 0.0) \
+            + np.where(k == 10, 0.12, 0.0) + np.where(k == 2, 0.15, 0.0)
     else:
         raise ValueError(f'unknown instrument family {family!r}')
     return w
 
 
-ENVELOPES = {  # attack (s), exponential decay rate (1/s) of the sustain, how much partials >1 decay faster
+ENVELOPES = {  # attack (s), exponential decay rate (1/s) of the sustain, how much partials >1 decay
+               # faster
     'flute': (0.04, 0.8, 1.0), 'clarinet': (0.03, 0.6, 1.0), 'string': (0.06, 0.5, 1.0),
     'organ': (0.01, 0.0, 1.0), 'bell': (0.003, 4.0, 2.5),
 }
 
 
 def render_note(f0, n, family, rng):
-    """One note of n samples at f0 Hz: harmonic partials with an attack / decay / release envelope."""
+    """One note of n samples at f0 Hz: harmonic partials with an attack / decay / release envelope.
+    """
     t = np.arange(n) / SR
     attack, decay, bright_decay = ENVELOPES[family]
     n_partials = max(1, min(16, int(0.45 * SR / f0)))  # stay well under Nyquist
     w = partial_weights(family, n_partials)
     vib = np.zeros(n)
-    if family in ('string', 'flute'):  # gentle vibrato (+-12 cents): realistic, harmless to the pitch metric
+    if family in ('string', 'flute'):  # gentle vibrato (+-12 cents): realistic, harmless to the
+                                       # pitch metric
         vib = 0.007 * np.sin(2 * np.pi * rng.uniform(4.5, 6.0) * t) * np.minimum(1.0, t / 0.2)
     phase = 2 * np.pi * f0 * np.cumsum(1.0 + vib) / SR
     env = np.minimum(1.0, t / attack) * np.exp(-decay * t)
@@ -118,7 +121,8 @@ def draw_attributes(rng):
 
 
 def make_clip(seed: int, seconds: float = 8.0, accompaniment: bool = False) -> Clip:
-    """A deterministic toy clip: a motif of 4-6 scale notes repeated at a fixed tempo by one instrument.
+    """A deterministic toy clip: a motif of 4-6 scale notes repeated at a fixed tempo by one
+    instrument.
 
     accompaniment=True adds a quiet sustained bass (tonic, two octaves under the melody's register);
     it is off by default so the melody's pitch stays trivially measurable.
@@ -138,17 +142,19 @@ def make_clip(seed: int, seconds: float = 8.0, accompaniment: bool = False) -> C
     for _ in range(n_motif - 1):  # small steps and leaps, like a tune
         idx = int(np.clip(idx + rng.choice([-3, -2, -1, 1, 2, 3, 4]), 0, len(ladder) - 1))
         motif.append(ladder[idx])
-    # Durations in beats: mostly one beat, some two-beat notes when that stays <= 0.75 s, half beats when >= 0.25 s.
+    # Durations in beats: mostly one beat, some two-beat notes when that stays <= 0.75 s, half beats
+    # when >= 0.25 s.
     choices = [1.0] + ([2.0] if 2 * beat <= 0.75 else []) + ([0.5] if 0.5 * beat >= 0.25 else [])
-    beats = [float(rng.choice(choices, p=None if len(choices) == 1 else
-                              [0.6] + [0.4 / (len(choices) - 1)] * (len(choices) - 1))) for _ in motif]
+    p = None if len(choices) == 1 else [0.6] + [0.4 / (len(choices) - 1)] * (len(choices) - 1)
+    beats = [float(rng.choice(choices, p=p)) for _ in motif]
     rest = float(rng.choice([0.0, 1.0]))  # optional one-beat rest between repetitions
 
     n = int(round(seconds * SR))
     wav = np.zeros(n)
     notes, t = [], float(rng.uniform(0.0, 0.3))
     gap = 0.08  # articulation: a note sounds for its slot minus 80 ms of silence
-    while round(t * SR) < n:  # in samples: a float t just under `seconds` would otherwise never advance
+    while round(t * SR) < n:  # in samples: a float t just under `seconds` would otherwise never
+                              # advance
         for pitch, b in zip(motif, beats):
             slot = b * beat
             dur = slot - gap * beat
@@ -159,19 +165,21 @@ def make_clip(seed: int, seconds: float = 8.0, accompaniment: bool = False) -> C
             note = render_note(float(midi_to_hz(pitch)), m, family, rng) * rng.uniform(0.8, 1.0)
             end = min(n, start + m)
             wav[start:end] += note[:end - start]
-            if (end - start) / SR >= 0.2:  # annotate only notes that are (almost) fully inside the clip
+            if (end - start) / SR >= 0.2:  # annotate only notes that are (almost) fully inside the
+                                           # clip
                 notes.append(Note(onset=start / SR, duration=(end - start) / SR, pitch=int(pitch)))
             t += slot
         t += rest * beat
     if accompaniment:
         bass = float(midi_to_hz(home - 24))
         tt = np.arange(n) / SR
-        wav += 0.25 * np.max(np.abs(wav)) * sum(np.sin(2 * np.pi * h * bass * tt) / h for h in (1, 2, 3))
+        harmonics = sum(np.sin(2 * np.pi * h * bass * tt) / h for h in (1, 2, 3))
+        wav += 0.25 * np.max(np.abs(wav)) * harmonics
     peak = np.max(np.abs(wav))
     if peak > 0:
         wav *= rng.uniform(0.5, 0.9) / peak
-    meta = dict(family=family, mode=mode, tonic=tonic, tempo=tempo, tempo_class=tempo_class, motif=motif,
-                beats=beats, seed=int(seed), accompaniment=accompaniment)
+    meta = dict(family=family, mode=mode, tonic=tonic, tempo=tempo, tempo_class=tempo_class,
+                motif=motif, beats=beats, seed=int(seed), accompaniment=accompaniment)
     return Clip(wav=wav.astype(np.float32), notes=notes, meta=meta)
 
 
@@ -207,8 +215,9 @@ def clip_description(seed: int) -> str:
 
 
 def tokenize(text: str) -> list:
-    """'flute minor fast' -> word ids; any word outside VOCAB raises ValueError (one line naming it and
-    listing the vocabulary). Order and repetition are free; an empty text is the null condition."""
+    """'flute minor fast' -> word ids; any word outside VOCAB raises ValueError (one line naming it
+    and listing the vocabulary). Order and repetition are free; an empty text is the null condition.
+    """
     words = text.lower().split()
     unknown = [w for w in words if w not in VOCAB]
     if unknown:
@@ -248,8 +257,8 @@ def load_audio(path, sr=SR) -> np.ndarray:
 
 
 def crop_batch(clips, step, seed, batch, length, rank=0) -> np.ndarray:
-    """The VAE's training batch [batch, length]: random crops of `clips` (zero-padded when shorter), a pure
-    function of (seed, step, rank) so that a resumed run sees the same data."""
+    """The VAE's training batch [batch, length]: random crops of `clips` (zero-padded when shorter),
+    a pure function of (seed, step, rank) so that a resumed run sees the same data."""
     g = np.random.default_rng([seed, step, rank])
     out = np.zeros((batch, length), np.float32)
     for b in range(batch):
@@ -272,15 +281,19 @@ def write_wav(path, wav, sr=SR):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description='Toy data from the command line. '
-                                            'python data.py prompt out/prompt.wav  writes a prompt for sample.py.')
+    p = argparse.ArgumentParser(description='Toy data from the command line. python data.py '
+                                            'prompt out/prompt.wav  writes a prompt for sample.py.')
     sub = p.add_subparsers(dest='command', required=True, metavar='prompt')
-    q = sub.add_parser('prompt', help='write a toy clip as a wav (default: held-out clip 0, never trained on)')
-    q.add_argument('out', nargs='?', default='out/prompt.wav', help='output wav (default out/prompt.wav)')
+    q = sub.add_parser('prompt', help='write a toy clip as a wav (default: held-out clip 0, never '
+                                      'trained on)')
+    q.add_argument('out', nargs='?', default='out/prompt.wav',
+                   help='output wav (default out/prompt.wav)')
     q.add_argument('--clip', type=int, default=0, help='index of the clip in its split (default 0)')
     q.add_argument('--seconds', type=float, default=5.0,
-                   help='length in seconds (default 5: the toy LM reads the last 5.1 s of a prompt)')
-    q.add_argument('--split', choices=['heldout', 'train'], default='heldout', help='which split (default heldout)')
+                   help='length in seconds (default 5: the toy LM reads the last 5.1 s of '
+                        'a prompt)')
+    q.add_argument('--split', choices=['heldout', 'train'], default='heldout',
+                   help='which split (default heldout)')
     args = p.parse_args(argv)
     if args.seconds <= 0:
         raise ValueError('--seconds must be > 0')

@@ -30,7 +30,8 @@ def estimate_f0(wav, sr, fmin=60.0, fmax=2000.0, threshold=0.15, voiced_max=0.35
     if tau_max <= tau_min + 1 or np.sqrt(np.mean(x ** 2)) < 1e-4:
         return 0.0
     w = x.size - tau_max  # integration window
-    # d(tau) = sum_j (x_j - x_{j+tau})^2 for j < w, via an FFT cross-correlation and cumulative energies.
+    # d(tau) = sum_j (x_j - x_{j+tau})^2 for j < w, via an FFT cross-correlation and cumulative
+    # energies.
     nfft = 1 << int(np.ceil(np.log2(x.size + w)))
     xc = np.fft.irfft(np.fft.rfft(x, nfft) * np.conj(np.fft.rfft(x[:w], nfft)), nfft)[:tau_max + 1]
     e = np.concatenate([[0.0], np.cumsum(x ** 2)])
@@ -116,7 +117,8 @@ def log_mel_l1(a, b, sr):
 
 
 def si_sdr(ref, est, eps=1e-8):
-    """Scale-invariant signal-to-distortion ratio in dB (Le Roux et al. 2019), over the common length."""
+    """Scale-invariant signal-to-distortion ratio (dB; Le Roux et al. 2019) over the common length.
+    """
     n = min(len(ref), len(est))
     r = np.asarray(ref, dtype=np.float64)[:n]
     e = np.asarray(est, dtype=np.float64)[:n]

@@ -1,5 +1,5 @@
-"""Shared fixtures: one tiny trained run (VAE + text-conditioned LM, 4 steps each) for the tests that only
-read a checkpoint (test_train's sampling tests, test_cond, test_tour)."""
+"""Shared fixtures: one tiny trained run (VAE + text-conditioned LM, 4 steps each) for the tests
+that only read a checkpoint (test_train's sampling tests, test_cond, test_tour)."""
 import os
 import sys
 

@@ -1,5 +1,6 @@
-"""Tests of calm.py: TrigFlow/sCM math, samplers, temperature, causality, KV cache, short context, head
-batch multiplier, noise augmentation, and a two-mode distribution test that an MSE predictor would fail."""
+"""Tests of calm.py: TrigFlow/sCM math, samplers, temperature, causality, KV cache, short context,
+head batch multiplier, noise augmentation, and a two-mode distribution test that an MSE predictor
+would fail."""
 import math
 import os
 import sys
@@ -7,7 +8,8 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import calm  # noqa: E402
@@ -24,7 +26,8 @@ def tiny(**kw):
 
 
 def randomize(model, seed=0):
-    """Non-zero weights everywhere (the MAR init zeroes the head's output), so tests see a real network."""
+    """Non-zero weights everywhere (the MAR init zeroes the head's output), so tests see a real
+    network."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -33,8 +36,9 @@ def randomize(model, seed=0):
 
 
 def gaussian_F(mu, s, sigma_d, kind):
-    """Exact F for a Gaussian target N(mu, s^2): 'trigflow' gives the velocity E[v_t | x_t] / sigma_d,
-    'consistency' the F whose f(x_t, t) is the exact PF-ODE endpoint (quantile map x_t -> x_0)."""
+    """Exact F for a Gaussian target N(mu, s^2): 'trigflow' gives the velocity E[v_t | x_t] /
+    sigma_d, 'consistency' the F whose f(x_t, t) is the exact PF-ODE endpoint (quantile map x_t ->
+    x_0)."""
     def Fn(xs, t):
         t = t[:, None]
         xt = sigma_d * xs
@@ -49,13 +53,14 @@ def gaussian_F(mu, s, sigma_d, kind):
     return Fn
 
 
-# --- TrigFlow / sCM math ------------------------------------------------------------------------------
+# --- TrigFlow / sCM math --------------------------------------------------------------------------
 
 @HP
 @given(st.floats(0.3, 3.0), st.integers(0, 1000))
 def test_trigflow_endpoints_and_variance_preservation(sigma_d, seed):
     g = torch.Generator().manual_seed(seed)
-    x0, z = sigma_d * torch.randn(20000, 3, generator=g), sigma_d * torch.randn(20000, 3, generator=g)
+    x0 = sigma_d * torch.randn(20000, 3, generator=g)
+    z = sigma_d * torch.randn(20000, 3, generator=g)
     xt, v = calm.trigflow_interp(x0, z, torch.zeros(20000))
     assert torch.allclose(xt, x0) and torch.allclose(v, z)
     xt, v = calm.trigflow_interp(x0, z, torch.full((20000,), math.pi / 2))
@@ -77,19 +82,22 @@ def test_consistency_boundary_f_x_0_is_x(seed, sigma_d):
 @HP
 @given(st.integers(0, 1000), st.floats(0.5, 2.0), st.floats(0.05, 1.5))
 def test_sct_tangent_matches_finite_difference(seed, sigma_d, t0):
-    """With r = 1, g = cos t * d f^-(x_t, t)/dt along the trajectory x_t + h dx_t/dt: check the JVP-built
-    tangent (signs, cos t sin t scalings, sigma_d factors) against a central difference of f (float64)."""
+    """With r = 1, g = cos t * d f^-(x_t, t)/dt along the trajectory x_t + h dx_t/dt: check the
+    JVP-built tangent (signs, cos t sin t scalings, sigma_d factors) against a central difference of
+    f (float64)."""
     m = randomize(calm.CALM(tiny(sigma_d=sigma_d)), seed).double()
     g_ = torch.Generator().manual_seed(seed)
     N = 6
-    x0, z = torch.randn(N, 4, generator=g_).double(), sigma_d * torch.randn(N, 4, generator=g_).double()
+    x0 = torch.randn(N, 4, generator=g_).double()
+    z = sigma_d * torch.randn(N, 4, generator=g_).double()
     cond = torch.randn(N, 32, generator=g_).double()
     t = torch.full((N,), t0, dtype=torch.float64)
     xt, dxt = calm.trigflow_interp(x0, z, t)
     Fn = lambda a, b: m.head(a, b, cond)
     F_minus, g = calm.sct_tangent(Fn, xt, t, dxt, sigma_d, r=1.0)
     with torch.no_grad():
-        h = 1e-7   # float64: truncation error ~h^2 f''' dominated at 1e-6 (time features reach 100 rad per unit t)
+        h = 1e-7   # float64: truncation error ~h^2 f''' dominated at 1e-6 (time features reach 100
+                   # rad per unit t)
         fp = calm.consistency_fn(Fn, xt + h * dxt, t + h, sigma_d)
         fm = calm.consistency_fn(Fn, xt - h * dxt, t - h, sigma_d)
     g_fd = t.cos()[:, None] * (fp - fm) / (2 * h)
@@ -100,7 +108,7 @@ def test_sct_tangent_matches_finite_difference(seed, sigma_d, t0):
     assert torch.allclose(g0, -t.cos()[:, None] ** 2 * (sigma_d * F_minus - dxt))
 
 
-# --- samplers and temperature -------------------------------------------------------------------------
+# --- samplers and temperature ---------------------------------------------------------------------
 
 @HP
 @given(st.integers(0, 1000), st.floats(0.0, 2.0))
@@ -109,7 +117,8 @@ def test_one_step_sampling_is_f_of_scaled_noise(seed, temp):
     z = torch.randn(5, 32)
     x = m.sample_head(z, steps=1, temperature=temp, generator=torch.Generator().manual_seed(seed))
     n = torch.randn(5, 4, generator=torch.Generator().manual_seed(seed))
-    ref = calm.consistency_fn(lambda a, b: m.head(a, b, z), math.sqrt(temp) * n, torch.full((5,), math.pi / 2))
+    ref = calm.consistency_fn(lambda a, b: m.head(a, b, z), math.sqrt(temp) * n,
+                              torch.full((5,), math.pi / 2))
     assert torch.allclose(x, ref, atol=1e-6)
 
 
@@ -121,14 +130,16 @@ def test_multistep_consistency_visits_requested_times(steps):
     calm.consistency_sample(Fn, (3, 2), steps, times=times)
     assert seen == [[pytest.approx(t)] for t in times]
     seen.clear()
-    calm.consistency_sample(Fn, (3, 2), steps)          # default schedule: pi/2, then 1.1 (sCM), decreasing
+    calm.consistency_sample(Fn, (3, 2), steps)          # default schedule: pi/2, then 1.1 (sCM),
+                                                        # decreasing
     got = [s[0] for s in seen]
     assert len(got) == steps and got[0] == pytest.approx(math.pi / 2)
     assert all(a > b for a, b in zip(got, got[1:]))
     if steps >= 2:
         assert got[1] == pytest.approx(1.1)
     seen.clear()
-    calm.trigflow_sample(Fn, (3, 2), steps)             # ODE: from pi/2, decreasing, one call per step
+    calm.trigflow_sample(Fn, (3, 2), steps)             # ODE: from pi/2, decreasing, one call per
+                                                        # step
     got = [s[0] for s in seen]
     assert got == pytest.approx(calm.trigflow_times(steps)[:-1]) and len(got) == steps
     assert got[0] == pytest.approx(math.pi / 2) and all(a > b > 0 for a, b in zip(got, got[1:]))
@@ -138,24 +149,26 @@ def test_multistep_consistency_visits_requested_times(steps):
 @given(st.floats(-2, 2), st.floats(0.2, 2.0), st.floats(0.5, 2.0), st.floats(0.0, 1.5),
        st.sampled_from(['consistency', 'trigflow']), st.sampled_from([1, 2, 4]))
 def test_temperature_scales_variance_on_gaussian_target(mu, s, sigma_d, temp, kind, steps):
-    """With the exact F of a Gaussian target the sampler is affine in its noise draws, so with the same
-    draws x(temp) - x(0) = sqrt(temp) (x(1) - x(0)) exactly: the variance scales by temp, temp 0 is the
-    deterministic mean path; at temp 1 the samples have the target's mean and variance."""
+    """With the exact F of a Gaussian target the sampler is affine in its noise draws, so with the
+    same draws x(temp) - x(0) = sqrt(temp) (x(1) - x(0)) exactly: the variance scales by temp, temp
+    0 is the deterministic mean path; at temp 1 the samples have the target's mean and variance."""
     Fn = gaussian_F(mu, s, sigma_d, kind)
     sampler = calm.consistency_sample if kind == 'consistency' else calm.trigflow_sample
     n_steps = steps if kind == 'consistency' else 100
-    run = lambda tp, seed=0: sampler(Fn, (20000, 1), n_steps, tp, sigma_d, torch.Generator().manual_seed(seed))
+    run = lambda tp, seed=0: sampler(Fn, (20000, 1), n_steps, tp, sigma_d,
+                                     torch.Generator().manual_seed(seed))
     x0, x1, xt = run(0.0), run(1.0), run(temp)
     assert torch.equal(x0, run(0.0, seed=1))                        # temperature 0: deterministic
     assert torch.allclose(xt - x0, math.sqrt(temp) * (x1 - x0), atol=1e-4 * (1 + s))
-    tol = 0.05 if kind == 'consistency' else 0.1    # 100 first-order ODE steps shrink the variance ~5%
+    tol = 0.05 if kind == 'consistency' else 0.1    # 100 first-order ODE steps shrink the variance
+                                                    # ~5%
     assert abs(x1.mean().item() - mu) < 0.05 * s + 0.02
     assert abs(x1.var().item() / s ** 2 - 1) < tol
     if temp > 0.1:
         assert abs(xt.var().item() / (temp * s ** 2) - 1) < tol
 
 
-# --- backbone, KV cache, short context ----------------------------------------------------------------
+# --- backbone, KV cache, short context ------------------------------------------------------------
 
 @HP
 @given(st.integers(0, 9), st.integers(0, 1000))
@@ -202,8 +215,9 @@ def test_kv_cache_steps_equal_full_forward(S, K):
 
 @pytest.mark.parametrize('head_loss', ['consistency', 'trigflow'])
 def test_generate_equals_full_forward(head_loss):
-    """Temperature 0 makes sampling a deterministic function of z, so the streamed frames must be what a
-    full forward pass over [prompt, generated] conditions the head with; also past the context."""
+    """Temperature 0 makes sampling a deterministic function of z, so the streamed frames must be
+    what a full forward pass over [prompt, generated] conditions the head with; also past the
+    context."""
     m = randomize(calm.CALM(tiny(head_loss=head_loss)))
     with torch.no_grad():
         for p in m.head.parameters():
@@ -219,7 +233,7 @@ def test_generate_equals_full_forward(head_loss):
     assert m.generate(None, 5, steps=1).shape == (1, 5, 4)          # empty prompt
 
 
-# --- training pieces ----------------------------------------------------------------------------------
+# --- training pieces ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('head_loss', ['consistency', 'trigflow'])
 @pytest.mark.parametrize('M', [1, 3])
@@ -265,14 +279,16 @@ def test_noise_augmentation_corrupts_backbone_inputs_only():
 
 
 def test_noise_level_is_bounded_by_noise_max():
-    # x~ = sqrt(k) eps + sqrt(1 - k) x with k ~ U(0, noise_max): for x = 1 the mean over many dimensions is
-    # sqrt(1 - k) (+- 1/sqrt(D)), so 1 - mean^2 recovers each frame's k; it must fill (0, noise_max) and stop there
+    # x~ = sqrt(k) eps + sqrt(1 - k) x with k ~ U(0, noise_max): for x = 1 the mean over many
+    # dimensions is sqrt(1 - k) (+- 1/sqrt(D)), so 1 - mean^2 recovers each frame's k; it must fill
+    # (0, noise_max) and stop there
     torch.manual_seed(0)
     m = calm.CALM(tiny())
     x = torch.ones(16, 50, 2048)
     for k_max in (1.0, 0.3):
         m.cfg.noise_max = k_max
-        k = 1 - m.noise_augment(x).mean(-1) ** 2                   # one estimate per frame, error ~0.05
+        # one estimate per frame, error ~0.05
+        k = 1 - m.noise_augment(x).mean(-1) ** 2
         assert k.max() < k_max + 0.07 and k.max() > k_max - 0.07 and k.min() < 0.07
     m.cfg.noise_max = 0.0
     y = torch.randn(2, 5, 4)
@@ -282,9 +298,10 @@ def test_noise_level_is_bounded_by_noise_max():
 @HP
 @given(st.floats(-2.0, 1.0), st.floats(0.3, 2.0), st.floats(0.5, 2.0))
 def test_sample_t_is_the_log_normal_proposal(P_mean, P_std, sigma_d):
-    """t = arctan(e^tau / sigma_d) with tau ~ N(P_mean, P_std^2) (sCM §4.2), clamped to [t_eps, pi/2 - t_eps]:
-    so log(sigma_d tan t) is that normal wherever the clamp does not bite. Compare the empirical CDF with
-    the normal's at its quantiles; the clamped tails sit exactly on the bounds."""
+    """t = arctan(e^tau / sigma_d) with tau ~ N(P_mean, P_std^2) (sCM §4.2), clamped to [t_eps, pi/2
+    - t_eps]: so log(sigma_d tan t) is that normal wherever the clamp does not bite. Compare the
+    empirical CDF with the normal's at its quantiles; the clamped tails sit exactly on the bounds.
+    """
     m = calm.CALM(tiny(P_mean=P_mean, P_std=P_std, sigma_d=sigma_d))
     torch.manual_seed(0)
     t = m.sample_t(20000, 'cpu').double()
@@ -302,8 +319,9 @@ def test_sample_t_is_the_log_normal_proposal(P_mean, P_std, sigma_d):
 
 
 def test_checkpoint_roundtrip_and_tangent_warmup():
-    """A model rebuilt from its saved config and state dict is the same model: same tensors, same loss for
-    the same draws, same generation for the same seed. Then the tangent warmup r ramps over its steps."""
+    """A model rebuilt from its saved config and state dict is the same model: same tensors, same
+    loss for the same draws, same generation for the same seed. Then the tangent warmup r ramps over
+    its steps."""
     cfg = tiny()
     m = randomize(calm.CALM(cfg), seed=3)
     m2 = calm.CALM(calm.Config(**asdict(cfg)))
@@ -318,7 +336,8 @@ def test_checkpoint_roundtrip_and_tangent_warmup():
         torch.manual_seed(1)
         losses.append(model(x, step=7)[0])
     assert torch.equal(losses[0], losses[1])
-    gen = [model.eval().generate(x[:, :3], 4, steps=2, generator=torch.Generator().manual_seed(2)) for model in (m, m2)]
+    gen = [model.eval().generate(x[:, :3], 4, steps=2, generator=torch.Generator().manual_seed(2))
+           for model in (m, m2)]
     assert torch.equal(gen[0], gen[1])
     m = calm.CALM(cfg)
     _, st0 = m(torch.randn(2, 5, 4), step=0)
@@ -328,8 +347,8 @@ def test_checkpoint_roundtrip_and_tangent_warmup():
 
 
 def test_diffusion_steps_then_sct_with_its_own_tangent_warmup():
-    """A consistency run with diffusion_steps = 5 trains the TrigFlow loss (exactly) before step 5, then sCT
-    with the tangent warmup counted from step 5."""
+    """A consistency run with diffusion_steps = 5 trains the TrigFlow loss (exactly) before step 5,
+    then sCT with the tangent warmup counted from step 5."""
     cfg = tiny(diffusion_steps=5)
     m = calm.CALM(cfg)
     mt = calm.CALM(calm.Config(**{**asdict(cfg), 'head_loss': 'trigflow'}))
@@ -343,15 +362,16 @@ def test_diffusion_steps_then_sct_with_its_own_tangent_warmup():
     assert m(x, step=5)[1]['r'] == 0.0 and m(x, step=10)[1]['r'] == 0.5
 
 
-# --- distribution: two modes, which an MSE predictor would average ------------------------------------
+# --- distribution: two modes, which an MSE predictor would average --------------------------------
 
 @pytest.mark.parametrize('head_loss,steps', [('consistency', 1), ('trigflow', 100)])
 def test_head_recovers_two_modes(head_loss, steps):
-    """x = +-1 + 0.05 noise with P(+) = 0.7, independent of the conditioning: the MSE answer would be 0.4.
-    Trains the head alone for a few seconds; samples must put 0.7 +- 0.1 of their mass on the + mode and
-    nearly all of it near +-1."""
+    """x = +-1 + 0.05 noise with P(+) = 0.7, independent of the conditioning: the MSE answer would
+    be 0.4. Trains the head alone for a few seconds; samples must put 0.7 +- 0.1 of their mass on
+    the + mode and nearly all of it near +-1."""
     two_modes = lambda n: torch.where(torch.rand(n, 1) < 0.7, 1.0, -1.0) + 0.05 * torch.randn(n, 1)
-    # 1000 iterations: 600 left the consistency head at 0.755 of its mass near the modes on this machine
+    # 1000 iterations: 600 left the consistency head at 0.755 of its mass near the modes on this
+    # machine
     m = tour.train_head_alone(head_loss, two_modes, 1, 1000)
     with torch.no_grad():
         x = m.sample_head(torch.randn(4000, 8), steps, 1.0, torch.Generator().manual_seed(1))[:, 0]
@@ -361,12 +381,14 @@ def test_head_recovers_two_modes(head_loss, steps):
     assert near_modes > 0.8, near_modes
 
 
-# --- the map: a consistency model is the PF-ODE's end point, not only a sampler with the right modes ----
+# --- the map: a consistency model is the PF-ODE's end point, not a sampler with the right modes
 
-MIXTURES = {   # the two-mode toy of tour.py figure 03, and 5 modes in 4 dims (means drawn once, seed 0)
+# the two-mode toy of tour.py figure 03, and 5 modes in 4 dims (means drawn once, seed 0)
+MIXTURES = {
     '1d': tour.TOY,
     '4d': tour.mixture([0.1, 0.15, 0.2, 0.25, 0.3],
-                       torch.randn(5, 4, generator=torch.Generator().manual_seed(0)).tolist(), 0.15),
+                       torch.randn(5, 4, generator=torch.Generator().manual_seed(0)).tolist(),
+                       0.15),
 }
 
 
@@ -377,36 +399,43 @@ def rank_corr(a, b):
 
 
 N_ITER = {'consistency': 3000, 'trigflow': 1000}
-# Measured on this seed (docs/consistency.md): 1-D consistency median 0.026, 0.95 in the exact end point's mode,
-# + mode 0.77 (exact 0.7), order within the modes 0.96 / 0.99; the loss calm had before: median 0.10 from
-# scratch, and the order reversed within the modes after the toy's TrigFlow phase.
+# Measured on this seed (docs/consistency.md): 1-D consistency median 0.026, 0.95 in the exact end
+# point's mode, + mode 0.77 (exact 0.7), order within the modes 0.96 / 0.99; the loss calm had
+# before: median 0.10 from scratch, and the order reversed within the modes after the toy's TrigFlow
+# phase.
 MEDIAN_TOL = {('1d', 'consistency'): 0.06, ('1d', 'trigflow'): 0.03, ('4d', 'consistency'): 0.15,
               ('4d', 'trigflow'): 0.05}
 
 
 @pytest.mark.parametrize('head_loss', ['consistency', 'trigflow'])
-@pytest.mark.parametrize('name', ['1d', pytest.param('4d', marks=pytest.mark.slow)])   # 4-D: ~2 more minutes
+# 4-D: ~2 more minutes
+@pytest.mark.parametrize('name', ['1d', pytest.param('4d', marks=pytest.mark.slow)])
 def test_head_learns_the_pf_ode_map(name, head_loss):
-    """The head trained alone on a Gaussian mixture with a known exact velocity: for 2000 noises x_T, the
-    consistency head's 1-step output f(x_T, pi/2) and the TrigFlow head's 100-step ODE output must land
-    where the exact PF-ODE takes x_T, not merely in the right mode. 1-D: the exact map is increasing, so
-    within each mode the outputs must keep the order of their noises (a map that is flat or runs backwards
-    within a mode still puts the right mass on each mode, which is all test_head_recovers_two_modes sees)."""
+    """The head trained alone on a Gaussian mixture with a known exact velocity: for 2000 noises
+    x_T, the consistency head's 1-step output f(x_T, pi/2) and the TrigFlow head's 100-step ODE
+    output must land where the exact PF-ODE takes x_T, not merely in the right mode. 1-D: the exact
+    map is increasing, so within each mode the outputs must keep the order of their noises (a map
+    that is flat or runs backwards within a mode still puts the right mass on each mode, which is
+    all test_head_recovers_two_modes sees)."""
     mix = MIXTURES[name]
     D = mix[1].shape[1]
-    m = tour.train_head_alone(head_loss, lambda n: tour.sample_mixture(mix, n), D, N_ITER[head_loss])
+    m = tour.train_head_alone(head_loss, lambda n: tour.sample_mixture(mix, n), D,
+                              N_ITER[head_loss])
     gen = torch.Generator().manual_seed(1)
     z = torch.randn(2000, 8, generator=gen)
     Fn = lambda x, t: m.head(x, t, z)
     with torch.no_grad():
         if head_loss == 'consistency':
-            x = calm.consistency_sample(Fn, (2000, D), 1, generator=torch.Generator().manual_seed(2))
+            x = calm.consistency_sample(Fn, (2000, D), 1,
+                                        generator=torch.Generator().manual_seed(2))
         else:
             x = calm.trigflow_sample(Fn, (2000, D), 100, generator=torch.Generator().manual_seed(2))
-    x_T = torch.randn(2000, D, generator=torch.Generator().manual_seed(2))   # the samplers' own draws
+    # the samplers' own draws
+    x_T = torch.randn(2000, D, generator=torch.Generator().manual_seed(2))
     exact = torch.as_tensor(tour.ode_paths(mix, x_T)[1][-1]).float()
     err = (x - exact).norm(dim=-1) / math.sqrt(D)
-    print(f'{name} {head_loss}: median error {err.median():.4f}, 90th percentile {err.quantile(0.9):.4f}')
+    print(f'{name} {head_loss}: median error {err.median():.4f}, '
+          f'90th percentile {err.quantile(0.9):.4f}')
     assert err.median() < MEDIAN_TOL[name, head_loss], err.median()
     w, mu, _ = mix
     mode = lambda y: torch.cdist(y.double(), mu).argmin(1)

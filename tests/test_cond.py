@@ -9,29 +9,31 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from test_train import run  # noqa: E402
+
 import calm  # noqa: E402
 import data  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
-from test_train import run  # noqa: E402
 
 torch.set_num_threads(1)
 NT = len(data.VOCAB)
 
 
 def tiny(**kw):
-    base = dict(latent_dim=4, d_model=32, n_layers=2, n_heads=2, context=12, short_context=3, short_layers=1,
-                head_width=32, head_blocks=2, head_batch_mul=2, n_text=NT)
+    base = dict(latent_dim=4, d_model=32, n_layers=2, n_heads=2, context=12, short_context=3,
+                short_layers=1, head_width=32, head_blocks=2, head_batch_mul=2, n_text=NT)
     return calm.Config(**{**base, **kw})
 
 
 def randomized(cfg, seed=0):
-    """Non-zero weights everywhere (the head's init is the zero map), the padding row included: the null
-    condition must not depend on it."""
+    """Non-zero weights everywhere (the head's init is the zero map), the padding row included: the
+    null condition must not depend on it."""
     m = calm.CALM(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -40,14 +42,15 @@ def randomized(cfg, seed=0):
     return m.eval()
 
 
-# --- vocabulary ---------------------------------------------------------------------------------------
+# --- vocabulary -----------------------------------------------------------------------------------
 
 def test_descriptions_and_tokenizer():
     assert len(data.VOCAB) == 10 and len(set(data.VOCAB)) == 10
     for seed in range(12):
         clip = data.make_clip(seed, seconds=1.0)
         d = data.description(clip.meta)
-        assert d == data.clip_description(seed) == f"{clip.meta['family']} {clip.meta['mode']} {clip.meta['tempo_class']}"
+        m = clip.meta
+        assert d == data.clip_description(seed) == f"{m['family']} {m['mode']} {m['tempo_class']}"
         assert [data.VOCAB[i] for i in data.tokenize(d)] == d.split()
     assert data.tokenize('Flute  MINOR fast') == data.tokenize('flute minor fast')
 
@@ -60,7 +63,7 @@ def test_unknown_word_lists_the_vocabulary(text):
     assert len(msg.splitlines()) == 1 and all(w in msg for w in data.VOCAB)
 
 
-# --- model --------------------------------------------------------------------------------------------
+# --- model ----------------------------------------------------------------------------------------
 
 def test_unconditional_model_and_old_checkpoints_unchanged():
     cfg = tiny(n_text=0)
@@ -74,8 +77,8 @@ def test_unconditional_model_and_old_checkpoints_unchanged():
 
 @pytest.mark.parametrize('p', [0.2, 0.5])
 def test_condition_dropout_rate(p):
-    """Each sequence gets the null condition (c = 0) with probability cond_dropout: the count over N draws
-    is within 5 binomial standard deviations of N p. Eval mode never drops."""
+    """Each sequence gets the null condition (c = 0) with probability cond_dropout: the count over N
+    draws is within 5 binomial standard deviations of N p. Eval mode never drops."""
     m = calm.CALM(tiny(cond_dropout=p)).train()
     N = 20000
     text = torch.tensor([[0, 5, 7]]).expand(N, -1)
@@ -101,7 +104,8 @@ def test_condition_reaches_every_backbone_position_and_trains():
     torch.manual_seed(0)
     m(x, step=0)
     c = m.condition(text)
-    assert torch.allclose(h_text - seen['h'], c[:, None].expand(-1, 6, -1), atol=1e-6)   # start frame too
+    # start frame too
+    assert torch.allclose(h_text - seen['h'], c[:, None].expand(-1, 6, -1), atol=1e-6)
     loss.backward()
     assert m.text.weight.grad[[0, 5, 7]].abs().sum() > 0 and m.text.weight.grad[NT].abs().sum() == 0
 
@@ -109,18 +113,20 @@ def test_condition_reaches_every_backbone_position_and_trains():
 @settings(max_examples=10, deadline=None)
 @given(st.integers(0, 10_000), st.booleans(), st.integers(1, 3))
 def test_cfg_alpha_limits_are_exact(seed, with_prompt, B):
-    """Latent CFG: alpha = 1 is exactly conditional sampling, alpha = 0 exactly unconditional sampling
-    (no text; for a batch from nothing, the empty description, which is bit-identical to no text), same
-    seed; the noise draws are the same in every mode (generator states agree)."""
+    """Latent CFG: alpha = 1 is exactly conditional sampling, alpha = 0 exactly unconditional
+    sampling (no text; for a batch from nothing, the empty description, which is bit-identical to no
+    text), same seed; the noise draws are the same in every mode (generator states agree)."""
     m = randomized(tiny(), seed)
     g = torch.Generator().manual_seed(seed)
-    ids = [torch.randint(NT, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist() for _ in range(B)]
+    ids = [torch.randint(NT, (int(torch.randint(1, 4, (1,), generator=g)),),
+                         generator=g).tolist() for _ in range(B)]
     text = calm.pad_text(ids, NT)
     prompt = torch.randn(B, 5, 4, generator=g) if with_prompt else None
 
     def gen(**kw):
         gg = torch.Generator().manual_seed(seed)
-        out = m.generate(prompt, 14, steps=2, generator=gg, **kw)   # 14 frames: past the 12-frame context
+        # 14 frames: past the 12-frame context
+        out = m.generate(prompt, 14, steps=2, generator=gg, **kw)
         return out, gg.get_state()
 
     cond, s_cond = gen(text=text)
@@ -135,23 +141,26 @@ def test_cfg_alpha_limits_are_exact(seed, with_prompt, B):
     assert not torch.equal(a3, cond)                    # guidance changes the samples
 
 
-# --- training data ------------------------------------------------------------------------------------
+# --- training data --------------------------------------------------------------------------------
 
 def test_toy_batch_carries_each_windows_description():
     """Clip i's latents are filled with i, so every window says which clip it came from."""
-    n, texts = 7, [data.tokenize(data.clip_description(data.clip_seed('train', i))) for i in range(7)]
+    n = 7
+    texts = [data.tokenize(data.clip_description(data.clip_seed('train', i))) for i in range(n)]
     latents = [torch.full((20 + i, 3), float(i)) for i in range(n)]
     for step in range(5):
         x, ids = train.window_batch(latents, step, 0, 16, 10, texts=texts)
-        assert torch.equal(x, train.window_batch(latents, step, 0, 16, 10))   # same windows as without text
+        # same windows as without text
+        assert torch.equal(x, train.window_batch(latents, step, 0, 16, 10))
         for w, row in zip(x, ids):
             i = int(w[0, 0])
             assert [t for t in row.tolist() if t != NT] == texts[i]
-        x2, ids2 = train.window_batch(latents, step, 0, 16, 10, texts=texts)   # pure function of (seed, step)
+        # pure function of (seed, step)
+        x2, ids2 = train.window_batch(latents, step, 0, 16, 10, texts=texts)
         assert torch.equal(x, x2) and torch.equal(ids, ids2)
 
 
-# --- sample.py ----------------------------------------------------------------------------------------
+# --- sample.py ------------------------------------------------------------------------------------
 
 def test_toy_run_is_text_conditioned(tiny_run):
     _, model = sample.load(str(tiny_run))
@@ -160,8 +169,8 @@ def test_toy_run_is_text_conditioned(tiny_run):
 
 def test_sample_text_from_nothing(tiny_run, tmp_path):
     out = tmp_path / 'gen.wav'
-    r = run('sample.py', '--text', 'flute minor fast', '--cfg', '2', '--seconds', '1.5', '--ckpt', str(tiny_run),
-            '--out', str(out))
+    r = run('sample.py', '--text', 'flute minor fast', '--cfg', '2', '--seconds', '1.5', '--ckpt',
+            str(tiny_run), '--out', str(out))
     assert 'real-time factor' in r.stdout and 'cfg 2' in r.stdout
     wav, sr = sf.read(out)
     vae, _ = sample.load(str(tiny_run))
@@ -180,7 +189,7 @@ def test_sample_text_errors_are_one_line(tiny_run, tmp_path, argv):
         assert "'jazzy'" in r.stderr and all(w in r.stderr for w in data.VOCAB)
 
 
-# --- evaluate.py detectors ----------------------------------------------------------------------------
+# --- evaluate.py detectors ------------------------------------------------------------------------
 
 def test_text_detectors_on_real_clips():
     """The mode and tempo detectors on real held-out clips (the 'real' ceiling row of --cfg-sweep):

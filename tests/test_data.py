@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 import soundfile as sf
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import data
 import metrics
@@ -43,7 +44,8 @@ def test_notes_follow_the_repeating_motif(seed):
     for n in c.notes:
         assert data.PITCH_RANGE[0] <= n.pitch <= data.PITCH_RANGE[1]
         assert 0.2 <= n.duration <= 0.75  # several 80 ms latent frames per note
-        assert (n.pitch - c.meta['tonic']) % 12 in (data.MAJOR if c.meta['mode'] == 'major' else data.MINOR)
+        scale = data.MAJOR if c.meta['mode'] == 'major' else data.MINOR
+        assert (n.pitch - c.meta['tonic']) % 12 in scale
     onsets = [n.onset for n in c.notes]
     assert onsets == sorted(onsets)
 

@@ -1,4 +1,5 @@
-"""evaluate.py: the scores are right on inputs whose answer is known (no model needed, no timed asserts)."""
+"""evaluate.py: the scores are right on inputs whose answer is known (no model needed, no timed
+asserts)."""
 import argparse
 
 import numpy as np
@@ -19,16 +20,16 @@ def clips():
 
 
 def transpose(clip, semitones):
-    """The clip with every note pitch-shifted by resampling its own segment (onset to next onset), so the
-    onsets stay exactly where they were; a shortened segment is padded with silence."""
+    """The clip with every note pitch-shifted by resampling its own segment (onset to next onset),
+    so the onsets stay exactly where they were; a shortened segment is padded with silence."""
     wav, out = clip.wav, np.zeros_like(clip.wav)
     starts = [int(n.onset * SR) for n in clip.notes] + [len(wav)]
     ratio = 2 ** (semitones / 12)
     for a, b in zip(starts[:-1], starts[1:]):
         seg = soxr.resample(wav[a:b], SR * ratio, SR)[:b - a]  # played back at SR: pitch * ratio
         out[a:a + len(seg)] = seg
-    return data.Clip(wav=out, notes=[data.Note(n.onset, n.duration, n.pitch + semitones) for n in clip.notes],
-                     meta=dict(clip.meta))
+    notes = [data.Note(n.onset, n.duration, n.pitch + semitones) for n in clip.notes]
+    return data.Clip(wav=out, notes=notes, meta=dict(clip.meta))
 
 
 def onset_recall(wav, notes, tol=0.1):
@@ -48,15 +49,19 @@ def test_clip_against_itself(clips):
 def test_transposed_copy_wrong_pitch_right_timing(clips):
     for c in clips[:4]:
         t = transpose(c, 1)
-        assert ev.summarise([ev.score_continuation(t.wav, t, T0, T1)])['note_acc'] >= 0.8  # the copy is clean
-        s = ev.summarise([ev.score_continuation(t.wav, c, T0, T1)])  # scored against the original's notes
+        # the copy is clean
+        assert ev.summarise([ev.score_continuation(t.wav, t, T0, T1)])['note_acc'] >= 0.8
+        # scored against the original's notes
+        s = ev.summarise([ev.score_continuation(t.wav, c, T0, T1)])
         assert s['note_acc'] <= 0.1 and s['onset_r'] <= 0.1
-        assert onset_recall(t.wav, ev.true_notes(c, T0, T1)) >= 0.85  # ... while the timing still matches
+        # ... while the timing still matches
+        assert onset_recall(t.wav, ev.true_notes(c, T0, T1)) >= 0.85
 
 
 def test_silence_scores_zero(clips):
     s = ev.summarise([ev.score_continuation(np.zeros_like(c.wav), c, T0, T1) for c in clips[:3]])
-    assert s['note_acc'] == 0 and s['onset_r'] == 0 and s['onset_f1'] == 0 and s['n_gen'] == 0 and s['key'] == 0
+    assert s['note_acc'] == 0 and s['onset_r'] == 0 and s['onset_f1'] == 0
+    assert s['n_gen'] == 0 and s['key'] == 0
 
 
 def test_transcriber_finds_annotated_notes(clips):
@@ -82,7 +87,9 @@ def test_frechet_real_splits_vs_noise_and_transposed(clips):
     a, b = clips[:12], clips[12:24]
     emb_a = ev.embed([cut(c.wav) for c in a], SR)
     real = ev.frechet(emb_a, ev.embed([cut(c.wav) for c in b], SR))
-    noise = ev.frechet(emb_a, ev.embed([0.1 * np.random.default_rng(1).standard_normal(4 * SR) for _ in b], SR))
+    noise = ev.frechet(emb_a,
+                       ev.embed([0.1 * np.random.default_rng(1).standard_normal(4 * SR) for _ in b],
+                                SR))
     octave = ev.frechet(emb_a, ev.embed([cut(transpose(c, 12).wav) for c in b], SR))
     assert abs(ev.frechet(emb_a, emb_a)) < 1e-6
     assert real < 0.1 * noise and real < 0.5 * octave, (real, noise, octave)
@@ -99,12 +106,14 @@ def test_timbre_detector_on_clean_clips(clips):
 def test_auto_prompt_holds_two_motif_repetitions():
     for c in data.toy_clips('heldout', 20, seconds=16.0):
         m, t0 = len(c.meta['motif']), ev.prompt_frames(c, 12.5) / 12.5
-        assert c.notes[2 * m - 1].onset < t0  # the second repetition's last note starts inside the prompt
-        assert t0 + ev.BOUNDARY_SKIP <= c.notes[2 * m].onset < t0 + ev.BOUNDARY_SKIP + 0.08  # 3rd is scored
+        assert c.notes[2 * m - 1].onset < t0  # the second repetition's last note starts inside the
+                                              # prompt
+        # 3rd is scored
+        assert t0 + ev.BOUNDARY_SKIP <= c.notes[2 * m].onset < t0 + ev.BOUNDARY_SKIP + 0.08
         assert [n.pitch for n in c.notes[:2 * m]] == c.meta['motif'] * 2
 
 
-# --- the whole continuation pipeline on a fake VAE and an oracle / silent LM --------------------------------
+# --- the whole continuation pipeline on a fake VAE and an oracle / silent LM ----------------------
 
 class ReshapeVAE(torch.nn.Module):
     """'Latents' are the raw samples of each frame: a perfect codec, 12.5 frames/s."""
@@ -112,7 +121,8 @@ class ReshapeVAE(torch.nn.Module):
 
     def encode(self, wav):
         T = -(-wav.shape[1] // self.hop) * self.hop
-        return torch.nn.functional.pad(wav, (0, T - wav.shape[1])).reshape(wav.shape[0], -1, self.hop)
+        padded = torch.nn.functional.pad(wav, (0, T - wav.shape[1]))
+        return padded.reshape(wav.shape[0], -1, self.hop)
 
     def decode(self, lat):
         return lat.reshape(lat.shape[0], -1)
@@ -142,14 +152,16 @@ def test_continuation_pipeline_oracle_and_silent(clips, prompt_seconds):
     if prompt_seconds is None:
         clips = data.toy_clips('heldout', 8, seconds=15.5)
     scored, ref = clips[:4], clips[4:8]
-    res = ev.eval_continuation(ReshapeVAE(), FakeLM(scored, oracle=True), scored, ref, det, args, 'cpu')
+    res = ev.eval_continuation(ReshapeVAE(), FakeLM(scored, oracle=True), scored, ref, det, args,
+                               'cpu')
     rows = res['rows']
     assert set(rows) >= {'real', 'vae', 'other clip', 'noise', 'calm steps=1 T=default'}
     calm = rows['calm steps=1 T=default']
     for k in ('note_acc', 'onset_r', 'key', 'fd'):  # the oracle continuation is the real one
         assert calm[k] == pytest.approx(rows['real'][k], abs=1e-6)
     assert calm['note_acc'] > rows['other clip']['note_acc']
-    silent = ev.eval_continuation(ReshapeVAE(), FakeLM(scored, oracle=False), scored, ref, det, args, 'cpu')
+    silent = ev.eval_continuation(ReshapeVAE(), FakeLM(scored, oracle=False), scored, ref, det,
+                                  args, 'cpu')
     s = silent['rows']['calm steps=1 T=default']
     assert s['note_acc'] == 0 and s['onset_r'] == 0
     text = ev.report({'continuation': res})
@@ -160,23 +172,26 @@ def test_speed_section_runs():
     args = argparse.Namespace(prompt_seconds=1.0, temperature=[None])
     c = data.make_clip(data.clip_seed('heldout', 0), seconds=2.0)
     out = ev.eval_speed(ReshapeVAE(), FakeLM([c], oracle=False), c, args, 'cpu')
-    for k in ('ms_per_frame_steps1', 'ms_per_frame_steps100', 'head_ms_per_step', 'backbone_ms_per_frame',
-              'rtf_steps1', 'ms_per_frame_30s_steps1', 'vae_decode_rtf'):
+    for k in ('ms_per_frame_steps1', 'ms_per_frame_steps100', 'head_ms_per_step',
+              'backbone_ms_per_frame', 'rtf_steps1', 'ms_per_frame_30s_steps1', 'vae_decode_rtf'):
         assert np.isfinite(out[k])
 
 
 def test_compare_table_from_fake_results():
     def fake(names, acc):
-        rows = {'real': dict(note_acc=1.0), 'vae': dict(note_acc=0.9), 'other clip': dict(note_acc=0.1)}
+        rows = {'real': dict(note_acc=1.0), 'vae': dict(note_acc=0.9),
+                'other clip': dict(note_acc=0.1)}
         rows.update({n: dict(note_acc=acc, fd=1.0) for n in names})
         return {'continuation': {'settings': {}, 'rows': rows}}
     results = {'consistency': fake(['calm steps=4 T=0.7', 'calm steps=4 T=1'], 0.6),
                'trigflow': fake(['calm steps=100 T=0.7'], 0.7),
                'short_context_10': fake(['calm steps=4 T=0.7'], 0.2)}
     rows = ev.compare_rows(results, [0.7, 1.0])
-    assert list(rows) == ['consistency steps=4 T=0.7', 'consistency steps=4 T=1', 'trigflow steps=100 T=0.7',
+    assert list(rows) == ['consistency steps=4 T=0.7', 'consistency steps=4 T=1',
+                          'trigflow steps=100 T=0.7',
                           'short_context_10 steps=4 T=0.7', '(real)', '(vae)', '(other clip)']
     assert rows['short_context_10 steps=4 T=0.7']['note_acc'] == 0.2
     text = ev.table(rows, ev.CONT_COLS)
     assert 'trigflow steps=100 T=0.7' in text and '0.700' in text
-    assert set(ev.VARIANTS) == {'consistency', 'trigflow', 'no_noise_aug', 'short_context_10', 'head_batch_mul_1'}
+    assert set(ev.VARIANTS) == {'consistency', 'trigflow', 'no_noise_aug', 'short_context_10',
+                                'head_batch_mul_1'}

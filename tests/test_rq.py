@@ -1,5 +1,6 @@
-"""Tests of rq.py (the discrete baselines): RVQ codebook learning, the depth Transformer and delay pattern,
-causality, cached generation against the full forward pass, sampling, and train.py / sample.py end to end."""
+"""Tests of rq.py (the discrete baselines): RVQ codebook learning, the depth Transformer and delay
+pattern, causality, cached generation against the full forward pass, sampling, and train.py /
+sample.py end to end."""
 import json
 import os
 import socket
@@ -8,22 +9,26 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from test_train import run, tiny_recipes, train_main  # noqa: E402
+
 import calm  # noqa: E402
 import rq  # noqa: E402
 import sample  # noqa: E402
-from test_train import run, train_main, tiny_recipes  # noqa: E402
 
 torch.set_num_threads(1)
 HP = settings(max_examples=15, deadline=None)
 
 
 def tiny(kind='rq', **kw):
-    base = dict(kind=kind, latent_dim=4, n_q=3, codebook_size=8, d_model=32, n_layers=2, n_heads=2, context=12,
-                depth_d=16, depth_layers=2, depth_heads=2, rvq_init_frames=512, rvq_steps=5, rvq_batch=256)
+    base = dict(kind=kind, latent_dim=4, n_q=3, codebook_size=8, d_model=32, n_layers=2, n_heads=2,
+                context=12,
+                depth_d=16, depth_layers=2, depth_heads=2, rvq_init_frames=512, rvq_steps=5,
+                rvq_batch=256)
     return rq.Config(**{**base, **kw})
 
 
@@ -46,7 +51,7 @@ def random_rvq(Q, K, D, seed):
     return r.eval(), g
 
 
-# --- RVQ ------------------------------------------------------------------------------------------------
+# --- RVQ ------------------------------------------------------------------------------------------
 
 @HP
 @given(st.integers(1, 5), st.integers(2, 16), st.integers(1, 6), st.integers(0, 10_000))
@@ -71,7 +76,8 @@ def test_residual_shrinks_level_by_level_after_kmeans_init(seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(4000, 4, generator=g) * torch.tensor([3.0, 1.0, 0.5, 0.2])
     rvq = rq.RVQ(4, 4, 16)
-    stats = rq.fit(rvq, x, tiny(n_q=4, codebook_size=16, rvq_steps=0, rvq_init_frames=2000), seed=seed, log=None)
+    stats = rq.fit(rvq, x, tiny(n_q=4, codebook_size=16, rvq_steps=0, rvq_init_frames=2000),
+                   seed=seed, log=None)
     mse = [float((x ** 2).mean())] + [s['residual_mse'] for s in stats]
     assert all(b < a for a, b in zip(mse, mse[1:])), mse
     assert all(s['usage'] > 0.9 for s in stats)
@@ -107,7 +113,8 @@ def test_ema_step_moves_a_used_codeword_towards_the_mean_of_its_vectors(seed, de
     for k in idx.unique():
         mean = x[idx == k].mean(0)
         n = (idx == k).sum()
-        expected = (decay * 10.0 * old[k] + (1 - decay) * n * mean) / (decay * 10.0 + (1 - decay) * n)
+        w_old, w_new = decay * 10.0, (1 - decay) * n
+        expected = (w_old * old[k] + w_new * mean) / (w_old + w_new)
         assert torch.allclose(rvq.codebooks[0][k], expected, atol=1e-4)
         assert (rvq.codebooks[0][k] - mean).norm() < (old[k] - mean).norm()
 
@@ -119,14 +126,16 @@ def test_unused_codes_are_restarted_on_input_vectors():
     rvq.embed_sum.copy_(rvq.codebooks * 50.0)
     x = torch.randn(200, 2, generator=g)
     rng = np.random.default_rng(0)
-    for _ in range(300):                              # its usage decays until it falls under the threshold
+    for _ in range(300):                              # its usage decays until it falls under the
+                                                      # threshold
         idx = rq.nearest(x, rvq.codebooks[0])
         assert (idx != 3).all()
         rvq.ema_update(0, x, idx, rng)
         if rvq.restarts:
             break
     assert rvq.restarts == 1
-    assert (rvq.codebooks[0, 3] == x).all(1).any()    # now sits on an input vector, with the mean usage
+    assert (rvq.codebooks[0, 3] == x).all(1).any()    # now sits on an input vector, with the mean
+                                                      # usage
     assert rvq.cluster_size[0, 3] == pytest.approx(200 / 4, rel=1e-4)
 
 
@@ -138,7 +147,8 @@ def test_fit_is_deterministic_and_nested_across_levels():
         rq.fit(r, x, tiny(n_q=Q), seed=5, log=None)
         fits.setdefault(Q, []).append(r.codebooks)
     assert torch.equal(fits[3][0], fits[3][1])
-    assert torch.equal(fits[2][0], fits[3][0][:2])   # a Q-level fit = the first Q levels of a deeper one
+    assert torch.equal(fits[2][0], fits[3][0][:2])   # a Q-level fit = the first Q levels of a
+                                                     # deeper one
 
 
 def test_code_stats():
@@ -148,7 +158,7 @@ def test_code_stats():
     assert s[1] == {'usage': 0.25, 'entropy_bits': pytest.approx(0.0)}
 
 
-# --- sampling and the delay pattern ----------------------------------------------------------------------
+# --- sampling and the delay pattern ---------------------------------------------------------------
 
 @HP
 @given(st.integers(0, 10_000), st.integers(2, 12))
@@ -169,7 +179,8 @@ def test_sampling_follows_the_softmax_and_top_k():
     freq = torch.bincount(rq.sample_logits(logits, 1.0, generator=g), minlength=4) / 20000
     assert torch.allclose(freq, logits[0].softmax(-1), atol=0.015)
     freq = torch.bincount(rq.sample_logits(logits, 0.5, top_k=2, generator=g), minlength=4) / 20000
-    assert freq[2:].sum() == 0 and torch.allclose(freq[:2], (logits[0, :2] / 0.5).softmax(-1), atol=0.015)
+    assert freq[2:].sum() == 0 and torch.allclose(freq[:2], (logits[0, :2] / 0.5).softmax(-1),
+                                                  atol=0.015)
 
 
 @HP
@@ -184,10 +195,11 @@ def test_delay_pattern_round_trips(B, S, Q, seed):
     assert torch.equal(rq.undelay(d), codes)
 
 
-# --- the language models ------------------------------------------------------------------------------------
+# --- the language models --------------------------------------------------------------------------
 
 def codes_like(cfg, B, S, seed=0):
-    return torch.randint(0, cfg.codebook_size, (B, S, cfg.n_q), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, cfg.codebook_size, (B, S, cfg.n_q),
+                         generator=torch.Generator().manual_seed(seed))
 
 
 def test_depth_transformer_is_causal_across_levels_and_backbone_across_frames():
@@ -200,13 +212,15 @@ def test_depth_transformer_is_causal_across_levels_and_backbone_across_frames():
     changed[:, t, k] = (changed[:, t, k] + 1) % cfg.codebook_size
     out = m.logits(changed)
     assert torch.equal(out[:, :t], base[:, :t])                 # earlier frames never see frame t
-    assert torch.equal(out[:, t, :k + 1], base[:, t, :k + 1])   # levels <= k ignore code k of their frame
+    assert torch.equal(out[:, t, :k + 1], base[:, t, :k + 1])   # levels <= k ignore code k of their
+                                                                # frame
     assert not torch.allclose(out[:, t, k + 1:], base[:, t, k + 1:])   # later levels read it
     assert not torch.allclose(out[:, t + 1:], base[:, t + 1:])         # later frames read it
 
 
 def stream_logits(m, codes):
-    """Logits of every code through the cached path: backbone steps and depth steps, teacher-forced."""
+    """Logits of every code through the cached path: backbone steps and depth steps, teacher-forced.
+    """
     B, S, Q = codes.shape
     state, prev, out = m.new_state(B), None, []
     for s in range(S):
@@ -261,7 +275,8 @@ def test_generate_returns_dequantised_latents_and_checks_its_arguments(kind):
     codes = m.generate_codes(m.rvq.encode(prompt), 6, cfg.temperature, 0, g0, m.new_state(2))
     assert torch.allclose(out, m.rvq.decode(codes))
     text = calm.pad_text([[0, 1], [2]], 3)
-    assert m.generate(None, 3, text=text, cfg_alpha=2.0, generator=g).shape == (2, 3, cfg.latent_dim)
+    out = m.generate(None, 3, text=text, cfg_alpha=2.0, generator=g)
+    assert out.shape == (2, 3, cfg.latent_dim)
     with pytest.raises(ValueError, match='CALM option'):
         m.generate(prompt, 2, steps=4)
 
@@ -305,11 +320,13 @@ def test_config_checks_and_parameter_budget():
     assert without_input(m.backbone) == without_input(c.long)
 
 
-# --- train.py / sample.py end to end --------------------------------------------------------------------------
+# --- train.py / sample.py end to end --------------------------------------------------------------
 
-TINY_RQ = ['--clips', '6', '--lm.d_model=32', '--lm.n_layers=1', '--lm.n_heads=2', '--lm.context=12',
-           '--lm.depth_d=16', '--lm.depth_layers=1', '--lm.depth_heads=2', '--lm.rvq_init_frames=1024',
-           '--lm.rvq_steps=3', '--lm.rvq_batch=512', '--levels', '3', '--codebook-size', '16', '--log-every', '1']
+TINY_RQ = ['--clips', '6', '--lm.d_model=32', '--lm.n_layers=1', '--lm.n_heads=2',
+           '--lm.context=12', '--lm.depth_d=16', '--lm.depth_layers=1', '--lm.depth_heads=2',
+           '--lm.rvq_init_frames=1024',
+           '--lm.rvq_steps=3', '--lm.rvq_batch=512', '--levels', '3', '--codebook-size', '16',
+           '--log-every', '1']
 
 
 @pytest.fixture(scope='module', params=['rq', 'delay'])
@@ -317,8 +334,8 @@ def discrete_run(request, tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp(f'tiny_{request.param}')
     mp = pytest.MonkeyPatch()
     tiny_recipes(mp)
-    train_main(['--stage', 'lm', '--vae-from', str(tiny_run), '--out', str(out), '--model', request.param,
-                '--lm-steps', '3', *TINY_RQ])
+    train_main(['--stage', 'lm', '--vae-from', str(tiny_run), '--out', str(out), '--model',
+                request.param, '--lm-steps', '3', *TINY_RQ])
     mp.undo()
     return request.param, out
 
@@ -335,14 +352,17 @@ def test_discrete_run_writes_a_checkpoint_that_sample_continues(discrete_run, tm
     import soundfile as sf
     prompt = tmp_path / 'p.wav'
     sf.write(prompt, 0.2 * np.sin(np.arange(12000) / 10), 24000)
-    r = run('sample.py', str(prompt), '--ckpt', str(out), '--seconds', '1', '--out', str(tmp_path / 'o.wav'),
-            '--top-k', '4', '--temperature', '1.0')
+    r = run('sample.py', str(prompt), '--ckpt', str(out), '--seconds', '1', '--out',
+            str(tmp_path / 'o.wav'), '--top-k', '4', '--temperature', '1.0')
     assert f'{kind} LM' in r.stdout
     wav, sr = sf.read(tmp_path / 'o.wav')
-    assert len(wav) == (12000 // vae.hop + round(vae.frame_rate)) * vae.hop and np.isfinite(wav).all()
+    assert len(wav) == (12000 // vae.hop + round(vae.frame_rate)) * vae.hop
+    assert np.isfinite(wav).all()
     # a CALM-only flag on a discrete checkpoint: one line, nothing written
-    r = run('sample.py', str(prompt), '--ckpt', str(out), '--steps', '4', '--out', str(tmp_path / 'x.wav'), check=False)
-    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and 'CALM option' in r.stderr
+    r = run('sample.py', str(prompt), '--ckpt', str(out), '--steps', '4', '--out',
+            str(tmp_path / 'x.wav'), check=False)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
+    assert 'CALM option' in r.stderr
     assert not (tmp_path / 'x.wav').exists()
 
 
@@ -354,22 +374,22 @@ def test_discrete_run_writes_a_checkpoint_that_sample_continues(discrete_run, tm
 ])
 def test_train_bad_discrete_flags_fail_with_a_message(tiny_run, tmp_path, flags, msg):
     with pytest.raises(SystemExit, match=msg):
-        train_main(['--stage', 'lm', '--vae-from', str(tiny_run), '--out', str(tmp_path / 'o'), '--lm-steps', '1',
-                    *flags, '--clips', '6'])
+        train_main(['--stage', 'lm', '--vae-from', str(tiny_run), '--out', str(tmp_path / 'o'),
+                    '--lm-steps', '1', *flags, '--clips', '6'])
     assert not (tmp_path / 'o' / 'calm.pt').exists()
 
 
 def test_train_bad_discrete_flag_is_one_line_without_traceback(tiny_run, tmp_path):
-    r = run('train.py', '--stage', 'lm', '--vae-from', str(tiny_run), '--out', str(tmp_path / 'o'), '--model', 'rq',
-            '--head-loss', 'trigflow', '--clips', '6', check=False)
+    r = run('train.py', '--stage', 'lm', '--vae-from', str(tiny_run), '--out', str(tmp_path / 'o'),
+            '--model', 'rq', '--head-loss', 'trigflow', '--clips', '6', check=False)
     assert r.returncode != 0 and 'CALM-only' in r.stderr
     assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_discrete_resume_equals_uninterrupted(tiny_run, tmp_path, monkeypatch):
     tiny_recipes(monkeypatch)
-    common = ['--stage', 'lm', '--vae-from', str(tiny_run), '--model', 'rq', '--lm-steps', '4', '--ckpt-every', '1',
-              *TINY_RQ]
+    common = ['--stage', 'lm', '--vae-from', str(tiny_run), '--model', 'rq', '--lm-steps', '4',
+              '--ckpt-every', '1', *TINY_RQ]
     train_main(['--out', str(tmp_path / 'full'), *common])
     train_main(['--out', str(tmp_path / 'cut'), '--stop-after', '2', *common])
     train_main(['--out', str(tmp_path / 'cut'), '--resume', *common])
@@ -377,7 +397,8 @@ def test_discrete_resume_equals_uninterrupted(tiny_run, tmp_path, monkeypatch):
     assert a['step'] == b['step'] == 4
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k
-    assert sum(1 for line in open(tmp_path / 'cut' / 'log.jsonl') if '"rvq"' in line) == 1  # fitted once
+    # fitted once
+    assert sum(1 for line in open(tmp_path / 'cut' / 'log.jsonl') if '"rvq"' in line) == 1
 
 
 def test_discrete_ddp_replicas_stay_identical(tiny_run, tmp_path):
@@ -385,30 +406,38 @@ def test_discrete_ddp_replicas_stay_identical(tiny_run, tmp_path):
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    run('-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}', 'train.py', '--stage', 'lm',
-        '--vae-from', str(tiny_run), '--out', str(out), '--model', 'delay', '--lm-steps', '2', *TINY_RQ)
-    diffs = [r['replica_max_abs_diff'] for r in map(json.loads, open(out / 'log.jsonl')) if 'replica_max_abs_diff' in r]
+    run('-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}', 'train.py',
+        '--stage', 'lm', '--vae-from', str(tiny_run), '--out', str(out), '--model', 'delay',
+        '--lm-steps', '2', *TINY_RQ)
+    recs = map(json.loads, open(out / 'log.jsonl'))
+    diffs = [r['replica_max_abs_diff'] for r in recs if 'replica_max_abs_diff' in r]
     assert diffs == [0.0]
 
 
 def test_evaluate_table_end_to_end(tiny_run, discrete_run):
-    """evaluate.py --table on a CALM run and a discrete run: codec rows (bits, quality), continuation rows
-    of both kinds, speed rows with the Q sweep; the discrete LM's codebooks are the table's own fit."""
+    """evaluate.py --table on a CALM run and a discrete run: codec rows (bits, quality),
+    continuation rows of both kinds, speed rows with the Q sweep; the discrete LM's codebooks are
+    the table's own fit."""
     import evaluate
     kind, out = discrete_run
     try:
-        res = evaluate.main(['--table', str(tiny_run), str(out), '--clips', '2', '--clips-cont', '2', '--timbre-fit',
-                             '5', '--continue-seconds', '1', '--steps', '1', '--codec-levels', '1,3', '--codebook-size',
-                             '16', '--speed-seconds', '0.5', '--speed-rounds', '1', '--discrete-temperatures', '0.5'])
+        res = evaluate.main(['--table', str(tiny_run), str(out), '--clips', '2', '--clips-cont',
+                             '2', '--timbre-fit',
+                             '5', '--continue-seconds', '1', '--steps', '1', '--codec-levels',
+                             '1,3', '--codebook-size',
+                             '16', '--speed-seconds', '0.5', '--speed-rounds', '1',
+                             '--discrete-temperatures', '0.5'])
     finally:
-        torch.set_flush_denormal(False)  # evaluate.main sets it process-wide; hypothesis needs subnormals
+        torch.set_flush_denormal(False)  # evaluate.main sets it process-wide; hypothesis needs
+                                         # subnormals
     codec = res['codec']
     assert list(codec['rows']) == ['gaussian (VAE)', 'rvq Q=1 K=16', 'rvq Q=3 K=16']
     assert [r['bits'] for r in list(codec['rows'].values())[1:]] == [4.0, 12.0]
     assert codec['rows']['rvq Q=3 K=16']['lat_mse'] < codec['rows']['rvq Q=1 K=16']['lat_mse']
     assert len(codec['levels']) == 3 and codec['lm_codebooks_max_abs_diff'] == {out.name: 0.0}
     rows = res['continuation']['rows']
-    assert f'{tiny_run.name} calm steps=1 T=default' in rows and f'{out.name} {kind} T=0.5' in rows and '(real)' in rows
+    assert f'{tiny_run.name} calm steps=1 T=default' in rows
+    assert f'{out.name} {kind} T=0.5' in rows and '(real)' in rows
     speed = res['speed']['rows']
     assert speed[f'{tiny_run.name} calm steps=1']['head_x'] == 1.0
     assert {f'{k} Q={q} (untrained, 10 s)' for k in ('rq', 'delay') for q in (1, 3)} <= set(speed)

@@ -1,4 +1,5 @@
-"""tour.py on a tiny trained run: every figure is written as a valid PNG; matplotlib stays optional."""
+"""tour.py on a tiny trained run: every figure is written as a valid PNG; matplotlib stays optional.
+"""
 import os
 import struct
 import subprocess
@@ -10,8 +11,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-FIGURES = ['01_data.png', '02_vae.png', '03_trigflow.png', '04_temperature.png', '05_continuation.png',
-           '06_training.png']
+FIGURES = ['01_data.png', '02_vae.png', '03_trigflow.png', '04_temperature.png',
+           '05_continuation.png', '06_training.png']
 
 
 def png_size(path):
@@ -30,21 +31,25 @@ def test_tour_writes_every_figure(tiny_run, tmp_path):
     try:
         assert tour.main(['--ckpt', str(tiny_run), '--out', str(out), '--seconds', '1']) == 0
     finally:
-        torch.set_flush_denormal(False)   # tour.main sets it process-wide; hypothesis needs subnormals
+        torch.set_flush_denormal(False)   # tour.main sets it process-wide; hypothesis needs
+                                          # subnormals
     assert sorted(os.listdir(out)) == FIGURES
     for name in FIGURES:
         w, h = png_size(out / name)
         assert w > 100 and h > 100, (name, w, h)
-        assert 5_000 < os.path.getsize(out / name) < 1_000_000, name   # drawn, and small enough to commit
+        # drawn, and small enough to commit
+        assert 5_000 < os.path.getsize(out / name) < 1_000_000, name
 
 
 def test_tour_without_matplotlib_says_so_in_one_line(tiny_run, tmp_path):
-    """matplotlib hidden (sys.modules entry None makes its import fail): one clear line, exit 1, no figures."""
+    """matplotlib hidden (sys.modules entry None makes its import fail): one clear line, exit 1, no
+    figures."""
     code = ('import sys, runpy; sys.modules["matplotlib"] = None; '
-            f'sys.argv = ["tour.py", "--ckpt", {str(tiny_run)!r}, "--out", {str(tmp_path / "t")!r}]; '
+            f'sys.argv = ["tour.py", "--ckpt", {str(tiny_run)!r}, '
+            f'"--out", {str(tmp_path / "t")!r}]; '
             'runpy.run_path("tour.py", run_name="__main__")')
-    r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, OMP_NUM_THREADS='1'))
+    r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert r.returncode == 1
     assert r.stderr.strip() == 'tour.py needs matplotlib: pip install matplotlib'
     assert not (tmp_path / 't').exists()
@@ -52,11 +57,13 @@ def test_tour_without_matplotlib_says_so_in_one_line(tiny_run, tmp_path):
 
 def test_tour_help_and_missing_checkpoint(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    r = subprocess.run([sys.executable, 'tour.py', '--help'], cwd=ROOT, capture_output=True, text=True, env=env)
+    r = subprocess.run([sys.executable, 'tour.py', '--help'], cwd=ROOT, capture_output=True,
+                       text=True, env=env)
     assert r.returncode == 0 and 'usage' in r.stdout
     r = subprocess.run([sys.executable, 'tour.py', '--ckpt', str(tmp_path / 'nothing')], cwd=ROOT,
                        capture_output=True, text=True, env=env)
-    assert r.returncode == 1 and 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 1 and 'Traceback' not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
     assert 'no checkpoint' in r.stderr or 'needs matplotlib' in r.stderr
 
 

@@ -1,9 +1,10 @@
-"""End-to-end tests of train.py and sample.py with tiny configs: the real scripts, real audio files."""
+"""End-to-end tests of train.py and sample.py with tiny configs: the real scripts, real audio files.
+"""
 import dataclasses
 import json
 import os
-import socket
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -20,13 +21,14 @@ import train  # noqa: E402
 
 # A VAE and an LM small enough to train a few steps in seconds.
 TINY = ['--clips', '6', '--vae.channels=4', '--vae.n_transformer_layers=0', '--vae.latent_dim=8',
-        '--lm.d_model=32', '--lm.n_layers=1', '--lm.n_heads=2', '--lm.context=12', '--lm.short_context=3',
+        '--lm.d_model=32', '--lm.n_layers=1', '--lm.n_heads=2', '--lm.context=12',
+        '--lm.short_context=3',
         '--lm.short_layers=1', '--lm.head_width=32', '--lm.head_blocks=1', '--log-every', '1']
 
 
 def train_main(argv):
-    """train.main in-process, then undo its process-wide CPU flush-to-zero: hypothesis (other test files)
-    refuses to generate floats when subnormals cannot be represented."""
+    """train.main in-process, then undo its process-wide CPU flush-to-zero: hypothesis (other test
+    files) refuses to generate floats when subnormals cannot be represented."""
     try:
         train.main(argv)
     finally:
@@ -35,14 +37,16 @@ def train_main(argv):
 
 def run(*args, check=True):
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env,
+                       timeout=600)
     if check:
         assert r.returncode == 0, r.stdout + r.stderr
     return r
 
 
 def tiny_recipes(monkeypatch):
-    monkeypatch.setitem(train.RECIPES, 'vae', dict(train.RECIPES['vae'], batch=2, crop=0.25, warmup=2))
+    monkeypatch.setitem(train.RECIPES, 'vae',
+                        dict(train.RECIPES['vae'], batch=2, crop=0.25, warmup=2))
     monkeypatch.setitem(train.RECIPES, 'lm', dict(train.RECIPES['lm'], batch=4, warmup=2))
 
 
@@ -52,7 +56,8 @@ def test_pipeline_writes_loadable_checkpoints_and_logs(tiny_run):
     records = [json.loads(line) for line in open(tiny_run / 'log.jsonl')]
     assert [r['step'] for r in records if r['stage'] == 'vae'] == [1, 2, 3, 4]
     assert [r['step'] for r in records if r['stage'] == 'lm' and 'val_mse' not in r] == [1, 2, 3, 4]
-    assert [r['step'] for r in records if 'val_mse' in r] == [4]  # held-out check at the end (ckpt-every 100)
+    # held-out check at the end (ckpt-every 100)
+    assert [r['step'] for r in records if 'val_mse' in r] == [4]
     assert all(np.isfinite(r['loss']) for r in records)
     assert os.path.exists(tiny_run / 'latents.npy') and os.path.exists(tiny_run / 'latents.json')
     # the VAE checkpoint carries the latent statistics the LM was trained with
@@ -60,19 +65,23 @@ def test_pipeline_writes_loadable_checkpoints_and_logs(tiny_run):
 
 
 def test_sct_phase_trains_at_a_fraction_of_the_lr(tiny_run):
-    # tiny run: 4 LM steps, diffusion_steps 600 * 4 / 950 -> 3, so step index 3 (logged as step 4) is sCT
-    recs = {r['step']: r for r in map(json.loads, open(tiny_run / 'log.jsonl')) if r['stage'] == 'lm' and 'lr' in r}
+    # tiny run: 4 LM steps, diffusion_steps 600 * 4 / 950 -> 3, so step index 3 (logged as step 4)
+    # is sCT
+    recs = map(json.loads, open(tiny_run / 'log.jsonl'))
+    recs = {r['step']: r for r in recs if r['stage'] == 'lm' and 'lr' in r}
     lr, mult = train.RECIPES['lm']['lr'], train.RECIPES['lm']['sct_lr']
     assert mult < 1
     assert 'g_norm' not in recs[3] and 'g_norm' in recs[4]
-    assert recs[3]['lr'] == pytest.approx(lr)                          # warmup 2 done, cosine at its start
-    assert recs[4]['lr'] == pytest.approx(mult * lr * (0.1 + 0.9 * 0.5))  # cosine half way, times sct_lr
+    # warmup 2 done, cosine at its start
+    assert recs[3]['lr'] == pytest.approx(lr)
+    # cosine half way, times sct_lr
+    assert recs[4]['lr'] == pytest.approx(mult * lr * (0.1 + 0.9 * 0.5))
 
 
 def test_sct_from_scratch_keeps_the_full_lr(tiny_run, tmp_path, monkeypatch, capsys):
     tiny_recipes(monkeypatch)
-    train_main(['--stage', 'lm', '--vae-from', str(tiny_run), '--out', str(tmp_path), '--lm-steps', '4',
-                '--lm.diffusion_steps=0', *TINY])
+    train_main(['--stage', 'lm', '--vae-from', str(tiny_run), '--out', str(tmp_path), '--lm-steps',
+                '4', '--lm.diffusion_steps=0', *TINY])
     # the run says at its start which recipe it took and why, and records it
     out = capsys.readouterr().out
     assert "lm recipe: 4 steps x 4 windows: train.RECIPES['lm'] because the device is cpu" in out
@@ -88,7 +97,8 @@ def test_sct_from_scratch_keeps_the_full_lr(tiny_run, tmp_path, monkeypatch, cap
 def test_config_json_records_what_the_run_trained(tiny_run):
     run = json.load(open(tiny_run / 'config.json'))
     vae, model = sample.load(str(tiny_run))
-    assert run['vae']['config'] == json.loads(json.dumps(dataclasses.asdict(vae.cfg)))   # tuples read back as lists
+    # tuples read back as lists
+    assert run['vae']['config'] == json.loads(json.dumps(dataclasses.asdict(vae.cfg)))
     assert run['lm']['config'] == dataclasses.asdict(model.cfg)
     assert run['vae']['recipe']['steps'] == run['lm']['recipe']['steps'] == 4
     assert run['args']['device'] == 'cpu' and run['world_size'] == 1
@@ -99,23 +109,32 @@ def test_config_json_records_what_the_run_trained(tiny_run):
 def test_recipe_reason_names_the_device_and_the_flags():
     why = lambda stage, *a: train.recipe_reason(stage, train.parse_args(list(a)))
     gpu, cpu = train.GPU_LM, train.RECIPES['lm']
-    assert why('lm', '--device', 'cpu').startswith(f"{cpu['steps']} steps x {cpu['batch']} windows: train.RECIPES['lm']")
-    assert why('lm', '--device', 'cuda').startswith(f"{gpu['steps']} steps x {gpu['batch']} windows: train.GPU_LM")
-    assert why('lm', '--device', 'cuda', '--lm-batch', '8').startswith(f"{gpu['steps']} steps x 8 windows")
-    assert why('vae', '--device', 'cuda', '--vae-steps', '7') == \
-        f"7 steps x {train.RECIPES['vae']['batch']} crops: train.RECIPES['vae'] (the same on every device), --vae-steps 7"
+    assert why('lm', '--device', 'cpu').startswith(
+        f"{cpu['steps']} steps x {cpu['batch']} windows: train.RECIPES['lm']")
+    assert why('lm', '--device', 'cuda').startswith(
+        f"{gpu['steps']} steps x {gpu['batch']} windows: train.GPU_LM")
+    assert why('lm', '--device', 'cuda', '--lm-batch', '8').startswith(
+        f"{gpu['steps']} steps x 8 windows")
+    assert why('vae', '--device', 'cuda', '--vae-steps', '7') == (
+        f"7 steps x {train.RECIPES['vae']['batch']} crops: train.RECIPES['vae'] "
+        "(the same on every device), --vae-steps 7")
 
 
 def test_lm_recipe_takes_the_gpu_budget_on_cuda_and_flags_win():
     toy, base = train.calm.TOY, train.RECIPES['lm']
     cpu, cfg = train.lm_recipe(train.parse_args(['--device', 'cpu']), toy)
-    assert (cpu['steps'], cpu['batch'], cfg.diffusion_steps) == (base['steps'], base['batch'], toy.diffusion_steps)
+    assert (cpu['steps'], cpu['batch']) == (base['steps'], base['batch'])
+    assert cfg.diffusion_steps == toy.diffusion_steps
     gpu, cfg = train.lm_recipe(train.parse_args(['--device', 'cuda:0']), toy)
-    assert (gpu['steps'], gpu['batch']) == (train.GPU_LM['steps'], train.GPU_LM['batch']) != (base['steps'], base['batch'])
-    assert cfg.diffusion_steps == round(toy.diffusion_steps * gpu['steps'] / base['steps'])  # 5684 of 9000
-    own, cfg = train.lm_recipe(train.parse_args(['--device', 'cuda', '--lm-steps', '1900', '--lm-batch', '8']), toy)
+    gpu_budget = (train.GPU_LM['steps'], train.GPU_LM['batch'])
+    assert (gpu['steps'], gpu['batch']) == gpu_budget != (base['steps'], base['batch'])
+    # 5684 of 9000
+    assert cfg.diffusion_steps == round(toy.diffusion_steps * gpu['steps'] / base['steps'])
+    args = train.parse_args(['--device', 'cuda', '--lm-steps', '1900', '--lm-batch', '8'])
+    own, cfg = train.lm_recipe(args, toy)
     assert (own['steps'], own['batch'], cfg.diffusion_steps) == (1900, 8, 2 * toy.diffusion_steps)
-    args = train.parse_args(['--device', 'cuda', '--lm.diffusion_steps=7'])  # an explicit TrigFlow phase is kept
+    # an explicit TrigFlow phase is kept
+    args = train.parse_args(['--device', 'cuda', '--lm.diffusion_steps=7'])
     assert train.lm_recipe(args, train.override(toy, args.overrides['lm']))[1].diffusion_steps == 7
 
 
@@ -135,19 +154,21 @@ def test_sample_end_to_end(tiny_run, tmp_path):
 
 
 def test_data_prompt_then_sample(tiny_run, tmp_path):
-    """The README's first steps: `python data.py prompt PATH` writes held-out clip 0, `python sample.py PATH`
-    continues it beside the prompt."""
+    """The README's first steps: `python data.py prompt PATH` writes held-out clip 0, `python
+    sample.py PATH` continues it beside the prompt."""
     prompt = tmp_path / 'prompt.wav'
     r = run('data.py', 'prompt', str(prompt), '--seconds', '2')
     assert 'sample.py' in r.stdout
     wav, sr = sf.read(prompt)
     ref = data.make_clip(data.clip_seed('heldout', 0), 2.0).wav
     assert sr == data.SR and len(wav) == len(ref)
-    assert np.abs(wav - ref).max() < 1e-4                          # the clip itself, up to 16-bit rounding
+    # the clip itself, up to 16-bit rounding
+    assert np.abs(wav - ref).max() < 1e-4
     run('sample.py', str(prompt), '--ckpt', str(tiny_run), '--seconds', '1')
     assert sf.info(tmp_path / 'prompt_calm.wav').frames > len(ref) // 2
     r = run('data.py', 'prompt', str(tmp_path / 'bad.wav'), '--clip', '-1', check=False)
-    assert r.returncode == 1 and r.stderr.strip().splitlines() == ['error: clip index out of range: -1']
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == ['error: clip index out of range: -1']
     assert not list(tmp_path.glob('bad*'))
 
 
@@ -190,8 +211,10 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     full, cut = tmp_path / 'full', tmp_path / 'cut'
     common = ['--toy', '--vae-steps', '3', '--lm-steps', '5', '--ckpt-every', '1', *TINY]
     train_main(['--out', str(full), *common])
-    train_main(['--out', str(cut), '--stop-after', '2', *common])           # stops inside the VAE stage
-    train_main(['--out', str(cut), '--stop-after', '3', '--resume', *common])  # VAE done, LM stops at 2
+    # stops inside the VAE stage
+    train_main(['--out', str(cut), '--stop-after', '2', *common])
+    # VAE done, LM stops at 2
+    train_main(['--out', str(cut), '--stop-after', '3', '--resume', *common])
     train_main(['--out', str(cut), '--resume', *common])
     for name in ('vae.pt', 'calm.pt'):
         a = torch.load(full / name, weights_only=False)
@@ -204,11 +227,12 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
 def test_ddp_replicas_stay_identical(tmp_path):
     """torchrun with 2 CPU processes (gloo): DistributedDataParallel keeps the replicas equal."""
     out = tmp_path / 'ddp'
-    with socket.socket() as s:  # a free port, not a fixed one: another run on this machine may hold that
+    with socket.socket() as s:  # a free port, not a fixed one: another run on this machine may hold
+                                # that
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    run('-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}', 'train.py', '--toy',
-        '--out', str(out), '--vae-steps', '2', '--lm-steps', '2', *TINY)
+    run('-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}', 'train.py',
+        '--toy', '--out', str(out), '--vae-steps', '2', '--lm-steps', '2', *TINY)
     diffs = [json.loads(line) for line in open(out / 'log.jsonl')]
     diffs = [r['replica_max_abs_diff'] for r in diffs if 'replica_max_abs_diff' in r]
     assert len(diffs) == 2 and max(diffs) == 0.0
@@ -219,21 +243,26 @@ GAN = ['--stage', 'vae', '--vae-steps', '4', '--vae.discriminator=true', '--vae.
 
 
 def test_vae_gan_trains_its_discriminator_and_resumes_exactly(tmp_path, monkeypatch):
-    """discriminator=True trains D from step disc_start * steps on (logged d_loss / g_adv / g_feat, D and its
-    optimizer in the checkpoint), and a run interrupted after the GAN started resumes to the same weights.
-    With the learned-phase head, whose phase branch only the adversarial terms train here."""
+    """discriminator=True trains D from step disc_start * steps on (logged d_loss / g_adv / g_feat,
+    D and its optimizer in the checkpoint), and a run interrupted after the GAN started resumes to
+    the same weights. With the learned-phase head, whose phase branch only the adversarial terms
+    train here."""
     tiny_recipes(monkeypatch)
     full, cut = tmp_path / 'full', tmp_path / 'cut'
     train_main(['--out', str(full), *GAN])
     recs = [json.loads(line) for line in open(full / 'log.jsonl')]
-    assert 'd_loss' not in recs[0] and all({'d_loss', 'g_adv', 'g_feat'} <= set(r) for r in recs[1:])  # GAN from step 1
-    assert all(r['grad_norm_phase'] > 0 for r in recs[1:])  # the learned phase branch, clipped on its own
+    # GAN from step 1
+    assert 'd_loss' not in recs[0]
+    assert all({'d_loss', 'g_adv', 'g_feat'} <= set(r) for r in recs[1:])
+    # the learned phase branch, clipped on its own
+    assert all(r['grad_norm_phase'] > 0 for r in recs[1:])
     d = [r['d_loss'] for r in recs[1:]]
     assert all(np.isfinite(d)) and len(set(d)) == len(d)  # the discriminator's loss moves
     train_main(['--out', str(cut), '--stop-after', '2', *GAN])  # one step into the GAN phase
     train_main(['--out', str(cut), '--resume', *GAN])
     a, b = (torch.load(p / 'vae.pt', weights_only=False) for p in (full, cut))
-    fresh = train.vae_lib.Adversary(train.vae_lib.Config(**a['config']), 0, 'cpu', False).disc.state_dict()
+    fresh = train.vae_lib.Adversary(train.vae_lib.Config(**a['config']), 0, 'cpu', False)
+    fresh = fresh.disc.state_dict()
     assert any(not torch.equal(a['disc'][k], fresh[k]) for k in fresh)  # D was trained
     for key in ('model', 'disc'):
         for k in a[key]:
@@ -242,8 +271,9 @@ def test_vae_gan_trains_its_discriminator_and_resumes_exactly(tmp_path, monkeypa
 
 
 def test_a_checkpoint_from_before_time_scale_loads_with_100(tiny_run, tmp_path):
-    """calm.pt files written before Config.time_scale existed were trained with time features at 100 rad per
-    unit t: sample.load must rebuild them so, or their head would read other features than it learnt."""
+    """calm.pt files written before Config.time_scale existed were trained with time features at 100
+    rad per unit t: sample.load must rebuild them so, or their head would read other features than
+    it learnt."""
     shutil.copy(tiny_run / 'vae.pt', tmp_path / 'vae.pt')
     ck = torch.load(tiny_run / 'calm.pt', weights_only=False)
     assert ck['config']['time_scale'] == 10.0        # what a run writes now
@@ -251,7 +281,9 @@ def test_a_checkpoint_from_before_time_scale_loads_with_100(tiny_run, tmp_path):
     torch.save(ck, tmp_path / 'calm.pt')
     _, old = sample.load(str(tmp_path))
     _, new = sample.load(str(tiny_run))
-    assert old.cfg.time_scale == 100.0 and old.head.time_scale == 100.0 and new.head.time_scale == 10.0
+    assert old.cfg.time_scale == 100.0 and old.head.time_scale == 100.0
+    assert new.head.time_scale == 10.0
     x, t, z = torch.randn(3, new.cfg.latent_dim), torch.rand(3), torch.randn(3, new.cfg.d_model)
     with torch.no_grad():
-        assert not torch.allclose(old.head(x, t, z), new.head(x, t, z))   # same weights, other features
+        # same weights, other features
+        assert not torch.allclose(old.head(x, t, z), new.head(x, t, z))

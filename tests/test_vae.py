@@ -1,12 +1,12 @@
 """The causal audio VAE (vae.py): frame arithmetic, causality, KL, latent statistics, training."""
 import dataclasses
-
 import math
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import data
 import metrics
@@ -25,7 +25,8 @@ def tiny(seed=0, **kw):
 
 
 def learned(seed=0):
-    """Spectral ends with the learned-phase head, its phase increments made non-zero (they start at 0)."""
+    """Spectral ends with the learned-phase head, its phase increments made non-zero (they start at
+    0)."""
     m = tiny(seed, stft_hop=6, phase='learned')
     with torch.no_grad():
         m.phase_net[-1].weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(seed))
@@ -55,7 +56,8 @@ def test_frame_count_and_output_length(T, B, stft_hop):
 @given(st.floats(0, 0.999), st.integers(0, 1000), st.sampled_from([0, 6]))
 def test_encoder_is_causal(frac, seed, stft_hop):
     # Latent s sees samples < (s + 1) * hop only (left-padded convs, causal windowed attention):
-    # perturbing samples >= p leaves every latent with (s + 1) * hop <= p unchanged, and changes the others.
+    # perturbing samples >= p leaves every latent with (s + 1) * hop <= p unchanged, and changes the
+    # others.
     m = tiny(stft_hop=stft_hop)
     p = int(frac * 10 * m.hop)
     g = torch.Generator().manual_seed(seed)
@@ -72,8 +74,8 @@ def test_encoder_is_causal(frac, seed, stft_hop):
 @given(st.integers(0, 9), st.integers(0, 1000), st.sampled_from([0, 6, 'learned']))
 def test_decoder_is_causal(s, seed, ends):
     # Output sample t depends on latents <= t // hop only (transposed convs trimmed right; with the
-    # spectral ends, frame f is added from sample f * stft_hop on and depends on latents <= f * stft_hop // hop;
-    # the learned phase of frame f sums increments of frames <= f).
+    # spectral ends, frame f is added from sample f * stft_hop on and depends on latents <= f *
+    # stft_hop // hop; the learned phase of frame f sums increments of frames <= f).
     m = learned(seed) if ends == 'learned' else tiny(stft_hop=ends)
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(1, 10, TINY.latent_dim, generator=g)
@@ -85,7 +87,8 @@ def test_decoder_is_causal(s, seed, ends):
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.floats(-5, 5), min_size=8, max_size=8), st.lists(st.floats(-5, 5), min_size=8, max_size=8))
+@given(st.lists(st.floats(-5, 5), min_size=8, max_size=8),
+       st.lists(st.floats(-5, 5), min_size=8, max_size=8))
 def test_kl_nonnegative(mu, logvar):
     mu, logvar = torch.tensor(mu).view(2, 1, 4), torch.tensor(logvar).view(2, 1, 4)
     assert vae.kl_divergence(mu, logvar) >= 0
@@ -123,7 +126,8 @@ def test_discriminator_losses():
 
 def test_short_training_lowers_reconstruction_loss():
     torch.manual_seed(0)
-    cfg = dataclasses.replace(TINY, ratios=(8, 4, 2), channels=8, max_channels=32, stft_sizes=(512, 128))
+    cfg = dataclasses.replace(TINY, ratios=(8, 4, 2), channels=8, max_channels=32,
+                              stft_sizes=(512, 128))
     m = vae.VAE(cfg)
     clips = data.toy_clips('train', 4, seconds=1.0)
     batch = torch.from_numpy(np.stack([c.wav[:6144] for c in clips]))
@@ -147,14 +151,15 @@ def test_short_training_lowers_reconstruction_loss():
 
 def test_config_errors_instead_of_ignored_fields():
     for bad in (dict(phase='learned'), dict(spec_weight=1.0), dict(phase='griffin-lim', stft_hop=6),
-                dict(stft_hop=6, phase='learned', time_weight=0.0, freq_weight=0.0), dict(disc_start=1.0),
-                dict(stft_hop=6, phase='learned', spec_weight=0.0)):
+                dict(stft_hop=6, phase='learned', time_weight=0.0, freq_weight=0.0),
+                dict(disc_start=1.0), dict(stft_hop=6, phase='learned', spec_weight=0.0)):
         with pytest.raises(ValueError):
             vae.VAE(dataclasses.replace(TINY, **bad))
-    vae.VAE(dataclasses.replace(TINY, stft_hop=6, spec_weight=1.0, phase='learned', time_weight=0.0, freq_weight=0.0,
-                                discriminator=True))
+    vae.VAE(dataclasses.replace(TINY, stft_hop=6, spec_weight=1.0, phase='learned', time_weight=0.0,
+                                freq_weight=0.0, discriminator=True))
     # the toy default trains on its log-magnitudes only; a learned-phase toy needs a waveform loss
-    assert (vae.TOY.phase, vae.TOY.time_weight, vae.TOY.freq_weight, vae.TOY.spec_weight) == ('vocoder', 0, 0, 1)
+    assert (vae.TOY.phase, vae.TOY.time_weight, vae.TOY.freq_weight,
+            vae.TOY.spec_weight) == ('vocoder', 0, 0, 1)
 
 
 def test_learned_head_starts_as_the_phase_vocoder():
@@ -167,17 +172,20 @@ def test_learned_head_starts_as_the_phase_vocoder():
 
 
 def test_learned_head_can_carry_the_true_phase():
-    # Given the true magnitudes and the true phase increments of a toy clip's causal STFT, the learned head
-    # rebuilds the waveform, delayed by vae.delay samples; the phase vocoder (increments 0) cannot.
+    # Given the true magnitudes and the true phase increments of a toy clip's causal STFT, the
+    # learned head rebuilds the waveform, delayed by vae.delay samples; the phase vocoder
+    # (increments 0) cannot.
     m = vae.VAE(dataclasses.replace(vae.TOY, phase='learned', freq_weight=1.0))
     wav = torch.from_numpy(data.make_clip(3, seconds=1.0).wav)[None]
     hop, n = m.cfg.stft_hop, wav.shape[1]
-    X = torch.fft.rfft(torch.nn.functional.pad(wav, (m.n_fft - hop, 0)).unfold(-1, m.n_fft, hop) * m.window)
+    frames = torch.nn.functional.pad(wav, (m.n_fft - hop, 0)).unfold(-1, m.n_fft, hop)
+    X = torch.fft.rfft(frames * m.window)
     phi = X.angle().transpose(1, 2)  # [1, bins, frames]
     k = torch.arange(phi.shape[1])[:, None]
     inc = torch.diff(phi, dim=-1, prepend=torch.zeros_like(phi[..., :1])) - torch.cat(
         [torch.zeros(phi.shape[1], 1), (math.pi / 2) * k.expand(-1, phi.shape[-1] - 1)], 1)
-    inc = torch.remainder(inc + math.pi, 2 * math.pi) - math.pi  # principal value: the deviation from the bin centre
+    # principal value: the deviation from the bin centre
+    inc = torch.remainder(inc + math.pi, 2 * math.pi) - math.pi
     d = torch.atanh((inc / math.pi).clamp(-1 + 1e-6, 1 - 1e-6)).requires_grad_()
     logmag = m.log_spectrogram(wav)
     out = m.istft_head(logmag, d, n)
@@ -190,9 +198,13 @@ def test_learned_head_can_carry_the_true_phase():
 
 @pytest.mark.parametrize('ends', [0, 6, 'learned'])
 def test_adversary_trains_the_discriminator_and_sends_gradient_to_the_vae(ends):
-    # waveform decoder, spectral ends with the vocoder (D's gradient reaches the magnitudes), and the learned
-    # head (it reaches the phase branch only: the magnitudes belong to the spectral loss)
-    kw = dict(stft_hop=6, spec_weight=1.0, phase='learned') if ends == 'learned' else dict(stft_hop=ends, spec_weight=float(ends > 0))
+    # waveform decoder, spectral ends with the vocoder (D's gradient reaches the magnitudes), and
+    # the learned head (it reaches the phase branch only: the magnitudes belong to the spectral
+    # loss)
+    if ends == 'learned':
+        kw = dict(stft_hop=6, spec_weight=1.0, phase='learned')
+    else:
+        kw = dict(stft_hop=ends, spec_weight=float(ends > 0))
     cfg = dataclasses.replace(TINY, discriminator=True, disc_channels=4, disc_start=0.5, **kw)
     torch.manual_seed(0)
     m = vae.VAE(cfg)
@@ -200,13 +212,16 @@ def test_adversary_trains_the_discriminator_and_sends_gradient_to_the_vae(ends):
         torch.nn.init.normal_(m.phase_net[-1].weight, 0, 0.1)
     rng = torch.get_rng_state()
     adv = vae.Adversary(cfg, seed=0, device='cpu', ddp=False)
-    assert torch.equal(rng, torch.get_rng_state())  # adding a discriminator does not move the VAE's noise draws
+    assert torch.equal(rng, torch.get_rng_state())  # adding a discriminator does not move the VAE's
+                                                    # noise draws
     wav = torch.randn(2, 4096)
     loss, stats = m(wav)
-    assert adv(4, 10, 1e-3, *m.last, stats) == 0.0 and 'd_loss' not in stats  # before disc_start: nothing
+    # before disc_start: nothing
+    assert adv(4, 10, 1e-3, *m.last, stats) == 0.0 and 'd_loss' not in stats
     d0 = [p.detach().clone() for p in adv.disc.parameters()]
     trained = m.phase_net if ends == 'learned' else m.decoder
-    for weights in ((1.0, 0.0), (0.0, 1.0)):  # the adversarial term, then the feature-matching term alone
+    for weights in ((1.0, 0.0), (0.0, 1.0)):  # the adversarial term, then the feature-matching term
+                                              # alone
         adv.cfg = dataclasses.replace(cfg, adv_weight=weights[0], feat_weight=weights[1])
         m.zero_grad()
         loss, stats = m(wav)
@@ -217,6 +232,8 @@ def test_adversary_trains_the_discriminator_and_sends_gradient_to_the_vae(ends):
         assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
         if ends == 'learned':
             assert all(p.grad is None for p in m.decoder.parameters())
-        assert all(torch.equal(a, p.grad) for a, p in zip(d_grads, adv.disc.parameters()))  # G's terms leave D alone
+        # G's terms leave D alone
+        assert all(torch.equal(a, p.grad) for a, p in zip(d_grads, adv.disc.parameters()))
         assert {'d_loss', 'g_adv', 'g_feat'} <= set(stats)
-    assert any(not torch.equal(a, b) for a, b in zip(d0, adv.disc.parameters()))  # D took its own steps
+    # D took its own steps
+    assert any(not torch.equal(a, b) for a, b in zip(d0, adv.disc.parameters()))
