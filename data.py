@@ -25,6 +25,7 @@ SR = 24000  # the sample rate of the paper's speech VAE; the toy uses it too
 
 MAJOR = (0, 2, 4, 5, 7, 9, 11)
 MINOR = (0, 2, 3, 5, 7, 8, 10)  # natural minor
+SCALES = {'major': MAJOR, 'minor': MINOR}
 PITCH_RANGE = (55, 81)          # MIDI G3..A5: comfortable for a pitch tracker, well below Nyquist
 TEMPO_RANGE = (86.0, 170.0)     # BPM; one beat = 0.35..0.70 s, i.e. 4-9 latent frames of 80 ms
 FAMILIES = ('flute', 'clarinet', 'string', 'organ', 'bell')
@@ -47,6 +48,10 @@ class Clip:
 
 def midi_to_hz(m):
     return 440.0 * 2.0 ** ((np.asarray(m, dtype=np.float64) - 69.0) / 12.0)
+
+
+def hz_to_midi(f):
+    return 69.0 + 12.0 * np.log2(np.asarray(f, dtype=np.float64) / 440.0)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -132,7 +137,7 @@ def make_clip(seed: int, seconds: float = 8.0, accompaniment: bool = False) -> C
     beat = 60.0 / tempo
 
     # Motif: scale degrees around a home tonic in the middle of the range, kept inside PITCH_RANGE.
-    scale = MAJOR if mode == 'major' else MINOR
+    scale = SCALES[mode]
     home = 60 + tonic if 60 + tonic <= 68 else 48 + tonic  # tonic between MIDI 57 and 68
     ladder = [home + 12 * o + s for o in (-1, 0, 1) for s in scale]
     ladder = [p for p in ladder if PITCH_RANGE[0] <= p <= PITCH_RANGE[1]]

@@ -20,11 +20,11 @@ Sections and what each number is (the kinds of measure the paper reports, on the
   4.9 s on average; or a fixed --prompt-seconds) is encoded, the model continues for --continue-seconds
   (batch 1, fixed seed), the whole latent sequence is decoded, and the continued span is scored against
   the clip's TRUE continuation (pooled over clips):
-    note_acc  fraction of true notes (onset in the continued span, >= BOUNDARY_SKIP s after the prompt
+    note_acc  fraction of true notes (onset in the continued span, >= metrics.BOUNDARY_SKIP s after the prompt
               boundary) whose pitch, estimated from the generated audio over the middle of the note's
               span, equals the annotated MIDI pitch (rounded).
     onset_r / onset_p / onset_f1  notes are transcribed from the generated audio (spectral-flux onsets +
-              f0 per segment, `transcribe` below); a true note is hit when a transcribed note with the
+              f0 per segment, `metrics.transcribe`); a true note is hit when a transcribed note with the
               same pitch starts within +-tol s (default 0.1); recall / precision / F1 over all clips.
     key       fraction of transcribed pitch classes inside the clip's scale (tonic + mode).
     timbre    fraction of clips whose continuation the timbre detector assigns to the clip's family.
@@ -32,7 +32,7 @@ Sections and what each number is (the kinds of measure the paper reports, on the
               set of continued spans and the real continued spans of a DIFFERENT set of held-out clips.
               Embedding: metrics.log_mel frames (80 mels, natural log, hop 256 samples), 4 consecutive
               frames stacked (320 values) times a fixed seed-0 Gaussian matrix N(0, 1/320) -> 32 dims, one
-              vector per frame; mean and covariance over all frames of a set; `frechet` below. The 'real'
+              vector per frame; mean and covariance over all frames of a set; `metrics.frechet`. The 'real'
               row is the floor (two real splits); white noise scores ~10-30x higher.
   Reference rows: 'real' = the true continuation itself (the metric's ceiling), 'vae' = the clip encoded
   and decoded by the VAE (what a perfect LM could reach), 'other clip' = the true continuation of a
@@ -56,223 +56,20 @@ import time
 import numpy as np
 import torch
 
+import calm
+import corpus
 import data
 import metrics
-
-BOUNDARY_SKIP = 0.1  # s: true notes starting this close to the prompt boundary are not scored
-SCALES = {'major': (0, 2, 4, 5, 7, 9, 11), 'minor': (0, 2, 3, 5, 7, 8, 10)}  # natural minor
+import pipeline
+import rq
 
 # -----------------------------------------------------------------------------
-# loading
-
-
-def load_run(run_dir, device='cpu'):
-    """(vae, model) in eval mode, exactly as sample.py loads them."""
-    from sample import load
-    return load(run_dir, device=device)
+# the sections
 
 
 def model_kind(model):
     """'calm', or 'rq' / 'delay' for the discrete baselines of rq.py."""
     return getattr(getattr(model, 'cfg', None), 'kind', 'calm')
-
-# -----------------------------------------------------------------------------
-# note transcription: spectral-flux onsets + f0 per segment
-
-
-def stft_mag(wav, n_fft=1024, hop=240):
-    """|STFT| [frames, n_fft//2+1] with a Hann window; frame i is centred at i*hop."""
-    wav = np.pad(np.asarray(wav, np.float32), (n_fft // 2, n_fft // 2))
-    n = 1 + max(0, (len(wav) - n_fft) // hop)
-    idx = np.arange(n_fft)[None, :] + hop * np.arange(n)[:, None]
-    return np.abs(np.fft.rfft(wav[idx] * np.hanning(n_fft), axis=1))
-
-
-def detect_onsets(wav, sr, hop_s=0.01, min_gap=0.06, delta=0.08, min_rms=1e-3, rel_rms=0.1):
-    """Onset times (s): peaks of the half-wave rectified spectral flux of log magnitudes (new energy
-    appearing in any band catches both pitch changes and re-attacks of the same pitch), above a local
-    mean + delta, at least min_gap apart, where the signal is not silent."""
-    hop = int(round(hop_s * sr))
-    mag = stft_mag(wav, hop=hop)
-    if len(mag) < 3:
-        return []
-    logmag = np.log(np.maximum(mag, 1e-2 * mag.max() + 1e-9))  # 40 dB under the loudest bin: noise floors stay flat
-    # SuperFlux-style (Boeck & Widmer 2013): compare with a max filter (+-3 bins) of the frame two hops back,
-    # so vibrato moving a partial across neighbouring bins is not taken for a new note.
-    prev = np.stack([np.roll(logmag, s, axis=1) for s in range(-3, 4)]).max(0)
-    flux = np.maximum(logmag[2:] - prev[:-2], 0).sum(1)
-    flux = np.concatenate([[0.0, 0.0], flux])
-    flux[-3:] = 0  # the last frames see the zero padding: an abrupt end is not a note
-    flux /= flux.max() + 1e-9
-    rms = np.sqrt((mag ** 2).sum(1) * 2) / mag.shape[1]  # a loudness proxy per frame
-    rms_gate = rms > max(min_rms, rel_rms * rms.max())  # not silent: within 20 dB of the loudest frame
-    w, gap = 10, max(1, int(round(min_gap / hop_s)))
-    onsets = []
-    for i in range(1, len(flux) - 1):
-        lo, hi = max(0, i - w), min(len(flux), i + w + 1)
-        if (flux[i] == flux[max(0, i - 3):i + 4].max() and flux[i] > flux[lo:hi].mean() + delta
-                and (rms_gate[i] or rms_gate[min(i + 2, len(flux) - 1)])):
-            if not onsets or i - onsets[-1] >= gap:
-                onsets.append(i)
-    return [i * hop_s for i in onsets]
-
-
-def transcribe(wav, sr, min_dur=0.04):
-    """Notes (data.Note) of a monophonic melody: one note per onset, lasting to the next onset (or the end
-    of the audio); pitch = rounded MIDI of metrics.estimate_f0 over the middle half of the segment;
-    unvoiced segments are dropped."""
-    onsets = detect_onsets(wav, sr)
-    end_t = len(wav) / sr
-    notes = []
-    for k, t in enumerate(onsets):
-        t_end = onsets[k + 1] if k + 1 < len(onsets) else end_t
-        if t_end - t < min_dur:
-            continue
-        f0 = segment_f0(wav, sr, t, t_end)
-        if f0 > 0:
-            notes.append(data.Note(onset=t, duration=t_end - t, pitch=int(round(metrics.hz_to_midi(f0)))))
-    return notes
-
-
-def segment_f0(wav, sr, t0, t1):
-    """metrics.estimate_f0 over the middle half of [t0, t1] (at least 40 ms when the span allows)."""
-    mid, half = (t0 + t1) / 2, max((t1 - t0) / 4, 0.02)
-    a, b = int(max(0, mid - half) * sr), int(min(len(wav) / sr, mid + half) * sr)
-    return metrics.estimate_f0(wav[a:b], sr) if b - a > 16 else 0.0
-
-# -----------------------------------------------------------------------------
-# timbre: nearest-centroid instrument family from harmonic partial ratios
-
-
-def harmonic_profile(wav, sr, n_harm=8, win=0.085, hop=0.1):
-    """Mean over voiced windows of the levels (dB, relative to the strongest partial, floored at -60) of
-    partials 1..n_harm at k*f0; None if nothing is voiced. Level ratios of partials are what tells a
-    clarinet-like (odd partials) from a saw-like or a sine-like tone, independent of pitch."""
-    n = int(win * sr)
-    feats = []
-    for a in range(0, len(wav) - n + 1, int(hop * sr)):
-        seg = wav[a:a + n]
-        if np.sqrt(np.mean(seg ** 2)) < 1e-3:
-            continue
-        f0 = metrics.estimate_f0(seg, sr)
-        if f0 <= 0:
-            continue
-        spec = np.abs(np.fft.rfft(seg * np.hanning(n), 8 * n))
-        df = sr / (8 * n)
-        levels = np.full(n_harm, 1e-9)
-        for k in range(1, n_harm + 1):
-            f = k * f0
-            if f < sr / 2 - 100:
-                w = max(0.03 * f, 2 * sr / n)  # +-3 % or +-2 bins of the unpadded window
-                levels[k - 1] = spec[int((f - w) / df):int((f + w) / df) + 1].max()
-        feats.append(np.maximum(20 * np.log10(levels / levels.max()), -60.0))
-    return np.mean(feats, 0) if feats else None
-
-
-class TimbreDetector:
-    """Fit on labelled clips (family centroids of harmonic_profile); predict the nearest family."""
-
-    def __init__(self, clips, sr=data.SR):
-        by_family = {}
-        for c in clips:
-            p = harmonic_profile(c.wav, sr)
-            if p is not None:
-                by_family.setdefault(c.meta['family'], []).append(p)
-        self.families = sorted(by_family)
-        self.centroids = np.stack([np.mean(by_family[f], 0) for f in self.families])
-        self.sr = sr
-
-    def predict(self, wav):
-        p = harmonic_profile(wav, self.sr)
-        if p is None:
-            return None
-        return self.families[int(np.argmin(((self.centroids - p) ** 2).sum(1)))]
-
-# -----------------------------------------------------------------------------
-# Frechet distance on a fixed embedding (FAD-like, nothing from the model under test)
-
-
-def embed(wavs, sr, dim=32, context=4, seed=0):
-    """Per-frame embeddings of a set of waveforms: `context` consecutive metrics.log_mel frames (stacked,
-    so short-time dynamics count) mapped by a fixed seeded Gaussian random projection to `dim` dims.
-    Returns [total frames, dim]. Same seed -> same projection for every set, so distances compare."""
-    mels = [metrics.log_mel(w, sr) for w in wavs]
-    n_mels = mels[0].shape[1]
-    proj = np.random.default_rng(seed).standard_normal((context * n_mels, dim)) / math.sqrt(context * n_mels)
-    rows = []
-    for m in mels:
-        if len(m) >= context:
-            stacked = np.concatenate([m[i:len(m) - context + 1 + i] for i in range(context)], 1)
-            rows.append(stacked @ proj)
-    return np.concatenate(rows, 0)
-
-
-def frechet(a, b):
-    """Frechet distance between Gaussians fitted to the rows of a and b:
-    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), matrix square roots by eigh of
-    symmetric matrices (numpy only)."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    ev, vec = np.linalg.eigh(s_a)
-    sqrt_a = (vec * np.sqrt(np.maximum(ev, 0))) @ vec.T
-    cross = np.linalg.eigvalsh(sqrt_a @ s_b @ sqrt_a)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.sqrt(np.maximum(cross, 0)).sum())
-
-# -----------------------------------------------------------------------------
-# scoring a continuation against the true one
-
-
-def true_notes(clip, t0, t1):
-    """Annotated notes with onset >= t0 + BOUNDARY_SKIP whose measured part (metrics.note_pitch_accuracy reads
-    30-75 % of the note) ends before t1."""
-    return [n for n in clip.notes if t0 + BOUNDARY_SKIP <= n.onset and n.onset + 0.75 * n.duration <= t1]
-
-
-def score_continuation(wav, clip, t0, t1, sr=data.SR, tol=0.1, detector=None):
-    """Counts for one clip; `wav` covers the clip's time axis (prompt + continuation, or the real clip)
-    and only [t0, t1) is scored. Aggregate with `summarise` (pooled over clips)."""
-    wav = np.asarray(wav, np.float32)[:int(t1 * sr)]
-    ref = true_notes(clip, t0, t1)
-    cont = wav[int(t0 * sr):]
-    gen = [n for n in transcribe(cont, sr)]
-    for n in gen:
-        n.onset += t0
-    gen = [n for n in gen if n.onset >= t0 + BOUNDARY_SKIP]
-    # transcribed notes at annotated notes that are not scored (cut by the span's ends) are not counted either
-    unscored = [n.onset for n in clip.notes if n not in ref]
-    gen = [g for g in gen if not any(abs(g.onset - t) <= tol for t in unscored)]
-    used, hits = set(), 0
-    for r in ref:  # greedy one-to-one matching: same pitch, closest onset within tol
-        cands = [(abs(g.onset - r.onset), j) for j, g in enumerate(gen)
-                 if j not in used and g.pitch == r.pitch and abs(g.onset - r.onset) <= tol]
-        if cands:
-            used.add(min(cands)[1])
-            hits += 1
-    scale = SCALES[clip.meta['mode']]
-    in_key = sum((g.pitch - clip.meta['tonic']) % 12 in scale for g in gen)
-    family = detector.predict(cont) if detector is not None else None
-    # metrics.note_pitch_accuracy per note (f0 over 30-75 % of the note's span); nan (note does not fit) = wrong
-    n_pitch = sum(metrics.note_pitch_accuracy(wav, [r], sr) == 1.0 for r in ref)
-    return dict(n_ref=len(ref), n_pitch=int(n_pitch),
-                n_hit=hits, n_gen=len(gen), n_in_key=in_key,
-                timbre=None if detector is None else float(family == clip.meta['family']))
-
-
-def summarise(counts, fd=None):
-    """Pool per-clip counts into the reported fractions (see the module docstring)."""
-    s = {k: sum(c[k] for c in counts) for k in ('n_ref', 'n_pitch', 'n_hit', 'n_gen', 'n_in_key')}
-    r = s['n_hit'] / max(s['n_ref'], 1)
-    p = s['n_hit'] / max(s['n_gen'], 1)
-    out = dict(note_acc=s['n_pitch'] / max(s['n_ref'], 1), onset_r=r, onset_p=p,
-               onset_f1=2 * r * p / (r + p) if r + p > 0 else 0.0, key=s['n_in_key'] / max(s['n_gen'], 1),
-               n_notes=s['n_ref'], n_gen=s['n_gen'])
-    timbres = [c['timbre'] for c in counts if c['timbre'] is not None]
-    out['timbre'] = float(np.mean(timbres)) if timbres else None
-    out['fd'] = fd
-    return out
-
-# -----------------------------------------------------------------------------
-# the sections
 
 
 class Progress:
@@ -315,49 +112,27 @@ def tlabel(temperature):
     return 'default' if temperature is None else f'{temperature:g}'
 
 
-def prompt_frames(clip, frame_rate, prompt_seconds=None):
-    """Prompt length in latent frames: `prompt_seconds` when given, else (auto) the whole frames before the
-    third repetition of the motif starts, so the prompt holds two full repetitions and the continuation is
-    predictable (its last ~0.1 s may be cut). A fixed 4 s prompt holds two repetitions in only ~17 % of toy
-    clips (motifs of 4-6 notes at 86-170 BPM last 1.5-5 s)."""
-    if prompt_seconds:
-        return int(round(prompt_seconds * frame_rate))
-    # end BOUNDARY_SKIP before the third repetition's first note, so that note is scored too
-    return int((clip.notes[2 * len(clip.meta['motif'])].onset - BOUNDARY_SKIP) * frame_rate)
-
-
-@torch.inference_mode()
-def continue_clip(vae, model, clip, p, c, steps, temperature, generator, device):
-    """Encode the first p frames of the clip, generate c frames, decode prompt + continuation -> numpy wav.
-    Batch 1: prompts differ in length. A prompt longer than the model context keeps its last part (as
-    sample.py does) for the model; the decoded audio keeps the whole prompt so times match the clip."""
-    prompt = vae.encode(torch.tensor(clip.wav[None, :p * vae.hop], device=device))
-    ctx = getattr(getattr(model, 'cfg', None), 'context', p)
-    new = model.generate(prompt[:, -ctx:], c, steps=steps, generator=generator, **temp_kwargs(temperature))
-    return vae.decode(torch.cat([prompt, new], 1))[0].float().cpu().numpy()
-
-
 def eval_continuation(vae, model, clips, ref_clips, detector, args, device):
     """Rows of scores (see module docstring). clips: the scored clips (long enough for prompt + continuation);
     ref_clips: other held-out clips whose real continuations are the Frechet reference set."""
     sr, hop, fr = data.SR, vae.hop, vae.frame_rate
     c = int(round(args.continue_seconds * fr))
-    spans = lambda cl: [(p, p + c) for p in (prompt_frames(x, fr, args.prompt_seconds) for x in cl)]
+    spans = lambda cl: [(p, p + c) for p in (metrics.prompt_frames(x, fr, args.prompt_seconds) for x in cl)]
     span, ref_span = spans(clips), spans(ref_clips)
     cut = lambda w, s: np.asarray(w[s[0] * hop:s[1] * hop], np.float32)  # the continued span of a wav
-    ref_emb = embed([cut(x.wav, s) for x, s in zip(ref_clips, ref_span)], sr)
+    ref_emb = metrics.embed([cut(x.wav, s) for x, s in zip(ref_clips, ref_span)], sr)
 
     def row(wavs, with_fd=True):
-        counts = [score_continuation(w, x, a * hop / sr, b * hop / sr, sr, args.tol, detector)
+        counts = [metrics.score_continuation(w, x, a * hop / sr, b * hop / sr, sr, args.tol, detector)
                   for x, w, (a, b) in zip(clips, wavs, span)]
-        fd = frechet(embed([cut(w, s) for w, s in zip(wavs, span)], sr), ref_emb) if with_fd else None
-        return summarise(counts, fd=fd)
+        fd = metrics.frechet(metrics.embed([cut(w, s) for w, s in zip(wavs, span)], sr), ref_emb) if with_fd else None
+        return metrics.summarise(counts, fd=fd)
 
     rows = {'real': row([x.wav for x in clips]),
             # a set-level distance cannot see that clips were swapped: no fd for this row
             'other clip': row([clips[(i + 1) % len(clips)].wav for i in range(len(clips))], with_fd=False)}
     rng = np.random.default_rng(args.seed)
-    rows['noise'] = {'fd': frechet(embed([0.1 * rng.standard_normal(c * hop) for _ in clips], sr), ref_emb)}
+    rows['noise'] = {'fd': metrics.frechet(metrics.embed([0.1 * rng.standard_normal(c * hop) for _ in clips], sr), ref_emb)}
     with torch.inference_mode():
         rows['vae'] = row([vae.decode(vae.encode(torch.tensor(x.wav[None, :b * hop], device=device)))[0]
                            .float().cpu().numpy() for x, (a, b) in zip(clips, span)])
@@ -367,7 +142,7 @@ def eval_continuation(vae, model, clips, ref_clips, detector, args, device):
             g = torch.Generator(device=device).manual_seed(args.seed)  # same noise for every setting
             prog, wavs = Progress(f'gen steps={steps} T={tlabel(temp)}', len(clips)), []
             for i, (x, (a, b)) in enumerate(zip(clips, span)):
-                wavs.append(continue_clip(vae, model, x, a, b - a, steps, temp, g, device))
+                wavs.append(pipeline.continue_clip(vae, model, x, a, b - a, steps, temp, g, device))
                 prog(i + 1)
             rows[f'calm steps={steps} T={tlabel(temp)}' if kind == 'calm' else f'{kind} T={tlabel(temp)}'] = row(wavs)
     m = [len(x.meta['motif']) for x in clips]
@@ -387,7 +162,7 @@ def eval_speed(vae, model, clip, args, device):
     consistency model '100 steps' is 100 evaluations of the same head (the per-step head cost is what is
     measured), on a TrigFlow model it is the 100-step PF-ODE sampler."""
     fr = vae.frame_rate
-    p = prompt_frames(clip, fr, args.prompt_seconds)
+    p = metrics.prompt_frames(clip, fr, args.prompt_seconds)
     prompt = vae.encode(torch.tensor(clip.wav[None, :p * vae.hop], device=device))
     prompt = prompt[:, -getattr(getattr(model, 'cfg', None), 'context', p):]
 
@@ -423,58 +198,13 @@ def eval_speed(vae, model, clip, args, device):
 # -----------------------------------------------------------------------------
 # text adherence: detectors for the three words of a toy description, and the CFG sweep
 
-# Scale fit alone cannot tell a major key from its relative minor (same pitch set), so the tonic is taken
-# from the first transcribed note (every toy motif starts on its tonic, data.make_clip) and the two scales
-# are fitted on that tonic; a tie (the motif avoids the 3rd, 6th and 7th) falls back to the best of the 24
-# rotated Krumhansl-Kessler key profiles. Measured on 48 real held-out clips: 0.94 (first note alone 0.88,
-# profiles alone 0.63).
-KK_MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
-KK_MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
-
-
-def detect_mode(wav, sr):
-    """'major' / 'minor' from the duration-weighted pitch classes of `transcribe`'s notes; None without notes."""
-    notes = transcribe(wav, sr)
-    hist = np.zeros(12)
-    for n in notes:
-        hist[n.pitch % 12] += n.duration
-    if hist.sum() == 0:
-        return None
-    tonic = notes[0].pitch % 12
-    fit = {m: sum(hist[(tonic + d) % 12] for d in SCALES[m]) for m in ('major', 'minor')}
-    if fit['major'] != fit['minor']:
-        return max(fit, key=fit.get)
-    if hist.std() == 0:
-        return None
-    return max((np.corrcoef(hist, np.roll(prof, k))[0, 1], mode)
-               for mode, prof in (('major', KK_MAJOR), ('minor', KK_MINOR)) for k in range(12))[1]
-
-
-def detect_tempo_class(wav, sr):
-    """'slow' / 'medium' / 'fast' from onsets: median inter-onset interval, folded by octaves into the toy's
-    beat range (a median on half-beat or two-beat notes is off by a factor 2), -> BPM -> the classes of
-    data.make_clip (< 114, < 142, else fast); None with fewer than 3 onsets."""
-    ioi = np.diff(detect_onsets(wav, sr))
-    ioi = ioi[(ioi > 0.12) & (ioi < 2.0)]
-    if len(ioi) < 2:
-        return None
-    beat = float(np.median(ioi))
-    lo, hi = 60 / data.TEMPO_RANGE[1], 60 / data.TEMPO_RANGE[0]
-    while beat < lo * 0.97:
-        beat *= 2
-    while beat > hi * 1.03:
-        beat /= 2
-    bpm = 60 / beat
-    return 'slow' if bpm < 114 else ('medium' if bpm < 142 else 'fast')
-
-
 def text_adherence(wavs, metas, detector, sr=data.SR):
     """Fraction of clips whose detected family / mode / tempo class equals the description's."""
     hit = {'timbre': [], 'mode': [], 'tempo': []}
     for w, m in zip(wavs, metas):
         hit['timbre'].append(detector.predict(w) == m['family'])
-        hit['mode'].append(detect_mode(w, sr) == m['mode'])
-        hit['tempo'].append(detect_tempo_class(w, sr) == m['tempo_class'])
+        hit['mode'].append(metrics.detect_mode(w, sr) == m['mode'])
+        hit['tempo'].append(metrics.detect_tempo_class(w, sr) == m['tempo_class'])
     return {k: float(np.mean(v)) for k, v in hit.items()}
 
 
@@ -486,7 +216,6 @@ def eval_text(vae, model, args, device):
     held-out set. 'real' = the detectors on the described clips themselves (their ceiling), 'chance' =
     uniform guessing (5 families, 2 modes, 3 equally wide tempo classes). ms_frame: batch 1, 1 head step,
     best of 2: guided = two T_long passes (conditional + null) + T_short + one head call per frame."""
-    import calm
     if not getattr(model.cfg, 'n_text', 0):
         return {'skipped': 'unconditional model (n_text = 0)'}
     n, sr = args.text_clips, data.SR
@@ -494,11 +223,11 @@ def eval_text(vae, model, args, device):
     clips, ref = clips[:n], clips[n:]
     metas = [c.meta for c in clips]
     text = calm.pad_text([data.tokenize(data.description(m)) for m in metas], model.cfg.n_text)
-    detector = TimbreDetector(data.toy_clips('train', args.timbre_fit))
-    ref_emb = embed([c.wav for c in ref], sr)
+    detector = metrics.TimbreDetector(data.toy_clips('train', args.timbre_fit))
+    ref_emb = metrics.embed([c.wav for c in ref], sr)
     frames = int(round(args.text_seconds * vae.frame_rate))
     rows = {'real': {**text_adherence([c.wav for c in clips], metas, detector),
-                     'fd': frechet(embed([c.wav for c in clips], sr), ref_emb)},
+                     'fd': metrics.frechet(metrics.embed([c.wav for c in clips], sr), ref_emb)},
             'chance': {'timbre': 1 / 5, 'mode': 1 / 2, 'tempo': 1 / 3}}
 
     def ms_frame(**kw):
@@ -516,7 +245,7 @@ def eval_text(vae, model, args, device):
         lat = model.generate(None, frames, generator=g, text=text.to(device), cfg_alpha=a,
                              **temp_kwargs(args.temperature[0]))
         wavs = list(vae.decode(lat).float().cpu().numpy())
-        rows[f'alpha={a:g}'] = {**text_adherence(wavs, metas, detector), 'fd': frechet(embed(wavs, sr), ref_emb),
+        rows[f'alpha={a:g}'] = {**text_adherence(wavs, metas, detector), 'fd': metrics.frechet(metrics.embed(wavs, sr), ref_emb),
                                 'ms_frame': speed['guided']}
         print(f'[text] alpha={a:g} done', file=sys.stderr, flush=True)
     rows['unguided (= alpha 1)'] = {'ms_frame': speed['unguided']}
@@ -645,8 +374,6 @@ def eval_codec(vae, vae_dir, levels, K, clips, device, models=()):
     Gaussian latents the KL of the posterior to the prior (the rate a bits-back / relative-entropy coder pays).
     lat_mse: squared error of the dequantised latents (standardised units; post_var: the posterior variance
     in the same units, the noise the decoder was trained to tolerate)."""
-    import corpus
-    import rq
     Q = max(levels)
     # the RVQ fit settings (rq.Config's rvq_* fields) of the first discrete LM with this K, else the defaults
     like = next((m.cfg for _, m in models if m.cfg.codebook_size == K), rq.Config())
@@ -709,7 +436,6 @@ def table_speed(entries, sweep_cfg, args, frame_rate, device):
     them alike). Adds the RQ-Transformer and delay LM at each Q of args.codec_levels, untrained (speed does
     not depend on the weights), over 10 s. head_x / whole_x: cost relative to the reference (the paper's
     12.3x and 1.3x); h: the head's share of backbone + head."""
-    import rq
     n = int(round(args.speed_seconds * frame_rate))
     jobs = {k: (m, s, t, n) for k, (m, s, t) in entries.items()}
     for q in args.codec_levels:
@@ -743,10 +469,9 @@ def run_stats(run_dir, model):
 
 
 def run_table(args):
-    import rq
     device, runs = args.device, {}
     for d in args.table:
-        runs[os.path.basename(os.path.normpath(d))] = (d, *load_run(d, device))
+        runs[os.path.basename(os.path.normpath(d))] = (d, *pipeline.load(d, device))
     if len(runs) < len(args.table):
         raise SystemExit('error: --table: give run folders with distinct names')
     res = {'runs': {name: run_stats(d, m) for name, (d, v, m) in runs.items()}}
@@ -756,7 +481,7 @@ def run_table(args):
                               data.toy_clips('heldout', args.clips), device, discrete)
     n = args.clips_cont
     clips = data.toy_clips('heldout', 2 * n, seconds=(args.prompt_seconds or 11.0) + args.continue_seconds + 0.5)
-    detector = TimbreDetector(data.toy_clips('train', args.timbre_fit))
+    detector = metrics.TimbreDetector(data.toy_clips('train', args.timbre_fit))
     rows, refs, entries = {}, None, {}
     for name, (d, vae, model) in runs.items():
         a = argparse.Namespace(**vars(args))
@@ -812,7 +537,7 @@ def report_table(res):
 
 def evaluate(run_dir, args, sections=('vae', 'continuation', 'speed')):
     device = args.device
-    vae, model = load_run(run_dir, device)
+    vae, model = pipeline.load(run_dir, device)
     res = {'run': run_dir}
     n_cont = args.clips_cont
     if 'vae' in sections:
@@ -821,7 +546,7 @@ def evaluate(run_dir, args, sections=('vae', 'continuation', 'speed')):
     seconds = (args.prompt_seconds or 11.0) + args.continue_seconds + 0.5
     clips = data.toy_clips('heldout', 2 * n_cont, seconds=seconds)
     if 'continuation' in sections:
-        detector = TimbreDetector(data.toy_clips('train', args.timbre_fit))
+        detector = metrics.TimbreDetector(data.toy_clips('train', args.timbre_fit))
         res['continuation'] = eval_continuation(vae, model, clips[:n_cont], clips[n_cont:2 * n_cont],
                                                 detector, args, device)
         # the detector checked on real audio: its accuracy on the true continuations (row 'real')

@@ -30,30 +30,7 @@ import torch
 
 import calm
 import data
-import rq
-import vae as vae_lib
-
-
-def load(run_dir, device='cpu'):
-    """(vae, model) from a run folder written by train.py, both in eval mode. The configs travel in the
-    checkpoints, so no flag has to repeat them. A run trained with --vae-from finds its VAE through the
-    path stored in calm.pt. calm.pt holds the run's LM: CALM, or a discrete baseline (ck['kind'], rq.py)."""
-    def read(path):
-        if not os.path.isfile(path):
-            raise ValueError(f'no checkpoint {path}: train one with `python train.py --toy` or pass --ckpt RUN_DIR')
-        return torch.load(path, map_location=device, weights_only=False)
-
-    ck = read(os.path.join(run_dir, 'calm.pt'))
-    kind = ck.get('kind', 'calm')
-    # checkpoints from before Config.time_scale existed were trained with 100
-    model = (calm.CALM(calm.Config(**{'time_scale': 100.0, **ck['config']})) if kind == 'calm'
-             else rq.build(rq.Config(**ck['config'])))
-    model.load_state_dict(ck['model'])
-    vae_path = os.path.join(run_dir, 'vae.pt')
-    vk = read(vae_path if os.path.isfile(vae_path) else ck.get('vae', vae_path))
-    vae = vae_lib.VAE(vae_lib.Config(**vk['config']))
-    vae.load_state_dict(vk['model'])
-    return vae.to(device).eval(), model.to(device).eval()
+import pipeline
 
 
 def parse_args(argv=None):
@@ -93,7 +70,7 @@ def main(argv=None):
         raise ValueError(f'refusing to overwrite the prompt {args.prompt}: choose another --out')
     if args.seconds <= 0 or args.steps < 1:
         raise ValueError('--seconds must be > 0 and --steps >= 1')
-    vae, model = load(args.ckpt, args.device)
+    vae, model = pipeline.load(args.ckpt, args.device)
     if ids is not None and not model.cfg.n_text:
         raise ValueError(f'{args.ckpt} holds an unconditional model (trained without text): drop --text')
     kind = getattr(model.cfg, 'kind', 'calm')

@@ -26,9 +26,9 @@ import torch
 
 import calm
 import data
-import evaluate
 import metrics
-from sample import load
+import mixture
+import pipeline
 
 DPI = 60          # modest resolution: the six PNGs stay around 550 KB in all
 N_MELS = 80       # metrics.log_mel's default
@@ -85,78 +85,6 @@ def save(fig, path, written):
     written.append(path)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Gaussian mixtures with a known answer (figure 03 and tests/test_calm.py). A mixture stays one under
-# x_t = cos t x_0 + sin t z (component k: N(cos t mu_k, (cos^2 t s^2 + sin^2 t) I)), so its TrigFlow velocity
-# E[v_t | x_t] is exact in closed form, hence the PF-ODE, hence the map a consistency model must learn.
-
-def mixture(w, mu, s):
-    """x_0 ~ sum_k w_k N(mu_k, s^2 I), scaled to unit std (sigma_d = 1): (w [K], mu [K, D], s), float64."""
-    w, mu = torch.tensor(w, dtype=torch.float64), torch.tensor(mu, dtype=torch.float64)
-    m = (w[:, None] * mu).sum(0)
-    sd = ((w[:, None] * (mu ** 2 + s ** 2)).sum(0) - m ** 2).mean().sqrt()
-    return w, mu / sd, s / sd.item()
-
-
-TOY = mixture([0.3, 0.7], [[-1.0], [1.0]], 0.1)   # figure 03's 1-D two-mode toy
-
-
-def mixture_F(mix, x, t):
-    """F(x_t, t) = E[v_t | x_t] (sigma_d = 1): per component, E[x_0 | x_t, k] and E[z | x_t, k] are Gaussian
-    regressions; weight them by the posterior probability of k given x_t. x [N, D], t [N] -> [N, D]."""
-    w, mu, s = mix
-    x, t = x.double(), t.double()[:, None]
-    c, si = t.cos(), t.sin()
-    V = c ** 2 * s ** 2 + si ** 2                                      # [N, 1]
-    r = x[:, None] - c[:, :, None] * mu                                # [N, K, D]
-    post = torch.softmax(w.log() - 0.5 * (r ** 2).sum(-1) / V - 0.5 * mu.shape[1] * V.log(), 1)[..., None]
-    e_x0 = (post * (mu + (c * s ** 2 / V)[..., None] * r)).sum(1)
-    e_z = (post * ((si / V)[..., None] * r)).sum(1)
-    return c * e_z - si * e_x0
-
-
-def ode_paths(mix, x_noise, n=400):
-    """The exact PF-ODE dx/dt = F(x, t) from t = pi/2 to 0, RK4 in float64 (400 steps: converged to ~1e-7):
-    times [n+1], x [n+1, N, D]; row -1 is the map a consistency model must learn."""
-    ts = np.linspace(math.pi / 2, 0, n + 1)
-    Fn = lambda x, t: mixture_F(mix, x, torch.full((len(x),), t, dtype=torch.float64))
-    x = torch.as_tensor(x_noise, dtype=torch.float64)
-    xs = [x]
-    for a, b in zip(ts[:-1], ts[1:]):
-        h = b - a
-        k1 = Fn(x, a); k2 = Fn(x + h / 2 * k1, a + h / 2); k3 = Fn(x + h / 2 * k2, a + h / 2); k4 = Fn(x + h * k3, b)
-        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-        xs.append(x)
-    return ts, torch.stack(xs).numpy()
-
-
-def sample_mixture(mix, n):
-    w, mu, s = mix
-    return (mu[torch.multinomial(w, n, replacement=True)] + s * torch.randn(n, mu.shape[1])).float()
-
-
-def train_head_alone(head_loss, sample_x0, D, n_iter, seed=0, batch=512, lr=2e-3):
-    """calm's head (and its adaptive weight) trained alone with CALM.head_loss on x_0 = sample_x0(batch)
-    [batch, D], the conditioning z pure noise (x_0 does not depend on it); Adam, lr decaying linearly to 0,
-    gradients clipped at 1 as train.py does. Returns the model in eval mode."""
-    torch.manual_seed(seed)
-    cfg = calm.Config(latent_dim=D, d_model=8, n_layers=1, n_heads=1, context=4, short_context=0,
-                      head_width=64, head_blocks=2, head_loss=head_loss, head_batch_mul=1,
-                      tangent_warmup=n_iter // 10)
-    m = calm.CALM(cfg)
-    params = list(m.head.parameters()) + list(m.weight_net.parameters())
-    opt = torch.optim.Adam(params, lr=lr)
-    for i in range(n_iter):
-        for gr in opt.param_groups:
-            gr['lr'] = lr * (1 - i / n_iter)
-        loss, _ = m.head_loss(torch.randn(batch, 8), sample_x0(batch), i)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)   # as train.py clips
-        opt.step()
-    return m.eval()
-
-
 def sampler_paths(n, steps, seed):
     """calm.trigflow_sample on the toy's exact F, recording the state it hands F at each grid time: times
     [steps+1], x [steps+1, n]. Row 0 is the sampler's own noise draw, so the other curves can start from the
@@ -164,19 +92,12 @@ def sampler_paths(n, steps, seed):
     seen = []
     def Fn(x, t):
         seen.append((t[0].item(), x[:, 0].clone()))
-        return mixture_F(TOY, x, t).float()
+        return mixture.velocity(mixture.TWO_MODES, x, t).float()
     x0 = calm.trigflow_sample(Fn, (n, 1), steps, generator=torch.Generator().manual_seed(seed))
     return np.array([t for t, _ in seen] + [0.0]), np.stack([x.numpy() for _, x in seen] + [x0[:, 0].numpy()])
 
 
-def mixture_pdf(x):
-    """The 1-D toy's density on a numpy grid x."""
-    w, mu, s = TOY
-    return sum(wk * np.exp(-0.5 * ((x - m) / s) ** 2) / (s * math.sqrt(2 * math.pi))
-               for wk, m in zip(w.tolist(), mu[:, 0].tolist()))
-
-
-TOY_MEAN = (TOY[0] * TOY[1][:, 0]).sum().item()   # where TrigFlow in 1 step sends every noise
+TWO_MODES_MEAN = (mixture.TWO_MODES[0] * mixture.TWO_MODES[1][:, 0]).sum().item()   # where TrigFlow in 1 step sends every noise
 HEAD_ITERS = 3000   # figure 03 (d): sCT steps of the head trained alone (as tests/test_calm.py's map test)
 
 
@@ -257,14 +178,14 @@ def fig_trigflow(plt, lat, seed):
     # (b) the 1-D two-mode toy, exact: ODE paths, sampler, consistency map, 1-step mean
     n_show = 14
     ts8, x8 = sampler_paths(n_show, 8, seed)                          # row 0: the noises everything starts from
-    ts_ode, x_ode = ode_paths(TOY, x8[0][:, None])
+    ts_ode, x_ode = mixture.ode_paths(mixture.TWO_MODES, x8[0][:, None])
     x_ode = x_ode[..., 0]
     ax_z = fig.add_subplot(gs[1, 0])
     ax = fig.add_subplot(gs[1, 1], sharey=ax_z)
     ax.plot(ts_ode, x_ode, color='tab:blue', lw=1, alpha=0.8)
     ax.plot(ts8, x8, 'o--', color='tab:orange', ms=3, lw=0.8, alpha=0.9)
     ax.plot(np.zeros(n_show), x_ode[-1], '*', color='tab:green', ms=10)
-    ax.plot([0], [TOY_MEAN], 'X', color='tab:red', ms=10)
+    ax.plot([0], [TWO_MODES_MEAN], 'X', color='tab:red', ms=10)
     ax.plot([], [], color='tab:blue', label='exact PF-ODE paths')
     ax.plot([], [], 'o--', color='tab:orange', ms=3, label='calm.trigflow_sample, 8 steps')
     ax.plot([], [], '*', color='tab:green', ms=10, label='consistency map f(z, pi/2) = ODE endpoint')
@@ -276,15 +197,15 @@ def fig_trigflow(plt, lat, seed):
     # (c) where 4000 noises land: histograms over x
     _, xs1 = sampler_paths(4000, 1, seed + 1)
     _, xs8 = sampler_paths(4000, 8, seed + 1)
-    _, xe = ode_paths(TOY, xs1[0][:, None], 100)
+    _, xe = mixture.ode_paths(mixture.TWO_MODES, xs1[0][:, None], 100)
     xe = xe[..., 0]
     grid = np.linspace(-2, 2, 400)
     ax = fig.add_subplot(gs[1, 2])
     bins = np.linspace(-2, 2, 81)
     ax.hist(xe[-1], bins, density=True, color='tab:green', alpha=0.5, label='consistency map (exact, 1 call)')
     ax.hist(xs8[-1], bins, density=True, histtype='step', color='tab:orange', lw=1.5, label='TrigFlow 8 steps')
-    ax.axvline(TOY_MEAN, color='tab:red', lw=2, label='TrigFlow 1 step (all at the mean)')
-    ax.plot(grid, mixture_pdf(grid), 'k', lw=1, label='data density')
+    ax.axvline(TWO_MODES_MEAN, color='tab:red', lw=2, label='TrigFlow 1 step (all at the mean)')
+    ax.plot(grid, mixture.density(mixture.TWO_MODES, grid), 'k', lw=1, label='data density')
     ax.set_xlabel('x_0')
     ax.set_ylabel('density')
     ax.legend(fontsize=7, loc='upper left')
@@ -296,23 +217,23 @@ def fig_trigflow(plt, lat, seed):
     ax_z.set_xlabel('density')
     ax_z.set_ylabel('x')
     # (d) the same map learnt: calm's head trained alone on the toy with the sCT loss, sampled in one call
-    m = train_head_alone('consistency', lambda n: sample_mixture(TOY, n), 1, HEAD_ITERS, seed=seed)
+    m = mixture.train_head_alone('consistency', lambda n: mixture.sample(mixture.TWO_MODES, n), 1, HEAD_ITERS, seed=seed)
     grid_T = torch.linspace(-2.5, 2.5, 201)[:, None]
     with torch.no_grad():
         f1 = calm.consistency_fn(lambda x, t: m.head(x, t, torch.zeros(len(x), 8)), grid_T,
                                  torch.full((len(grid_T),), math.pi / 2))
     ax = fig.add_subplot(gs[1, 3])
-    ax.plot(grid_T[:, 0], ode_paths(TOY, grid_T)[1][-1, :, 0], color='tab:green', lw=3, alpha=0.6,
+    ax.plot(grid_T[:, 0], mixture.ode_paths(mixture.TWO_MODES, grid_T)[1][-1, :, 0], color='tab:green', lw=3, alpha=0.6,
             label='exact map: PF-ODE end point')
     ax.plot(grid_T[:, 0], f1[:, 0], '.', color='tab:purple', ms=3,
             label=f'trained head, 1 step ({HEAD_ITERS} sCT steps)')
-    ax.axhline(TOY_MEAN, color='tab:red', lw=1, ls=':', label='the mean')
+    ax.axhline(TWO_MODES_MEAN, color='tab:red', lw=1, ls=':', label='the mean')
     ax.set_xlabel('noise x_T')
     ax.set_ylabel('x_0 = f(x_T, pi/2)')
     ax.legend(fontsize=7, loc='upper left')
     ax.set_title('(d) the consistency map, exact vs learnt', fontsize=10)
     fig.text(0.01, 0.005, 'Nothing is trained in (b) and (c): F is the exact velocity E[v_t | x_t] of the toy. '
-             "In (d) calm's head is trained alone on the toy (tour.train_head_alone, CALM.head_loss with the sCT "
+             "In (d) calm's head is trained alone on the toy (mixture.train_head_alone, CALM.head_loss with the sCT "
              'loss) and must reproduce the green map in one call, keeping the order of the noises within each mode.',
              fontsize=8)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
@@ -328,7 +249,7 @@ def fig_temperature(plt, vae, model, clip, n_new, seed):
                  f'(model.generate, 1 consistency step)')
     for a, tau in zip(ax, TEMPERATURES):
         g = torch.Generator().manual_seed(seed)
-        w = evaluate.continue_clip(vae, model, clip, p, n_new, 1, tau, g, 'cpu')
+        w = pipeline.continue_clip(vae, model, clip, p, n_new, 1, tau, g, 'cpu')
         show_mel(a, w, sr, title=f'temperature tau = {tau:g} (head noise variance)')
         a.axvline(p / fr, color='w', ls='--', lw=1.5)
     ax[-1].set_xlabel('time (s); the dashed line is where generation starts')
@@ -339,14 +260,14 @@ def fig_temperature(plt, vae, model, clip, n_new, seed):
 def fig_continuation(plt, vae, model, clip, n_new, seed):
     """05: a two-motif prompt and its continuation; the transcribed notes against the clip's true ones."""
     sr, fr = vae.cfg.sample_rate, vae.frame_rate
-    p = evaluate.prompt_frames(clip, fr)                              # two motif repetitions
+    p = metrics.prompt_frames(clip, fr)                              # two motif repetitions
     t0, t1 = p / fr, (p + n_new) / fr
     g = torch.Generator().manual_seed(seed)
-    w = evaluate.continue_clip(vae, model, clip, p, n_new, 1, None, g, 'cpu')
-    gen = evaluate.transcribe(w[p * vae.hop:], sr)
+    w = pipeline.continue_clip(vae, model, clip, p, n_new, 1, None, g, 'cpu')
+    gen = metrics.transcribe(w[p * vae.hop:], sr)
     for n in gen:
         n.onset += t0
-    score = evaluate.score_continuation(w, clip, t0, t1, sr)
+    score = metrics.score_continuation(w, clip, t0, t1, sr)
     fig, ax = plt.subplots(3, 1, figsize=(11, 8.5), sharex=True, height_ratios=[1, 1, 1.2])
     fig.suptitle(f'05 continuation: prompt = the first two motif repetitions ({t0:.1f} s), then {t1 - t0:.1f} s '
                  f'generated at the default temperature {inspect.signature(model.generate).parameters["temperature"].default}')
@@ -356,7 +277,7 @@ def fig_continuation(plt, vae, model, clip, n_new, seed):
         a.axvline(t0, color='w' if a is not ax[2] else 'k', ls='--', lw=1.5)
     piano_roll(ax[2], [n for n in clip.notes if n.onset < t0], 'lightgrey', 'prompt notes (clip.notes)')
     piano_roll(ax[2], [n for n in clip.notes if t0 <= n.onset < t1], 'tab:green', 'expected notes (clip.notes)')
-    piano_roll(ax[2], gen, 'tab:red', 'transcribed from the generation (evaluate.transcribe)', alpha=0.6, height=0.5)
+    piano_roll(ax[2], gen, 'tab:red', 'transcribed from the generation (metrics.transcribe)', alpha=0.6, height=0.5)
     pitches = [n.pitch for n in clip.notes if n.onset < t1] + [n.pitch for n in gen]
     ax[2].set_ylim(min(pitches) - 2, max(pitches) + 6)   # room for the legend
     ax[2].set_xlim(0, t1)
@@ -422,7 +343,7 @@ def main(argv=None):
         print('tour.py needs matplotlib: pip install matplotlib', file=sys.stderr)
         return 1
     out = args.out or os.path.join(args.ckpt, 'tour')
-    vae, model = load(args.ckpt)
+    vae, model = pipeline.load(args.ckpt)
     os.makedirs(out, exist_ok=True)
     torch.set_flush_denormal(True)     # CPU: denormal floats made long generations ~20x slower per frame
     n_new = max(1, round(args.seconds * vae.frame_rate))

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import calm  # noqa: E402
-import tour  # noqa: E402
+import mixture  # noqa: E402
 
 torch.set_num_threads(1)
 HP = settings(max_examples=15, deadline=None)
@@ -372,7 +372,7 @@ def test_head_recovers_two_modes(head_loss, steps):
     two_modes = lambda n: torch.where(torch.rand(n, 1) < 0.7, 1.0, -1.0) + 0.05 * torch.randn(n, 1)
     # 1000 iterations: 600 left the consistency head at 0.755 of its mass near the modes on this
     # machine
-    m = tour.train_head_alone(head_loss, two_modes, 1, 1000)
+    m = mixture.train_head_alone(head_loss, two_modes, 1, 1000)
     with torch.no_grad():
         x = m.sample_head(torch.randn(4000, 8), steps, 1.0, torch.Generator().manual_seed(1))[:, 0]
     frac_pos = (x > 0).float().mean().item()
@@ -383,13 +383,7 @@ def test_head_recovers_two_modes(head_loss, steps):
 
 # --- the map: a consistency model is the PF-ODE's end point, not a sampler with the right modes
 
-# the two-mode toy of tour.py figure 03, and 5 modes in 4 dims (means drawn once, seed 0)
-MIXTURES = {
-    '1d': tour.TOY,
-    '4d': tour.mixture([0.1, 0.15, 0.2, 0.25, 0.3],
-                       torch.randn(5, 4, generator=torch.Generator().manual_seed(0)).tolist(),
-                       0.15),
-}
+MIXTURES = {'1d': mixture.TWO_MODES, '4d': mixture.FIVE_MODES}
 
 
 def rank_corr(a, b):
@@ -419,7 +413,7 @@ def test_head_learns_the_pf_ode_map(name, head_loss):
     all test_head_recovers_two_modes sees)."""
     mix = MIXTURES[name]
     D = mix[1].shape[1]
-    m = tour.train_head_alone(head_loss, lambda n: tour.sample_mixture(mix, n), D,
+    m = mixture.train_head_alone(head_loss, lambda n: mixture.sample(mix, n), D,
                               N_ITER[head_loss])
     gen = torch.Generator().manual_seed(1)
     z = torch.randn(2000, 8, generator=gen)
@@ -432,7 +426,7 @@ def test_head_learns_the_pf_ode_map(name, head_loss):
             x = calm.trigflow_sample(Fn, (2000, D), 100, generator=torch.Generator().manual_seed(2))
     # the samplers' own draws
     x_T = torch.randn(2000, D, generator=torch.Generator().manual_seed(2))
-    exact = torch.as_tensor(tour.ode_paths(mix, x_T)[1][-1]).float()
+    exact = torch.as_tensor(mixture.ode_paths(mix, x_T)[1][-1]).float()
     err = (x - exact).norm(dim=-1) / math.sqrt(D)
     print(f'{name} {head_loss}: median error {err.median():.4f}, '
           f'90th percentile {err.quantile(0.9):.4f}')

@@ -18,7 +18,8 @@ from test_train import run  # noqa: E402
 
 import calm  # noqa: E402
 import data  # noqa: E402
-import sample  # noqa: E402
+import metrics  # noqa: E402
+import pipeline  # noqa: E402
 import train  # noqa: E402
 
 torch.set_num_threads(1)
@@ -163,7 +164,7 @@ def test_toy_batch_carries_each_windows_description():
 # --- sample.py ------------------------------------------------------------------------------------
 
 def test_toy_run_is_text_conditioned(tiny_run):
-    _, model = sample.load(str(tiny_run))
+    _, model = pipeline.load(str(tiny_run))
     assert model.cfg.n_text == NT and model.cfg.cond_dropout == 0.2
 
 
@@ -173,7 +174,7 @@ def test_sample_text_from_nothing(tiny_run, tmp_path):
             str(tiny_run), '--out', str(out))
     assert 'real-time factor' in r.stdout and 'cfg 2' in r.stdout
     wav, sr = sf.read(out)
-    vae, _ = sample.load(str(tiny_run))
+    vae, _ = pipeline.load(str(tiny_run))
     assert sr == vae.cfg.sample_rate and len(wav) == round(1.5 * vae.frame_rate) * vae.hop
     assert np.isfinite(wav).all()
 
@@ -189,15 +190,15 @@ def test_sample_text_errors_are_one_line(tiny_run, tmp_path, argv):
         assert "'jazzy'" in r.stderr and all(w in r.stderr for w in data.VOCAB)
 
 
-# --- evaluate.py detectors ------------------------------------------------------------------------
+# --- metrics.py detectors -------------------------------------------------------------------------
 
 def test_text_detectors_on_real_clips():
     """The mode and tempo detectors on real held-out clips (the 'real' ceiling row of --cfg-sweep):
     measured 0.94 / 1.00 on 48 clips; here 16 clips, with margin."""
-    import evaluate as ev
     clips = data.toy_clips('heldout', 16, seconds=6.0)
-    mode = np.mean([ev.detect_mode(c.wav, data.SR) == c.meta['mode'] for c in clips])
-    tempo = np.mean([ev.detect_tempo_class(c.wav, data.SR) == c.meta['tempo_class'] for c in clips])
+    mode = np.mean([metrics.detect_mode(c.wav, data.SR) == c.meta['mode'] for c in clips])
+    tempo = np.mean([metrics.detect_tempo_class(c.wav, data.SR) == c.meta['tempo_class']
+                     for c in clips])
     assert mode >= 0.75 and tempo >= 0.9, (mode, tempo)
-    assert ev.detect_mode(np.zeros(data.SR, np.float32), data.SR) is None
-    assert ev.detect_tempo_class(np.zeros(data.SR, np.float32), data.SR) is None
+    assert metrics.detect_mode(np.zeros(data.SR, np.float32), data.SR) is None
+    assert metrics.detect_tempo_class(np.zeros(data.SR, np.float32), data.SR) is None

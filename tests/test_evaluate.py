@@ -9,6 +9,7 @@ import torch
 
 import data
 import evaluate as ev
+import metrics
 
 SR = data.SR
 T0, T1 = 4.0, 8.0  # prompt boundary and clip end (s)
@@ -34,12 +35,12 @@ def transpose(clip, semitones):
 
 def onset_recall(wav, notes, tol=0.1):
     """Fraction of annotated notes with a transcribed onset within tol, whatever its pitch."""
-    got = [n.onset for n in ev.transcribe(wav, SR)]
+    got = [n.onset for n in metrics.transcribe(wav, SR)]
     return np.mean([any(abs(g - n.onset) <= tol for g in got) for n in notes])
 
 
 def test_clip_against_itself(clips):
-    s = ev.summarise([ev.score_continuation(c.wav, c, T0, T1) for c in clips[:6]])
+    s = metrics.summarise([metrics.score_continuation(c.wav, c, T0, T1) for c in clips[:6]])
     assert s['n_notes'] > 20
     assert s['note_acc'] >= 0.95
     assert s['onset_r'] >= 0.85 and s['onset_p'] >= 0.85
@@ -50,24 +51,25 @@ def test_transposed_copy_wrong_pitch_right_timing(clips):
     for c in clips[:4]:
         t = transpose(c, 1)
         # the copy is clean
-        assert ev.summarise([ev.score_continuation(t.wav, t, T0, T1)])['note_acc'] >= 0.8
+        assert metrics.summarise([metrics.score_continuation(t.wav, t, T0, T1)])['note_acc'] >= 0.8
         # scored against the original's notes
-        s = ev.summarise([ev.score_continuation(t.wav, c, T0, T1)])
+        s = metrics.summarise([metrics.score_continuation(t.wav, c, T0, T1)])
         assert s['note_acc'] <= 0.1 and s['onset_r'] <= 0.1
         # ... while the timing still matches
-        assert onset_recall(t.wav, ev.true_notes(c, T0, T1)) >= 0.85
+        assert onset_recall(t.wav, metrics.true_notes(c, T0, T1)) >= 0.85
 
 
 def test_silence_scores_zero(clips):
-    s = ev.summarise([ev.score_continuation(np.zeros_like(c.wav), c, T0, T1) for c in clips[:3]])
+    silence = [metrics.score_continuation(np.zeros_like(c.wav), c, T0, T1) for c in clips[:3]]
+    s = metrics.summarise(silence)
     assert s['note_acc'] == 0 and s['onset_r'] == 0 and s['onset_f1'] == 0
     assert s['n_gen'] == 0 and s['key'] == 0
 
 
 def test_transcriber_finds_annotated_notes(clips):
     for c in clips[:4]:
-        ref = ev.true_notes(c, 0.0, len(c.wav) / SR)
-        got = ev.transcribe(c.wav, SR)
+        ref = metrics.true_notes(c, 0.0, len(c.wav) / SR)
+        got = metrics.transcribe(c.wav, SR)
         hit = [any(g.pitch == n.pitch and abs(g.onset - n.onset) <= 0.05 for g in got) for n in ref]
         assert np.mean(hit) >= 0.9, (c.meta, len(ref), len(got))
         assert len(got) <= 1.15 * len(ref) + 1  # few spurious notes
@@ -78,25 +80,24 @@ def test_frechet_math():
     a = rng.standard_normal((20000, 4))
     b = rng.standard_normal((20000, 4)) * np.array([1, 2, 1, 1]) + np.array([3, 0, 0, 0])
     # closed form for diagonal covariances: |mu_a - mu_b|^2 + sum (s_a - s_b)^2 = 9 + 1
-    assert ev.frechet(a, b) == pytest.approx(10.0, rel=0.05)
-    assert abs(ev.frechet(a, a)) < 1e-6
+    assert metrics.frechet(a, b) == pytest.approx(10.0, rel=0.05)
+    assert abs(metrics.frechet(a, a)) < 1e-6
 
 
 def test_frechet_real_splits_vs_noise_and_transposed(clips):
     cut = lambda w: w[int(T0 * SR):int(T1 * SR)]
     a, b = clips[:12], clips[12:24]
-    emb_a = ev.embed([cut(c.wav) for c in a], SR)
-    real = ev.frechet(emb_a, ev.embed([cut(c.wav) for c in b], SR))
-    noise = ev.frechet(emb_a,
-                       ev.embed([0.1 * np.random.default_rng(1).standard_normal(4 * SR) for _ in b],
-                                SR))
-    octave = ev.frechet(emb_a, ev.embed([cut(transpose(c, 12).wav) for c in b], SR))
-    assert abs(ev.frechet(emb_a, emb_a)) < 1e-6
+    emb_a = metrics.embed([cut(c.wav) for c in a], SR)
+    real = metrics.frechet(emb_a, metrics.embed([cut(c.wav) for c in b], SR))
+    noises = [0.1 * np.random.default_rng(1).standard_normal(4 * SR) for _ in b]
+    noise = metrics.frechet(emb_a, metrics.embed(noises, SR))
+    octave = metrics.frechet(emb_a, metrics.embed([cut(transpose(c, 12).wav) for c in b], SR))
+    assert abs(metrics.frechet(emb_a, emb_a)) < 1e-6
     assert real < 0.1 * noise and real < 0.5 * octave, (real, noise, octave)
 
 
 def test_timbre_detector_on_clean_clips(clips):
-    det = ev.TimbreDetector(data.toy_clips('train', 24))
+    det = metrics.TimbreDetector(data.toy_clips('train', 24))
     assert len(det.families) >= 2
     acc = np.mean([det.predict(c.wav) == c.meta['family'] for c in clips])
     assert acc >= 0.8, (acc, det.families)
@@ -105,11 +106,12 @@ def test_timbre_detector_on_clean_clips(clips):
 
 def test_auto_prompt_holds_two_motif_repetitions():
     for c in data.toy_clips('heldout', 20, seconds=16.0):
-        m, t0 = len(c.meta['motif']), ev.prompt_frames(c, 12.5) / 12.5
+        m, t0 = len(c.meta['motif']), metrics.prompt_frames(c, 12.5) / 12.5
         assert c.notes[2 * m - 1].onset < t0  # the second repetition's last note starts inside the
                                               # prompt
         # 3rd is scored
-        assert t0 + ev.BOUNDARY_SKIP <= c.notes[2 * m].onset < t0 + ev.BOUNDARY_SKIP + 0.08
+        skip = metrics.BOUNDARY_SKIP
+        assert t0 + skip <= c.notes[2 * m].onset < t0 + skip + 0.08
         assert [n.pitch for n in c.notes[:2 * m]] == c.meta['motif'] * 2
 
 
@@ -148,7 +150,7 @@ class FakeLM(torch.nn.Module):
 def test_continuation_pipeline_oracle_and_silent(clips, prompt_seconds):
     args = argparse.Namespace(prompt_seconds=prompt_seconds, continue_seconds=T1 - T0, steps=[1],
                               temperature=[None], seed=0, tol=0.1)
-    det = ev.TimbreDetector(data.toy_clips('train', 12))
+    det = metrics.TimbreDetector(data.toy_clips('train', 12))
     if prompt_seconds is None:
         clips = data.toy_clips('heldout', 8, seconds=15.5)
     scored, ref = clips[:4], clips[4:8]

@@ -17,8 +17,8 @@ sys.path.insert(0, ROOT)
 from test_train import run, tiny_recipes, train_main  # noqa: E402
 
 import calm  # noqa: E402
+import pipeline  # noqa: E402
 import rq  # noqa: E402
-import sample  # noqa: E402
 
 torch.set_num_threads(1)
 HP = settings(max_examples=15, deadline=None)
@@ -347,7 +347,7 @@ def test_discrete_run_writes_a_checkpoint_that_sample_continues(discrete_run, tm
     recs = [json.loads(line) for line in open(out / 'log.jsonl')]
     assert [len(r['levels']) for r in recs if r['stage'] == 'rvq'] == [3]
     assert [r['step'] for r in recs if 'val_ce' in r] == [3]
-    vae, model = sample.load(str(out))
+    vae, model = pipeline.load(str(out))
     assert isinstance(model, rq.DiscreteLM) and model.rvq.codebooks.abs().sum() > 0
     import soundfile as sf
     prompt = tmp_path / 'p.wav'

@@ -16,7 +16,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
-import sample  # noqa: E402
+import pipeline  # noqa: E402
 import train  # noqa: E402
 
 # A VAE and an LM small enough to train a few steps in seconds.
@@ -51,7 +51,7 @@ def tiny_recipes(monkeypatch):
 
 
 def test_pipeline_writes_loadable_checkpoints_and_logs(tiny_run):
-    vae, model = sample.load(str(tiny_run))
+    vae, model = pipeline.load(str(tiny_run))
     assert vae.cfg.latent_dim == model.cfg.latent_dim == 8
     records = [json.loads(line) for line in open(tiny_run / 'log.jsonl')]
     assert [r['step'] for r in records if r['stage'] == 'vae'] == [1, 2, 3, 4]
@@ -96,7 +96,7 @@ def test_sct_from_scratch_keeps_the_full_lr(tiny_run, tmp_path, monkeypatch, cap
 
 def test_config_json_records_what_the_run_trained(tiny_run):
     run = json.load(open(tiny_run / 'config.json'))
-    vae, model = sample.load(str(tiny_run))
+    vae, model = pipeline.load(str(tiny_run))
     # tuples read back as lists
     assert run['vae']['config'] == json.loads(json.dumps(dataclasses.asdict(vae.cfg)))
     assert run['lm']['config'] == dataclasses.asdict(model.cfg)
@@ -146,7 +146,7 @@ def test_sample_end_to_end(tiny_run, tmp_path):
     r = run('sample.py', str(prompt), '--ckpt', str(tiny_run), '--seconds', '1', '--out', str(out))
     assert 'real-time factor' in r.stdout
     wav, sr = sf.read(out)
-    vae, _ = sample.load(str(tiny_run))
+    vae, _ = pipeline.load(str(tiny_run))
     assert sr == vae.cfg.sample_rate
     n_prompt = int(0.5 * sr) // vae.hop
     assert len(wav) == (n_prompt + round(1 * vae.frame_rate)) * vae.hop
@@ -272,15 +272,15 @@ def test_vae_gan_trains_its_discriminator_and_resumes_exactly(tmp_path, monkeypa
 
 def test_a_checkpoint_from_before_time_scale_loads_with_100(tiny_run, tmp_path):
     """calm.pt files written before Config.time_scale existed were trained with time features at 100
-    rad per unit t: sample.load must rebuild them so, or their head would read other features than
+    rad per unit t: pipeline.load must rebuild them so, or their head would read other features than
     it learnt."""
     shutil.copy(tiny_run / 'vae.pt', tmp_path / 'vae.pt')
     ck = torch.load(tiny_run / 'calm.pt', weights_only=False)
     assert ck['config']['time_scale'] == 10.0        # what a run writes now
     del ck['config']['time_scale']
     torch.save(ck, tmp_path / 'calm.pt')
-    _, old = sample.load(str(tmp_path))
-    _, new = sample.load(str(tiny_run))
+    _, old = pipeline.load(str(tmp_path))
+    _, new = pipeline.load(str(tiny_run))
     assert old.cfg.time_scale == 100.0 and old.head.time_scale == 100.0
     assert new.head.time_scale == 10.0
     x, t, z = torch.randn(3, new.cfg.latent_dim), torch.rand(3), torch.randn(3, new.cfg.d_model)

@@ -1,0 +1,55 @@
+"""
+A trained run end to end: load the VAE and the language model that train.py wrote into a run
+folder, and continue a toy clip with them, the way data flows in calm:
+
+    wav -> vae.encode -> latents -> LM.generate -> latents -> vae.decode -> wav
+
+    vae, lm = load('out/toy')                 # both in eval mode; the LM of whichever kind
+    wav = continue_clip(vae, lm, clip, p, c)  # the clip's first p frames, then c generated ones
+
+sample.py does the same inline for your own prompt; evaluate.py and tour.py use these.
+"""
+import os
+
+import torch
+
+import calm
+import rq
+import vae as vae_lib
+
+
+def load(run_dir, device='cpu'):
+    """(vae, model) from a run folder written by train.py, both in eval mode. The configs travel in
+    the checkpoints, so no flag has to repeat them. A run trained with --vae-from finds its VAE
+    through the path stored in calm.pt. calm.pt holds the run's LM: CALM, or a discrete baseline
+    (ck['kind'], rq.py)."""
+    def read(path):
+        if not os.path.isfile(path):
+            raise ValueError(f'no checkpoint {path}: train one with `python train.py --toy` or '
+                             'pass --ckpt RUN_DIR')
+        return torch.load(path, map_location=device, weights_only=False)
+
+    ck = read(os.path.join(run_dir, 'calm.pt'))
+    kind = ck.get('kind', 'calm')
+    # checkpoints from before Config.time_scale existed were trained with 100
+    model = (calm.CALM(calm.Config(**{'time_scale': 100.0, **ck['config']})) if kind == 'calm'
+             else rq.build(rq.Config(**ck['config'])))
+    model.load_state_dict(ck['model'])
+    vae_path = os.path.join(run_dir, 'vae.pt')
+    vk = read(vae_path if os.path.isfile(vae_path) else ck.get('vae', vae_path))
+    vae = vae_lib.VAE(vae_lib.Config(**vk['config']))
+    vae.load_state_dict(vk['model'])
+    return vae.to(device).eval(), model.to(device).eval()
+
+
+@torch.inference_mode()
+def continue_clip(vae, model, clip, p, c, steps, temperature, generator, device):
+    """Encode the first p frames of a toy clip, generate c frames, decode prompt + continuation ->
+    numpy wav. Batch 1: prompts differ in length. A prompt longer than the model context keeps its
+    last part (as sample.py does) for the model; the decoded audio keeps the whole prompt so times
+    match the clip. temperature None: the model's default."""
+    prompt = vae.encode(torch.tensor(clip.wav[None, :p * vae.hop], device=device))
+    ctx = getattr(getattr(model, 'cfg', None), 'context', p)
+    kw = {} if temperature is None else {'temperature': temperature}
+    new = model.generate(prompt[:, -ctx:], c, steps=steps, generator=generator, **kw)
+    return vae.decode(torch.cat([prompt, new], 1))[0].float().cpu().numpy()
