@@ -84,7 +84,8 @@ HALF_PI = math.pi / 2
 # --------------------------------------------------------------------------------------------------
 # Transformer with RoPE and a ring-buffer KV cache. Relative (rotary) positions make attention
 # depend only on distances, so the cache can roll past cfg.context at a flat per-frame cost, and the
-# short-context Transformer is the same module with a window of K.
+# short-context Transformer is the same module with a window of K. The one Transformer of calm:
+# vae.py's bottleneck and rq.py's discrete LMs are built from these blocks too.
 
 def rope(x, pos, inv_freq):
     """Rotary embedding of x [B, H, S, hd] at integer positions pos [S]."""
@@ -95,18 +96,21 @@ def rope(x, pos, inv_freq):
 
 
 class Attention(nn.Module):
-    def __init__(self, d, n_heads, window):
+    """Causal self-attention over the last `window` positions. rope=False: no positions at all
+    (rq.py's depth Transformer, whose every step has its own input projection)."""
+    def __init__(self, d, n_heads, window, rope=True):
         super().__init__()
         self.h, self.hd, self.window = n_heads, d // n_heads, window
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
-        self.register_buffer('inv_freq',
-                             1.0 / 10000 ** (torch.arange(0, self.hd, 2).float() / self.hd),
-                             persistent=False)
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, self.hd, 2).float() / self.hd)
+        self.register_buffer('inv_freq', inv_freq if rope else None, persistent=False)
 
     def split(self, h, pos):
         B, S, _ = h.shape
         q, k, v = self.qkv(h).view(B, S, 3, self.h, self.hd).permute(2, 0, 3, 1, 4)
+        if self.inv_freq is None:
+            return q, k, v
         return rope(q, pos, self.inv_freq), rope(k, pos, self.inv_freq), v
 
     def forward(self, h):
@@ -114,8 +118,7 @@ class Attention(nn.Module):
         q, k, v = self.split(h, torch.arange(S, device=h.device))
         if S <= self.window:   # plain causal attention is the same as windowed attention here
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:                  # position s sees positions s-window+1..s: what the rolling cache
-                               # sees
+        else:                  # position s sees s-window+1..s: what the rolling cache sees
             i = torch.arange(S, device=h.device)
             band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=band)
@@ -138,10 +141,10 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm Transformer block."""
-    def __init__(self, d, n_heads, window, dropout):
+    def __init__(self, d, n_heads, window, dropout=0.0, rope=True):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = Attention(d, n_heads, window)
+        self.attn = Attention(d, n_heads, window, rope)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d),
                                  nn.Dropout(dropout))
 

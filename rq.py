@@ -255,29 +255,11 @@ class CodeEmbedding(nn.Module):
         return self.emb(codes + self.offset).sum(-2)
 
 
-class DepthBlock(nn.Module):
-    """Pre-norm causal Transformer block over the Q levels of one frame (calm.Block without the rotary
-    embedding: every level has its own input projection, so positions need no encoding; Moshi §3.4).
-    With a cache (k [N, H, Q, hd], v) it reads one level at a time: step(h, k, cache) for level k."""
-
-    def __init__(self, d, n_heads, dropout=0.0):
-        super().__init__()
-        self.h = n_heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
-
-    def forward(self, h, k=None, cache=None):
-        N, S, d = h.shape
-        q, key, v = self.qkv(self.ln1(h)).view(N, S, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, key, v, is_causal=True)
-        else:                      # one new level k: store its key/value, attend to levels 0..k
-            ck, cv = cache
-            ck[:, :, k], cv[:, :, k] = key[:, :, 0], v[:, :, 0]
-            y = F.scaled_dot_product_attention(q, ck[:, :, :k + 1], cv[:, :, :k + 1])
-        h = h + self.proj(y.transpose(1, 2).reshape(N, S, d))
-        return h + self.mlp(self.ln2(h))
+def old_depth_block_keys(module, state_dict, prefix, *args):
+    """Checkpoints from before the depth Transformer was made of calm.Block kept each block's qkv and
+    proj at its top level: move them under attn. (a load_state_dict pre-hook)."""
+    for name in [k for k in state_dict if k.startswith((prefix + 'qkv.', prefix + 'proj.'))]:
+        state_dict[prefix + 'attn.' + name[len(prefix):]] = state_dict.pop(name)
 
 
 class DepthTransformer(nn.Module):
@@ -292,7 +274,12 @@ class DepthTransformer(nn.Module):
         self.proj = nn.ModuleList([nn.Linear(d_in, d) for _ in range(n_q)])
         self.emb = nn.Embedding(max(n_q - 1, 0) * K, d)
         nn.init.normal_(self.emb.weight, std=0.02)
-        self.blocks = nn.ModuleList([DepthBlock(d, n_heads, dropout) for _ in range(n_layers)])
+        # calm.Block without the rotary embedding: every level has its own input projection, so
+        # positions need no encoding (Moshi §3.4); the ring-buffer cache of Q slots holds the levels
+        self.blocks = nn.ModuleList([calm.Block(d, n_heads, n_q, dropout, rope=False)
+                                     for _ in range(n_layers)])
+        for blk in self.blocks:
+            blk.register_load_state_dict_pre_hook(old_depth_block_keys)
         self.ln_f = nn.LayerNorm(d)
         self.out = nn.ModuleList([nn.Linear(d, K) for _ in range(n_q)])
 
@@ -318,7 +305,7 @@ class DepthTransformer(nn.Module):
             h = h + self.emb(code_prev + (k - 1) * self.K)
         h = h[:, None]
         for blk, kv in zip(self.blocks, cache):
-            h = blk(h, k, kv)
+            h = blk.step(h, k, kv)
         return self.out[k](self.ln_f(h[:, 0]))
 
 

@@ -23,6 +23,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import calm
+
 
 @dataclass
 class Config:
@@ -119,56 +121,16 @@ class ResidualUnit(nn.Module):
         return x + self.conv2(F.elu(self.conv1(F.elu(x))))
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.n_heads, self.context = cfg.n_heads, cfg.context
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-
-    def forward(self, x):
-        B, S, C = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
-        q, k = rope(q), rope(k)
-        # Causal sliding window (Mimi's bottleneck Transformer attends to a fixed past context), so
-        # a model trained on short crops behaves the same on long files.
-        i = torch.arange(S, device=x.device)
-        mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.context)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(y.transpose(1, 2).reshape(B, S, C))
-
-
-def rope(x, base=10000.0):
-    """Rotary position embedding on [B, H, S, hd]: relative positions, any length."""
-    S, hd = x.shape[-2], x.shape[-1]
-    inv = base ** (-torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
-    ang = torch.arange(S, device=x.device, dtype=torch.float32)[:, None] * inv[None, :]
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-
-
-class Block(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
-        self.attn = CausalSelfAttention(cfg)
-        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(),
-                                 nn.Linear(4 * cfg.d_model, cfg.d_model))
-
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
-
-
 class Bottleneck(nn.Module):
-    """Linear in, a few causal Transformer blocks over frames, LayerNorm, linear out ([B, C, S]
-    layout)."""
+    """Linear in, a few causal Transformer blocks over frames (calm.Block), LayerNorm, linear out
+    ([B, C, S] layout). The blocks attend to cfg.context past frames, as Mimi's bottleneck
+    Transformer does, so a model trained on short crops behaves the same on long files."""
 
     def __init__(self, cfg, c_in, c_out):
         super().__init__()
         self.inp = nn.Linear(c_in, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_transformer_layers))
+        self.blocks = nn.ModuleList(calm.Block(cfg.d_model, cfg.n_heads, cfg.context)
+                                    for _ in range(cfg.n_transformer_layers))
         self.ln = nn.LayerNorm(cfg.d_model)
         self.out = nn.Linear(cfg.d_model, c_out)
 

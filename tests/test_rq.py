@@ -302,6 +302,22 @@ def test_training_step_lowers_the_loss_and_reaches_the_backbone(kind):
     assert set(m.held_out(batch)) == {'val_ce', 'val_mse', 'val_var'}
 
 
+def test_a_checkpoint_with_the_old_depth_block_keys_loads_the_same_model():
+    """Before the depth Transformer was made of calm.Block, each of its blocks held qkv and proj at
+    its top level: such a state dict loads into the same model (same tensors, same logits)."""
+    cfg = tiny()
+    m = randomized(cfg)
+    old = {k.replace('.attn.', '.') if k.startswith('depth.blocks.') else k: v
+           for k, v in m.state_dict().items()}
+    assert 'depth.blocks.0.qkv.weight' in old and 'backbone.blocks.0.attn.qkv.weight' in old
+    m2 = rq.build(cfg).eval()
+    m2.load_state_dict(old)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+    codes = codes_like(cfg, 2, 5)
+    with torch.no_grad():
+        assert torch.equal(m.logits(codes), m2.logits(codes))
+
+
 def test_config_checks_and_parameter_budget():
     for bad in (dict(n_q=0), dict(codebook_size=1), dict(kind='vq'), dict(kind='delay', n_q=20),
                 dict(depth_d=30, depth_heads=4)):
