@@ -79,6 +79,8 @@ SMALL = Config(latent_dim=32, d_model=512, n_layers=12, n_heads=8, context=250, 
                short_layers=2, head_width=512, head_blocks=6, head_batch_mul=8, diffusion_steps=600)
 
 HALF_PI = math.pi / 2
+# Gaussian temperature of generation: the paper's best for speech continuation (pocket-tts: 0.7)
+TEMPERATURE = 0.8
 
 
 # --------------------------------------------------------------------------------------------------
@@ -357,6 +359,12 @@ def short_windows(K, n_layers):
 # --------------------------------------------------------------------------------------------------
 
 class CALM(nn.Module):
+    """The continuous LM. Its interface is the one every LM of calm has (rq.py's discrete ones too,
+    pipeline.KINDS): forward (the training loss), held_out, generate, and the per-frame pieces
+    new_state, step_backbone, sample_head that the evaluation times."""
+    kind = 'calm'      # the name train.py --model takes and calm.pt records
+    multistep = True   # its head samples in any number of steps (a discrete LM: one per code)
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
@@ -517,21 +525,27 @@ class CALM(nn.Module):
             return consistency_sample(Fn, shape, steps, temperature, sd, generator, times, z.device)
         return trigflow_sample(Fn, shape, steps, temperature, sd, generator, z.device)
 
+    def check_sampling(self, steps=1, top_k=None):
+        """One-line errors for sampling options this LM does not take."""
+        if top_k is not None:
+            raise ValueError('--top-k is for the discrete LMs (train.py --model rq/delay), not '
+                             'CALM')
+
     @torch.inference_mode()
-    def generate(self, prompt=None, n_frames=100, steps=1, temperature=0.8, generator=None,
-                 text=None, cfg_alpha=None):
+    def generate(self, prompt=None, n_frames=100, steps=1, temperature=TEMPERATURE, generator=None,
+                 text=None, cfg_alpha=None, top_k=None):
         """prompt [B, P, D] or None -> [B, n_frames, D] new frames, streamed with the KV caches.
         temperature 0.8: the paper's best for speech continuation (its Gaussian temperature: noise
         std sqrt(tau); pocket-tts uses 0.7); 1.0 samples the model's own distribution. text [B, L]
         word ids (None: the null condition); cfg_alpha: latent CFG strength (None: no guidance,
         conditional branch only). Only the head draws noise, one [B, D] draw per step whatever the
         mode, so a seed gives the same noises guided or not."""
+        self.check_sampling(steps, top_k)
         B = prompt.shape[0] if prompt is not None else (1 if text is None else text.shape[0])
         device = next(self.parameters()).device
         state = self.new_state(B, device, text, cfg_alpha)
         x = None
-        if prompt is not None:                       # prefill frame by frame (same code path as
-                                                     # sampling)
+        if prompt is not None:   # prefill frame by frame (the code path of sampling)
             for p in range(prompt.shape[1]):
                 self.step_backbone(x, state)
                 x = prompt[:, p]
@@ -540,6 +554,32 @@ class CALM(nn.Module):
             x = self.sample_head(self.step_backbone(x, state), steps, temperature, generator)
             out.append(x)
         return torch.stack(out, dim=1)
+
+    # --- training and its report: what train.py needs from every LM ---
+    def prepare(self, latents, seed=0, log=None):
+        """Nothing to fit on the training latents before gradient steps (rq.py's LMs fit their RVQ).
+        """
+
+    @torch.no_grad()
+    def held_out(self, x):
+        """Held-out, teacher-forced scores on x [B, S, D]: the head's temperature-0 one-step
+        prediction of every frame from the true past. The sCT loss itself (adaptive weight, moving
+        target F^-) does not show progress; this does."""
+        z = self.conditioning(x, x)
+        gen = torch.Generator(x.device).manual_seed(0)  # leaves the global RNG alone: resume exact
+        pred = self.sample_head(z.flatten(0, 1), steps=1, temperature=0.0, generator=gen)
+        pred = pred.view_as(x)
+        return {'val_mse': float(((pred - x) ** 2).mean()), 'val_var': float(x.var())}
+
+    def describe(self):
+        """One line for train.py's log."""
+        cfg = self.cfg
+        first = (f' (TrigFlow loss for the first {cfg.diffusion_steps} steps)'
+                 if cfg.head_loss == 'consistency' and cfg.diffusion_steps else '')
+        text = f'n_text={cfg.n_text}, dropout {cfg.cond_dropout:g}' if cfg.n_text else 'off'
+        return (f'{n_params(self) / 1e6:.2f}M params, head loss {cfg.head_loss}{first}, '
+                f'M={cfg.head_batch_mul}, K={cfg.short_context}, noise aug {cfg.noise_aug}, '
+                f'text {text}')
 
 
 def pad_text(ids, n_text):

@@ -6,6 +6,7 @@ memory.
     get_batch = CropLoader(CropDataset(index, seed, batch, length, sr), workers=4)   # VAE stage
     latents = encode_latents(vae, lengths, read, 'out/mine/latents')   # LM stage: encoded once
     latents[i]                                  # file i's latents [frames, D], a memmap view
+    x = window_batch(latents, step, seed, batch, length)   # LM stage: [batch, length, D]
 
 1. The index: a recursive scan for the formats soundfile reads (wav, flac, ogg, mp3). Only headers
    are read; the result is cached in the run folder and only new or changed files are read again.
@@ -35,6 +36,8 @@ import soxr
 import torch
 import torch.distributed as dist
 
+import calm
+import data
 import vae as vae_lib
 
 AUDIO_EXTS = ('.wav', '.flac', '.ogg', '.mp3')
@@ -49,13 +52,6 @@ except (OSError, AttributeError):  # another C library: nothing to do
 def fmt_time(s):
     s = int(round(s))
     return f'{s // 3600}h{s // 60 % 60:02d}m' if s >= 3600 else f'{s // 60}m{s % 60:02d}s'
-
-
-def write_json_atomic(obj, path):
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -135,7 +131,7 @@ def build_index(root, cache_path=None, verbose=True):
                   f'ETA {fmt_time((len(stale) - k - 1) / rate)}', flush=True)
     entries = [old[rel] for rel, _, _ in found]
     if cache_path and (stale or len(entries) != len(old) or not os.path.exists(cache_path)):
-        write_json_atomic({'root': root, 'files': entries}, cache_path)
+        data.write_json(cache_path, {'root': root, 'files': entries})
     good = [e for e in entries if not e[5]]
     bad = [e for e in entries if e[5]]
     index = Index(root, [e[0] for e in good], [e[3] for e in good], [e[4] for e in good])
@@ -308,7 +304,7 @@ def fingerprint(vae):
 
 class LatentCache:
     """The cached latents, memory-mapped: cache[i] is source i's [frames_i, D] slice (a view:
-    nothing is read until it is sliced). by_length: train.window_batch draws sources in proportion
+    nothing is read until it is sliced). by_length: window_batch draws sources in proportion
     to their length."""
 
     def __init__(self, path, by_length=False):
@@ -366,14 +362,18 @@ def encode_latents(vae, lengths, read, path, device='cpu', dtype=np.float32, nam
             if os.path.exists(meta_path):
                 os.remove(meta_path)
             shape = (int(frames.sum()), dim)
-            arr = np.lib.format.open_memmap(npy + '.tmp', mode='w+', dtype=dtype, shape=shape)
-            del arr  # a sparse file of the final size: sources are written into it in place
-            os.replace(npy + '.tmp', npy)
-            with open(done_path + '.tmp', 'wb') as f:
-                f.write(bytes(len(lengths)))
-            os.replace(done_path + '.tmp', done_path)
-            write_json_atomic({'key': key, 'names': names, 'starts': starts.tolist(),
-                               'lengths': frames.tolist()}, meta_path)
+
+            def sparse(tmp):   # a file of the final size: sources are written into it in place
+                arr = np.lib.format.open_memmap(tmp, mode='w+', dtype=dtype, shape=shape)
+                del arr
+
+            def zeros(tmp):    # one byte per source, set once its latents are on disk
+                with open(tmp, 'wb') as f:
+                    f.write(bytes(len(lengths)))
+            data.write_atomic(npy, sparse)
+            data.write_atomic(done_path, zeros)
+            data.write_json(meta_path, {'key': key, 'names': names, 'starts': starts.tolist(),
+                                        'lengths': frames.tolist()})
     if ddp:
         dist.barrier()
     done = np.fromfile(done_path, np.uint8)
@@ -445,3 +445,35 @@ def encode_sources(vae, todo, lengths, read, npy, done_path, starts, dtype, devi
                 print(f'encode {k + 1}/{len(todo)} sources{share} | '
                       f'{secs / 3600:.2f}/{hours:.2f} h | {secs / el:.0f}x real time | '
                       f'ETA {fmt_time(eta)}', flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. The LM's batches: windows of the latent cache
+
+def window_batch(latents, step, seed, batch, length, rank=0, texts=None):
+    """Random windows of `length` frames from the cached latent sequences; pure function of (seed,
+    step). latents: a list of [frames, D] tensors or a corpus.LatentCache (memmap; only the windows
+    are read). Sequences are drawn uniformly, or in proportion to their length when the cache says
+    so (--data: files of any length). texts (one list of word ids per cached clip): also return each
+    window's clip description as ids [batch, L] (calm.pad_text); the windows drawn are the same
+    with or without texts."""
+    g = np.random.default_rng([seed, step, rank, 1])
+    cum = getattr(latents, 'cum', None)
+    windows, ids = [], []
+    for b in range(batch):
+        if cum is None:
+            i = g.integers(len(latents))
+        else:
+            i = int(np.searchsorted(cum, g.integers(cum[-1]), side='right'))
+        z = latents[i]
+        ids.append(texts[i] if texts is not None else [])
+        start = g.integers(max(1, z.shape[0] - length + 1))
+        w = z[start:start + length]
+        if isinstance(w, np.ndarray):  # a memory-mapped cache: read this window only, as float32
+            w = torch.from_numpy(w.astype(np.float32))
+        if w.shape[0] < length:  # short clips: repeat the last frame rather than invent silence
+            w = torch.cat([w, w[-1:].expand(length - w.shape[0], -1)])
+        windows.append(w)
+    if texts is not None:
+        return torch.stack(windows), calm.pad_text(ids, len(data.VOCAB))
+    return torch.stack(windows)

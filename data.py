@@ -13,6 +13,7 @@ pitch tracker (metrics.py). Everything is a pure function of an integer seed.
     python data.py prompt out/prompt.wav   # a held-out clip as a wav: a prompt for sample.py
 """
 import argparse
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -277,12 +278,28 @@ def crop_batch(clips, step, seed, batch, length, rank=0) -> np.ndarray:
 # -----------------------------------------------------------------------------------------------
 # Command line: a prompt to try sample.py on, right after training
 
-def write_wav(path, wav, sr=SR):
-    """16-bit wav, written then renamed: an interrupted run leaves no half-written file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp.wav'
-    sf.write(tmp, np.clip(wav, -1, 1), sr, format='WAV', subtype='PCM_16')
+def write_atomic(path, write, suffix='.tmp'):
+    """Write a file as write(tmp_path), then rename it onto path: an interruption at any moment
+    leaves the previous file (or none), never a half-written one. Every file calm writes goes
+    through here: checkpoints, caches, json, wavs."""
+    tmp = path + suffix
+    write(tmp)
     os.replace(tmp, path)
+
+
+def write_json(path, obj, indent=None):
+    def dump(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=indent)
+    write_atomic(path, dump)
+
+
+def write_wav(path, wav, sr=SR):
+    """16-bit wav, written then renamed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    clipped = np.clip(wav, -1, 1)
+    write_atomic(path, lambda tmp: sf.write(tmp, clipped, sr, format='WAV', subtype='PCM_16'),
+                 '.tmp.wav')
 
 
 def main(argv=None):

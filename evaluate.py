@@ -1,48 +1,53 @@
 """
-Evaluate a trained CALM run folder (vae.pt + calm.pt) on held-out toy clips.
+Evaluate a trained run folder (vae.pt + calm.pt) on held-out toy clips: the reports. The measures
+they are made of live in metrics.py; read this after sample.py.
 
     python evaluate.py --ckpt out/toy                     # all sections, prints tables
     python evaluate.py --ckpt out/toy --json out/eval.json --clips 32 --steps 1,4
     python evaluate.py --compare --vae-from out/toy --lm-steps 2000   # equal-budget ablations
-    python evaluate.py --table out/toy out/rq out/delay   # continuous vs discrete (docs/discrete.md)
+    python evaluate.py --table out/toy out/rq out/delay   # continuous vs discrete (docs/discrete)
 
-A run folder may hold a discrete baseline instead of CALM (train.py --model rq|delay, rq.py): it is scored
-the same way, at its softmax temperatures. --table puts several runs in one comparison: the codec rows
-(decoded quality and bits per frame of the Gaussian latents vs RVQ codes of them, per level count Q), the
-continuation rows of every run, and batch-1 speed split into backbone and head (`table_speed`).
+A run folder may hold a discrete baseline instead of CALM (train.py --model rq|delay, rq.py): it is
+scored the same way, at its softmax temperatures. --table puts several runs in one comparison: the
+codec rows (decoded quality and bits per frame of the Gaussian latents vs RVQ codes of them, per
+level count Q), the continuation rows of every run, and batch-1 speed split into backbone and head
+(`table_speed`).
 
 Sections and what each number is (the kinds of measure the paper reports, on the toy task):
-- vae: reconstruction of held-out clips: note-pitch accuracy of the reconstruction (fraction of annotated
-  notes whose estimated MIDI pitch, rounded, equals the annotation; metrics.note_pitch_accuracy), log-mel
-  L1 and SI-SDR (dB) between clip and reconstruction. 'real' = the same pitch score on the clip itself
-  (the ceiling set by the pitch estimator).
-- continuation: the prompt of a held-out clip (default: per clip, its first two repetitions of the motif,
-  4.9 s on average; or a fixed --prompt-seconds) is encoded, the model continues for --continue-seconds
-  (batch 1, fixed seed), the whole latent sequence is decoded, and the continued span is scored against
-  the clip's TRUE continuation (pooled over clips):
-    note_acc  fraction of true notes (onset in the continued span, >= metrics.BOUNDARY_SKIP s after the prompt
-              boundary) whose pitch, estimated from the generated audio over the middle of the note's
-              span, equals the annotated MIDI pitch (rounded).
-    onset_r / onset_p / onset_f1  notes are transcribed from the generated audio (spectral-flux onsets +
-              f0 per segment, `metrics.transcribe`); a true note is hit when a transcribed note with the
-              same pitch starts within +-tol s (default 0.1); recall / precision / F1 over all clips.
+- vae: reconstruction of held-out clips: note-pitch accuracy of the reconstruction (fraction of
+  annotated notes whose estimated MIDI pitch, rounded, equals the annotation;
+  metrics.note_pitch_accuracy), log-mel L1 and SI-SDR (dB) between clip and reconstruction.
+  'real' = the same pitch score on the clip itself (the ceiling set by the pitch estimator).
+- continuation: the prompt of a held-out clip (default: per clip, its first two repetitions of the
+  motif, 4.9 s on average; or a fixed --prompt-seconds) is encoded, the model continues for
+  --continue-seconds (batch 1, fixed seed), the whole latent sequence is decoded, and the continued
+  span is scored against the clip's TRUE continuation (pooled over clips; metrics.py):
+    note_acc  fraction of true notes (onset in the continued span, >= metrics.BOUNDARY_SKIP s after
+              the prompt boundary) whose pitch, estimated from the generated audio over the middle
+              of the note's span, equals the annotated MIDI pitch (rounded).
+    onset_r / onset_p / onset_f1  notes are transcribed from the generated audio (spectral-flux
+              onsets + f0 per segment, metrics.transcribe); a true note is hit when a transcribed
+              note with the same pitch starts within +-tol s (default 0.1); recall / precision /
+              F1 over all clips.
     key       fraction of transcribed pitch classes inside the clip's scale (tonic + mode).
     timbre    fraction of clips whose continuation the timbre detector assigns to the clip's family.
-    fd        Frechet distance (FAD-like; the embedding owes nothing to the model under test) between the
-              set of continued spans and the real continued spans of a DIFFERENT set of held-out clips.
-              Embedding: metrics.log_mel frames (80 mels, natural log, hop 256 samples), 4 consecutive
-              frames stacked (320 values) times a fixed seed-0 Gaussian matrix N(0, 1/320) -> 32 dims, one
-              vector per frame; mean and covariance over all frames of a set; `metrics.frechet`. The 'real'
-              row is the floor (two real splits); white noise scores ~10-30x higher.
-  Reference rows: 'real' = the true continuation itself (the metric's ceiling), 'vae' = the clip encoded
-  and decoded by the VAE (what a perfect LM could reach), 'other clip' = the true continuation of a
-  different held-out clip (chance level: right style, wrong notes; no fd, a set-level distance does not
-  see the swap), 'noise' = white noise (fd only).
-- speed: batch 1, torch.inference_mode, best of 2 runs: ms per generated frame at 1/4/100 sampler steps
-  over a 10 s continuation (the sampler cfg.head_loss picks: consistency steps, or TrigFlow ODE steps; on
-  a consistency model '100 steps' = 100 evaluations of the same head, i.e. the head cost per step), the
-  head cost per step (slope) and backbone cost per frame derived from them, real-time factor (generation
-  s / audio s at the VAE frame rate), ms/frame for 10 s vs 30 s continuations, VAE decoding RTF.
+    fd        Frechet distance (FAD-like; the embedding owes nothing to the model under test)
+              between the set of continued spans and the real continued spans of a DIFFERENT set
+              of held-out clips. Embedding: metrics.log_mel frames (80 mels, natural log, hop 256
+              samples), 4 consecutive frames stacked (320 values) times a fixed seed-0 Gaussian
+              matrix N(0, 1/320) -> 32 dims, one vector per frame; mean and covariance over all
+              frames of a set (metrics.frechet). The 'real' row is the floor (two real splits);
+              white noise scores ~10-30x higher.
+  Reference rows: 'real' = the true continuation itself (the metric's ceiling), 'vae' = the clip
+  encoded and decoded by the VAE (what a perfect LM could reach), 'other clip' = the true
+  continuation of a different held-out clip (chance level: right style, wrong notes; no fd, a
+  set-level distance does not see the swap), 'noise' = white noise (fd only).
+- speed: batch 1, torch.inference_mode, best of 2 runs: ms per generated frame at 1/4/100 sampler
+  steps over a 10 s continuation (the sampler cfg.head_loss picks: consistency steps, or TrigFlow
+  ODE steps; on a consistency model '100 steps' = 100 evaluations of the same head, i.e. the head
+  cost per step), the head cost per step (slope) and backbone cost per frame derived from them,
+  real-time factor (generation s / audio s at the VAE frame rate), ms/frame for 10 s vs 30 s
+  continuations, VAE decoding RTF.
 """
 import argparse
 import dataclasses
@@ -63,14 +68,6 @@ import metrics
 import pipeline
 import rq
 
-# -----------------------------------------------------------------------------
-# the sections
-
-
-def model_kind(model):
-    """'calm', or 'rq' / 'delay' for the discrete baselines of rq.py."""
-    return getattr(getattr(model, 'cfg', None), 'kind', 'calm')
-
 
 class Progress:
     """'[name] i/N  rate/s  ETA s' lines on stderr."""
@@ -79,11 +76,28 @@ class Progress:
         self.name, self.total, self.t0 = name, total, time.time()
 
     def __call__(self, i):
-        dt = time.time() - self.t0
-        rate = i / max(dt, 1e-9)
-        print(f"[{self.name}] {i}/{self.total}  {rate:.2f}/s  ETA {(self.total - i) / max(rate, 1e-9):.0f}s",
-              file=sys.stderr, flush=True)
+        rate = i / max(time.time() - self.t0, 1e-9)
+        eta = (self.total - i) / max(rate, 1e-9)
+        print(f'[{self.name}] {i}/{self.total}  {rate:.2f}/s  ETA {eta:.0f}s', file=sys.stderr,
+              flush=True)
 
+
+def temp_kwargs(temperature):
+    return {} if temperature is None else {'temperature': temperature}  # None: the model's default
+
+
+def tlabel(temperature):
+    return 'default' if temperature is None else f'{temperature:g}'
+
+
+def row_name(model, steps, temperature):
+    """'calm steps=4 T=0.8', or for a discrete LM (one code per level, no head steps) 'rq T=0.8'."""
+    steps = f' steps={steps}' if model.multistep else ''
+    return f'{model.kind}{steps} T={tlabel(temperature)}'
+
+
+# --------------------------------------------------------------------------------------------------
+# The sections of one run
 
 @torch.inference_mode()
 def eval_vae(vae, clips, device, batch=8, quantise=None, name='vae'):
@@ -104,63 +118,63 @@ def eval_vae(vae, clips, device, batch=8, quantise=None, name='vae'):
     return {k: float(np.mean(v)) for k, v in res.items()} | {'n_clips': len(clips)}
 
 
-def temp_kwargs(temperature):
-    return {} if temperature is None else {'temperature': temperature}  # None: the model's default
-
-
-def tlabel(temperature):
-    return 'default' if temperature is None else f'{temperature:g}'
-
-
 def eval_continuation(vae, model, clips, ref_clips, detector, args, device):
-    """Rows of scores (see module docstring). clips: the scored clips (long enough for prompt + continuation);
-    ref_clips: other held-out clips whose real continuations are the Frechet reference set."""
+    """Rows of scores (see module docstring). clips: the scored clips (long enough for prompt +
+    continuation); ref_clips: other held-out clips whose real continuations are the Frechet
+    reference set."""
     sr, hop, fr = data.SR, vae.hop, vae.frame_rate
     c = int(round(args.continue_seconds * fr))
-    spans = lambda cl: [(p, p + c) for p in (metrics.prompt_frames(x, fr, args.prompt_seconds) for x in cl)]
+    spans = lambda cl: [(p, p + c) for p in (metrics.prompt_frames(x, fr, args.prompt_seconds)
+                                             for x in cl)]
     span, ref_span = spans(clips), spans(ref_clips)
-    cut = lambda w, s: np.asarray(w[s[0] * hop:s[1] * hop], np.float32)  # the continued span of a wav
+    cut = lambda w, s: np.asarray(w[s[0] * hop:s[1] * hop], np.float32)  # a wav's continued span
     ref_emb = metrics.embed([cut(x.wav, s) for x, s in zip(ref_clips, ref_span)], sr)
 
     def row(wavs, with_fd=True):
-        counts = [metrics.score_continuation(w, x, a * hop / sr, b * hop / sr, sr, args.tol, detector)
-                  for x, w, (a, b) in zip(clips, wavs, span)]
-        fd = metrics.frechet(metrics.embed([cut(w, s) for w, s in zip(wavs, span)], sr), ref_emb) if with_fd else None
-        return metrics.summarise(counts, fd=fd)
+        counts = [metrics.score_continuation(w, x, a * hop / sr, b * hop / sr, sr, args.tol,
+                                             detector) for x, w, (a, b) in zip(clips, wavs, span)]
+        emb = metrics.embed([cut(w, s) for w, s in zip(wavs, span)], sr) if with_fd else None
+        return metrics.summarise(counts, fd=metrics.frechet(emb, ref_emb) if with_fd else None)
 
     rows = {'real': row([x.wav for x in clips]),
             # a set-level distance cannot see that clips were swapped: no fd for this row
-            'other clip': row([clips[(i + 1) % len(clips)].wav for i in range(len(clips))], with_fd=False)}
+            'other clip': row([clips[(i + 1) % len(clips)].wav for i in range(len(clips))],
+                              with_fd=False)}
     rng = np.random.default_rng(args.seed)
-    rows['noise'] = {'fd': metrics.frechet(metrics.embed([0.1 * rng.standard_normal(c * hop) for _ in clips], sr), ref_emb)}
+    noise = [0.1 * rng.standard_normal(c * hop) for _ in clips]
+    rows['noise'] = {'fd': metrics.frechet(metrics.embed(noise, sr), ref_emb)}
     with torch.inference_mode():
-        rows['vae'] = row([vae.decode(vae.encode(torch.tensor(x.wav[None, :b * hop], device=device)))[0]
-                           .float().cpu().numpy() for x, (a, b) in zip(clips, span)])
-    kind = model_kind(model)   # a discrete LM (rq.py) samples each code once: no head steps
-    for steps in (args.steps if kind == 'calm' else [1]):
+        through = lambda w: vae.decode(vae.encode(torch.tensor(w[None], device=device)))[0]
+        rows['vae'] = row([through(x.wav[:b * hop]).float().cpu().numpy()
+                           for x, (a, b) in zip(clips, span)])
+    for steps in (args.steps if model.multistep else [1]):
         for temp in args.temperature:
-            g = torch.Generator(device=device).manual_seed(args.seed)  # same noise for every setting
+            g = torch.Generator(device=device).manual_seed(args.seed)  # one noise for every setting
             prog, wavs = Progress(f'gen steps={steps} T={tlabel(temp)}', len(clips)), []
             for i, (x, (a, b)) in enumerate(zip(clips, span)):
                 wavs.append(pipeline.continue_clip(vae, model, x, a, b - a, steps, temp, g, device))
                 prog(i + 1)
-            rows[f'calm steps={steps} T={tlabel(temp)}' if kind == 'calm' else f'{kind} T={tlabel(temp)}'] = row(wavs)
+            rows[row_name(model, steps, temp)] = row(wavs)
     m = [len(x.meta['motif']) for x in clips]
-    two = [2 * k <= len(x.notes) and x.notes[2 * k - 1].onset < a * hop / sr for x, k, (a, b) in zip(clips, m, span)]
+    two = [2 * k <= len(x.notes) and x.notes[2 * k - 1].onset < a * hop / sr
+           for x, k, (a, b) in zip(clips, m, span)]
+    prompt = f'{args.prompt_seconds} s' if args.prompt_seconds else 'auto (2 motif repetitions)'
     settings = dict(n_clips=len(clips), prompt_s_mean=float(np.mean([a for a, b in span])) / fr,
-                    prompt='auto (2 motif repetitions)' if not args.prompt_seconds else f'{args.prompt_seconds} s',
-                    continue_s=c / fr, tol=args.tol, seed=args.seed, prompt_has_2_motifs=float(np.mean(two)),
-                    fd_embedding='metrics.log_mel, 4 stacked frames -> seeded random projection to 32 dims; '
-                                 f'reference = real continuations of {len(ref_clips)} other held-out clips')
+                    prompt=prompt, continue_s=c / fr, tol=args.tol, seed=args.seed,
+                    prompt_has_2_motifs=float(np.mean(two)),
+                    fd_embedding='metrics.log_mel, 4 stacked frames -> seeded random projection to '
+                                 f'32 dims; reference = real continuations of {len(ref_clips)} '
+                                 'other held-out clips')
     return dict(settings=settings, rows=rows)
 
 
 @torch.inference_mode()
 def eval_speed(vae, model, clip, args, device):
-    """Batch-1 timings. ms/frame at steps in (1, 4, 100) over a 10 s continuation; the head cost per step
-    is the slope (t(100) - t(1)) / 99 and the backbone(+short context) cost per frame is t(1) - head; on a
-    consistency model '100 steps' is 100 evaluations of the same head (the per-step head cost is what is
-    measured), on a TrigFlow model it is the 100-step PF-ODE sampler."""
+    """Batch-1 timings. ms/frame at steps in (1, 4, 100) over a 10 s continuation; the head cost per
+    step is the slope (t(100) - t(1)) / 99 and the backbone(+short context) cost per frame is
+    t(1) - head; on a consistency model '100 steps' is 100 evaluations of the same head (the
+    per-step head cost is what is measured), on a TrigFlow model it is the 100-step PF-ODE
+    sampler."""
     fr = vae.frame_rate
     p = metrics.prompt_frames(clip, fr, args.prompt_seconds)
     prompt = vae.encode(torch.tensor(clip.wav[None, :p * vae.hop], device=device))
@@ -179,7 +193,8 @@ def eval_speed(vae, model, clip, args, device):
 
     ms_per_frame(4, 1, repeats=1)  # warm-up
     n10, n30 = int(round(10 * fr)), int(round(30 * fr))
-    out = {f'ms_per_frame_steps{s}': ms_per_frame(n10, s, repeats=1 if s == 100 else 2) for s in (1, 4, 100)}
+    out = {f'ms_per_frame_steps{s}': ms_per_frame(n10, s, repeats=1 if s == 100 else 2)
+           for s in (1, 4, 100)}
     print('[speed] steps 1/4/100 done', file=sys.stderr, flush=True)
     out['head_ms_per_step'] = (out['ms_per_frame_steps100'] - out['ms_per_frame_steps1']) / 99
     out['backbone_ms_per_frame'] = out['ms_per_frame_steps1'] - out['head_ms_per_step']
@@ -195,8 +210,6 @@ def eval_speed(vae, model, clip, args, device):
     out['threads'] = torch.get_num_threads()
     return out
 
-# -----------------------------------------------------------------------------
-# text adherence: detectors for the three words of a toy description, and the CFG sweep
 
 def text_adherence(wavs, metas, detector, sr=data.SR):
     """Fraction of clips whose detected family / mode / tempo class equals the description's."""
@@ -210,12 +223,13 @@ def text_adherence(wavs, metas, detector, sr=data.SR):
 
 @torch.inference_mode()
 def eval_text(vae, model, args, device):
-    """Latent CFG sweep (calm.CALM.step_backbone): the descriptions of args.text_clips held-out clips (random
-    attribute combinations, fixed seeds) are generated from nothing at each alpha (batch of all descriptions, same
-    seed per alpha), decoded, and scored by the detectors; fd against the real clips of a disjoint
-    held-out set. 'real' = the detectors on the described clips themselves (their ceiling), 'chance' =
-    uniform guessing (5 families, 2 modes, 3 equally wide tempo classes). ms_frame: batch 1, 1 head step,
-    best of 2: guided = two T_long passes (conditional + null) + T_short + one head call per frame."""
+    """Latent CFG sweep (calm.CALM.step_backbone): the descriptions of args.text_clips held-out
+    clips (random attribute combinations, fixed seeds) are generated from nothing at each alpha
+    (batch of all descriptions, same seed per alpha), decoded, and scored by the detectors; fd
+    against the real clips of a disjoint held-out set. 'real' = the detectors on the described clips
+    themselves (their ceiling), 'chance' = uniform guessing (5 families, 2 modes, 3 equally wide
+    tempo classes). ms_frame: batch 1, 1 head step, best of 2: guided = two T_long passes
+    (conditional + null) + T_short + one head call per frame."""
     if not getattr(model.cfg, 'n_text', 0):
         return {'skipped': 'unconditional model (n_text = 0)'}
     n, sr = args.text_clips, data.SR
@@ -226,8 +240,9 @@ def eval_text(vae, model, args, device):
     detector = metrics.TimbreDetector(data.toy_clips('train', args.timbre_fit))
     ref_emb = metrics.embed([c.wav for c in ref], sr)
     frames = int(round(args.text_seconds * vae.frame_rate))
+    fd = lambda wavs: metrics.frechet(metrics.embed(wavs, sr), ref_emb)
     rows = {'real': {**text_adherence([c.wav for c in clips], metas, detector),
-                     'fd': metrics.frechet(metrics.embed([c.wav for c in clips], sr), ref_emb)},
+                     'fd': fd([c.wav for c in clips])},
             'chance': {'timbre': 1 / 5, 'mode': 1 / 2, 'tempo': 1 / 3}}
 
     def ms_frame(**kw):
@@ -239,13 +254,14 @@ def eval_text(vae, model, args, device):
             best = min(best, 1000 * (time.perf_counter() - t) / frames)
         return best
     one = text[:1].to(device)
-    speed = {'guided': ms_frame(text=one, cfg_alpha=2.0), 'unguided': ms_frame(text=one), 'no text': ms_frame()}
+    speed = {'guided': ms_frame(text=one, cfg_alpha=2.0), 'unguided': ms_frame(text=one),
+             'no text': ms_frame()}
     for a in args.cfg_sweep:
         g = torch.Generator(device=device).manual_seed(args.seed)
         lat = model.generate(None, frames, generator=g, text=text.to(device), cfg_alpha=a,
                              **temp_kwargs(args.temperature[0]))
         wavs = list(vae.decode(lat).float().cpu().numpy())
-        rows[f'alpha={a:g}'] = {**text_adherence(wavs, metas, detector), 'fd': metrics.frechet(metrics.embed(wavs, sr), ref_emb),
+        rows[f'alpha={a:g}'] = {**text_adherence(wavs, metas, detector), 'fd': fd(wavs),
                                 'ms_frame': speed['guided']}
         print(f'[text] alpha={a:g} done', file=sys.stderr, flush=True)
     rows['unguided (= alpha 1)'] = {'ms_frame': speed['unguided']}
@@ -255,10 +271,11 @@ def eval_text(vae, model, args, device):
     return dict(settings=settings, rows=rows, speed_ms_per_frame=speed)
 
 
-TEXT_COLS = ['timbre', 'mode', 'tempo', 'fd', 'ms_frame']
+# --------------------------------------------------------------------------------------------------
+# Printing
 
-# -----------------------------------------------------------------------------
-# printing
+TEXT_COLS = ['timbre', 'mode', 'tempo', 'fd', 'ms_frame']
+CONT_COLS = ['note_acc', 'onset_r', 'onset_p', 'onset_f1', 'key', 'timbre', 'fd']
 
 
 def fmt(v):
@@ -276,48 +293,52 @@ def table(rows, cols):
     return '\n'.join(lines)
 
 
-CONT_COLS = ['note_acc', 'onset_r', 'onset_p', 'onset_f1', 'key', 'timbre', 'fd']
-
-
 def report(res):
     out = []
     if 'vae' in res:
-        out.append('== VAE reconstruction (held-out clips) ==\n' + table({'vae': res['vae']}, list(res['vae'])))
+        out.append('== VAE reconstruction (held-out clips) ==\n'
+                   + table({'vae': res['vae']}, list(res['vae'])))
     if 'timbre_detector' in res:
-        out.append(f"timbre detector accuracy on the real continuations: {fmt(res['timbre_detector']['acc_real'])} "
-                   f"(families: {', '.join(res['timbre_detector']['families'])})")
+        det = res['timbre_detector']
+        out.append(f"timbre detector accuracy on the real continuations: {fmt(det['acc_real'])} "
+                   f"(families: {', '.join(det['families'])})")
     if 'continuation' in res:
         c = res['continuation']
-        out.append('== Continuation == ' + json.dumps(c['settings']) + '\n' + table(c['rows'], CONT_COLS) +
-                   "\nchance = 'other clip' (a different held-out clip's true continuation); ceiling = 'real'")
+        out.append('== Continuation == ' + json.dumps(c['settings']) + '\n'
+                   + table(c['rows'], CONT_COLS) + "\nchance = 'other clip' (a different held-out "
+                   "clip's true continuation); ceiling = 'real'")
     if 'text' in res:
         t = res['text']
-        out.append('== Text adherence and latent CFG == ' + (t['skipped'] if 'skipped' in t else
-                   json.dumps(t['settings']) + '\n' + table(t['rows'], TEXT_COLS) +
-                   "\nceiling = 'real' (detectors on the described clips); 'chance' = uniform guessing; "
-                   'ms_frame: batch 1, 1 head step'))
+        body = t['skipped'] if 'skipped' in t else (
+            json.dumps(t['settings']) + '\n' + table(t['rows'], TEXT_COLS)
+            + "\nceiling = 'real' (detectors on the described clips); 'chance' = uniform guessing; "
+              'ms_frame: batch 1, 1 head step')
+        out.append('== Text adherence and latent CFG == ' + body)
     if 'speed' in res:
-        out.append('== Speed (batch 1) ==\n' + '\n'.join(f'{k:28s} {fmt(v)}' for k, v in res['speed'].items()))
+        out.append('== Speed (batch 1) ==\n'
+                   + '\n'.join(f'{k:28s} {fmt(v)}' for k, v in res['speed'].items()))
     return '\n\n'.join(out)
 
-# -----------------------------------------------------------------------------
-# equal-budget comparisons (the paper's ablations), trained by train.py
 
+# --------------------------------------------------------------------------------------------------
+# Equal-budget comparisons (the paper's ablations), trained by train.py
 
 BASE = ['--head-loss', 'consistency']  # the paper's ablations are on the consistency head
 VARIANTS = {
     'consistency': BASE,
     'trigflow': ['--head-loss', 'trigflow'],
     'no_noise_aug': BASE + ['--no-noise-aug'],
-    # the toy default has no short-context Transformer (calm.TOY), so this ablation ADDS the paper's K = 10
+    # the toy has no short-context Transformer (calm.TOY): this ablation ADDS the paper's K = 10
     'short_context_10': BASE + ['--short-context', '10'],
     'head_batch_mul_1': BASE + ['--head-batch-mul', '1'],
 }
+SWEEP = [0.7, 0.0, 0.4, 1.0]  # temperatures for the default model when none are given
 
 
 def compare_rows(results, temperatures):
-    """One table from {variant: evaluate result}: per variant its calm rows at the first temperature, the
-    whole temperature sweep on 'consistency'; plus the reference rows (real / vae / other clip) of the first."""
+    """One table from {variant: evaluate result}: per variant its calm rows at the first
+    temperature, the whole temperature sweep on 'consistency'; plus the reference rows (real / vae /
+    other clip) of the first."""
     rows = {}
     for name, res in results.items():
         for key, r in res['continuation']['rows'].items():
@@ -326,11 +347,9 @@ def compare_rows(results, temperatures):
                     continue  # the sweep only on the default model
                 rows[f'{name} {key[5:]}'] = r
     first = next(iter(results.values()))['continuation']['rows']
-    rows['(real)'], rows['(vae)'], rows['(other clip)'] = first['real'], first['vae'], first['other clip']
+    rows['(real)'], rows['(vae)'] = first['real'], first['vae']
+    rows['(other clip)'] = first['other clip']
     return rows
-
-
-SWEEP = [0.7, 0.0, 0.4, 1.0]  # temperatures for the default model when none are given; the first for all
 
 
 def run_compare(args):
@@ -340,8 +359,9 @@ def run_compare(args):
     for name, extra in VARIANTS.items():
         out = os.path.join(args.compare_dir, name)
         if not os.path.exists(os.path.join(out, 'calm.pt')) or args.retrain:
-            cmd = [sys.executable, 'train.py', '--stage', 'lm', '--vae-from', args.vae_from, '--out', out,
-                   '--lm-steps', str(args.lm_steps), '--seed', str(args.seed), '--device', args.device] + extra
+            cmd = [sys.executable, 'train.py', '--stage', 'lm', '--vae-from', args.vae_from,
+                   '--out', out, '--lm-steps', str(args.lm_steps), '--seed', str(args.seed),
+                   '--device', args.device] + extra
             print('[compare] ' + ' '.join(cmd), file=sys.stderr, flush=True)
             subprocess.run(cmd, check=True)
         a = argparse.Namespace(**vars(args))
@@ -351,67 +371,73 @@ def run_compare(args):
             a.temperature = args.temperature[:1]
         results[name] = evaluate(out, a, sections=('continuation',))
     rows = compare_rows(results, args.temperature)
-    text = (f'== Equal budget comparison: {args.lm_steps} LM steps each, VAE from {args.vae_from} ==\n'
-            + table(rows, CONT_COLS))
+    text = (f'== Equal budget comparison: {args.lm_steps} LM steps each, VAE from {args.vae_from} '
+            '==\n' + table(rows, CONT_COLS))
     return dict(results=results, table=rows), text
 
-# -----------------------------------------------------------------------------
-# continuous vs discrete (the paper's comparison with the RQ-Transformer): one table from several run folders
 
+# --------------------------------------------------------------------------------------------------
+# Continuous vs discrete (the paper's comparison with the RQ-Transformer): one table of several runs
 
 def run_vae_dir(run_dir):
-    """The folder holding a run's VAE and its latent cache (itself, or the --vae-from folder in calm.pt)."""
+    """The folder holding a run's VAE and its latent cache (itself, or the --vae-from folder in
+    calm.pt)."""
     if os.path.isfile(os.path.join(run_dir, 'vae.pt')):
         return run_dir
-    return os.path.dirname(torch.load(os.path.join(run_dir, 'calm.pt'), map_location='cpu', weights_only=False)['vae'])
+    ck = torch.load(os.path.join(run_dir, 'calm.pt'), map_location='cpu', weights_only=False)
+    return os.path.dirname(ck['vae'])
 
 
 @torch.no_grad()
-def eval_codec(vae, vae_dir, levels, K, clips, device, models=()):
-    """Codec rows: the Gaussian latents as the VAE decodes them vs RVQ codes of them with Q in `levels`, K
-    codewords per level, fitted on the run's cached latents exactly as train.py fits a discrete LM's (rq.fit,
-    seed 0; a Q-level fit is the first Q levels of the deepest one). Bits per frame: Q log2 K for RVQ; for the
-    Gaussian latents the KL of the posterior to the prior (the rate a bits-back / relative-entropy coder pays).
-    lat_mse: squared error of the dequantised latents (standardised units; post_var: the posterior variance
-    in the same units, the noise the decoder was trained to tolerate)."""
+def eval_codec(vae, vae_dir, levels, V, clips, device, models=()):
+    """Codec rows: the Gaussian latents as the VAE decodes them vs RVQ codes of them with Q in
+    `levels`, V codewords per level, fitted on the run's cached latents exactly as train.py fits a
+    discrete LM's (rq.fit, seed 0; a Q-level fit is the first Q levels of the deepest one). Bits per
+    frame: Q log2 V for RVQ; for the Gaussian latents the KL of the posterior to the prior (the rate
+    a bits-back / relative-entropy coder pays). lat_mse: squared error of the dequantised latents
+    (standardised units; post_var: the posterior variance in the same units, the noise the decoder
+    was trained to tolerate). models: the discrete LMs of the table, whose codebooks are compared
+    with this fit."""
     Q = max(levels)
-    # the RVQ fit settings (rq.Config's rvq_* fields) of the first discrete LM with this K, else the defaults
-    like = next((m.cfg for _, m in models if m.cfg.codebook_size == K), rq.Config())
-    cfg = dataclasses.replace(like, latent_dim=vae.cfg.latent_dim, n_q=Q, codebook_size=K)
-    rvq = rq.RVQ(cfg.latent_dim, Q, K, cfg.rvq_decay, cfg.rvq_dead)
-    latents = [corpus.LatentCache(os.path.join(vae_dir, 'latents')).frames()]  # train.py's cache, in memory
+    # the RVQ fit settings (rq.Config's rvq_* fields) of the first discrete LM with this V, else
+    # the defaults
+    like = next((m.cfg for _, m in models if m.cfg.codebook_size == V), rq.Config())
+    cfg = dataclasses.replace(like, latent_dim=vae.cfg.latent_dim, n_q=Q, codebook_size=V)
+    rvq = rq.RVQ(cfg.latent_dim, Q, V, cfg.rvq_decay, cfg.rvq_dead)
+    # train.py's cache, in memory
+    latents = [corpus.LatentCache(os.path.join(vae_dir, 'latents')).frames()]
     t0 = time.time()
-    rq.fit(rvq, torch.cat(latents), cfg, seed=0, log=lambda m: print(f'[codec] {m}', file=sys.stderr, flush=True))
+    rq.fit(rvq, torch.cat(latents), cfg, seed=0,
+           log=lambda m: print(f'[codec] {m}', file=sys.stderr, flush=True))
     fit_s = time.time() - t0
     rvq = rvq.to(device)
     wav = torch.tensor(np.stack([c.wav for c in clips]), device=device)
     mu, logvar = vae.posterior(wav)
     z = (mu - vae.latent_mean) / vae.latent_std
+    kl_bits = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(-1).mean() / math.log(2)
     rows = {'gaussian (VAE)': {**eval_vae(vae, clips, device, name='codec gaussian'),
-                               'bits': float(0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(-1).mean() / math.log(2)),
-                               'lat_mse': 0.0, 'post_var': float((logvar.exp() / vae.latent_std ** 2).mean())}}
+                               'bits': float(kl_bits), 'lat_mse': 0.0,
+                               'post_var': float((logvar.exp() / vae.latent_std ** 2).mean())}}
     for q in sorted(levels):
         deq = lambda x, q=q: rvq.decode(rvq.encode(x)[..., :q])
-        rows[f'rvq Q={q} K={K}'] = {**eval_vae(vae, clips, device, quantise=deq, name=f'codec Q={q}'),
-                                    'bits': q * math.log2(K), 'lat_mse': float(((deq(z) - z) ** 2).mean())}
-    levels_stats = rq.code_stats(rvq.encode(z), K)
+        scores = eval_vae(vae, clips, device, quantise=deq, name=f'codec Q={q}')
+        rows[f'rvq Q={q} V={V}'] = {**scores, 'bits': q * math.log2(V),
+                                    'lat_mse': float(((deq(z) - z) ** 2).mean())}
+    levels_stats = rq.code_stats(rvq.encode(z), V)
     # the discrete LMs' own codebooks (fitted in train.py with their --seed) against this fit
     same = {name: float((m.rvq.codebooks - rvq.codebooks[:m.cfg.n_q]).abs().max())
-            for name, m in models if m.cfg.codebook_size == K and m.cfg.n_q <= Q}
-    return dict(rows=rows, levels=levels_stats, fit_seconds=fit_s, n_fit_frames=sum(len(x) for x in latents),
-                lm_codebooks_max_abs_diff=same)
+            for name, m in models if m.cfg.codebook_size == V and m.cfg.n_q <= Q}
+    return dict(rows=rows, levels=levels_stats, fit_seconds=fit_s,
+                n_fit_frames=sum(len(x) for x in latents), lm_codebooks_max_abs_diff=same)
 
 
 @torch.inference_mode()
 def time_parts(model, n, steps=1, temperature=0.8, device='cpu'):
-    """Batch-1 ms per frame: one backbone step, one frame's head (CALM: `steps` head calls; RQ-Transformer:
-    its Q depth steps; delay LM: its Q linear heads), each alone over n frames; and a whole generation of n
-    frames from nothing (model.generate)."""
+    """Batch-1 ms per frame: one backbone step, one frame's head (CALM: `steps` head calls;
+    RQ-Transformer: its Q depth steps; delay LM: its Q linear heads), each alone over n frames; and
+    a whole generation of n frames from nothing (model.generate)."""
     g = torch.Generator(device=device).manual_seed(0)
-    if model_kind(model) == 'calm':
-        head = lambda z: model.sample_head(z, steps, temperature, g)
-    else:
-        head = lambda z: model.sample_head(z, temperature, 0, g)
+    head = lambda z: model.sample_head(z, steps, temperature, g)
     sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
     state = model.new_state(1, device)
     z = model.step_backbone(None, state)
@@ -424,48 +450,48 @@ def time_parts(model, n, steps=1, temperature=0.8, device='cpu'):
         sync()
         return 1000 * (time.perf_counter() - t) / n
     state = model.new_state(1, device)
-    out = {'backbone_ms': ms(lambda: [model.step_backbone(x, state) for _ in range(n)]),
-           'head_ms': ms(lambda: [head(z) for _ in range(n)]),
-           'frame_ms': ms(lambda: model.generate(None, n, steps=steps, temperature=temperature, generator=g))}
-    return out
+    return {'backbone_ms': ms(lambda: [model.step_backbone(x, state) for _ in range(n)]),
+            'head_ms': ms(lambda: [head(z) for _ in range(n)]),
+            'frame_ms': ms(lambda: model.generate(None, n, steps=steps, temperature=temperature,
+                                                  generator=g))}
 
 
 def table_speed(entries, sweep_cfg, args, frame_rate, device):
-    """entries: {name: (model, steps, temperature)}; the first CALM entry is the reference. Every number is
-    the best of args.speed_rounds rounds, the models interleaved within a round (a shared machine slows
-    them alike). Adds the RQ-Transformer and delay LM at each Q of args.codec_levels, untrained (speed does
-    not depend on the weights), over 10 s. head_x / whole_x: cost relative to the reference (the paper's
-    12.3x and 1.3x); h: the head's share of backbone + head."""
-    n = int(round(args.speed_seconds * frame_rate))
+    """entries: {name: (model, steps, temperature)}; the first CALM entry is the reference. Every
+    number is the best of args.speed_rounds rounds, the models interleaved within a round (a shared
+    machine slows them alike). Adds the RQ-Transformer and delay LM at each Q of args.codec_levels,
+    untrained (speed does not depend on the weights), over 10 s. head_x / whole_x: cost relative to
+    the reference (the paper's 12.3x and 1.3x); h: the head's share of backbone + head."""
+    n, n10 = int(round(args.speed_seconds * frame_rate)), int(round(10 * frame_rate))
     jobs = {k: (m, s, t, n) for k, (m, s, t) in entries.items()}
     for q in args.codec_levels:
         for kind in ('rq', 'delay'):
-            m = rq.build(dataclasses.replace(sweep_cfg, kind=kind, n_q=q, codebook_size=args.codebook_size))
-            jobs[f'{kind} Q={q} (untrained, 10 s)'] = (m.to(device).eval(), 1, 0.8, int(round(10 * frame_rate)))
+            cfg = dataclasses.replace(sweep_cfg, kind=kind, n_q=q, codebook_size=args.codebook_size)
+            jobs[f'{kind} Q={q} (untrained, 10 s)'] = (rq.build(cfg).to(device).eval(), 1, 0.8, n10)
     best = {}
     for r in range(args.speed_rounds):
         for name, (m, s, t, frames) in jobs.items():
             parts = time_parts(m, frames, s, t, device)
             best[name] = {k: min(v, best.get(name, {}).get(k, math.inf)) for k, v in parts.items()}
         print(f'[speed] round {r + 1}/{args.speed_rounds} done', file=sys.stderr, flush=True)
-    ref = best[next(k for k, (m, s, t) in entries.items() if model_kind(m) == 'calm')]
+    ref = best[next(k for k, (m, s, t) in entries.items() if m.multistep)]
     for b in best.values():
-        b.update(h=b['head_ms'] / (b['head_ms'] + b['backbone_ms']), head_x=b['head_ms'] / ref['head_ms'],
-                 whole_x=b['frame_ms'] / ref['frame_ms'])
-    return dict(rows=best, seconds=args.speed_seconds, rounds=args.speed_rounds, threads=torch.get_num_threads())
+        b.update(h=b['head_ms'] / (b['head_ms'] + b['backbone_ms']),
+                 head_x=b['head_ms'] / ref['head_ms'], whole_x=b['frame_ms'] / ref['frame_ms'])
+    return dict(rows=best, seconds=args.speed_seconds, rounds=args.speed_rounds,
+                threads=torch.get_num_threads())
 
 
 def run_stats(run_dir, model):
     """Parameters and the LM's training budget and time, from the checkpoint and log.jsonl."""
     ck = torch.load(os.path.join(run_dir, 'calm.pt'), map_location='cpu', weights_only=False)
-    recs = [json.loads(l) for l in open(os.path.join(run_dir, 'log.jsonl'))] if os.path.isfile(
-        os.path.join(run_dir, 'log.jsonl')) else []
+    log = os.path.join(run_dir, 'log.jsonl')
+    recs = [json.loads(line) for line in open(log)] if os.path.isfile(log) else []
     lm = [r for r in recs if r.get('stage') == 'lm' and 'steps_per_s' in r]
     secs = sum((b['step'] - a['step']) / b['steps_per_s'] for a, b in zip([{'step': 0}] + lm, lm))
-    head = getattr(model, 'head', None) or getattr(model, 'depth', None) or getattr(model, 'heads', None)
-    return {'kind': ck.get('kind', 'calm'), 'params_M': sum(p.numel() for p in model.parameters()) / 1e6,
-            'head_params_M': sum(p.numel() for p in head.parameters()) / 1e6,
-            'steps': ck['step'], 'batch': ck['recipe']['batch'], 'lm_minutes': secs / 60 if lm else None}
+    return {'kind': ck.get('kind', 'calm'), 'params_M': calm.n_params(model) / 1e6,
+            'head_params_M': calm.n_params(model.head) / 1e6, 'steps': ck['step'],
+            'batch': ck['recipe']['batch'], 'lm_minutes': secs / 60 if lm else None}
 
 
 def run_table(args):
@@ -476,34 +502,35 @@ def run_table(args):
         raise SystemExit('error: --table: give run folders with distinct names')
     res = {'runs': {name: run_stats(d, m) for name, (d, v, m) in runs.items()}}
     first_dir, vae0, _ = next(iter(runs.values()))
-    discrete = [(n, m) for n, (d, v, m) in runs.items() if model_kind(m) != 'calm']
+    discrete = [(n, m) for n, (d, v, m) in runs.items() if isinstance(m, rq.DiscreteLM)]
     res['codec'] = eval_codec(vae0, run_vae_dir(first_dir), args.codec_levels, args.codebook_size,
                               data.toy_clips('heldout', args.clips), device, discrete)
     n = args.clips_cont
-    clips = data.toy_clips('heldout', 2 * n, seconds=(args.prompt_seconds or 11.0) + args.continue_seconds + 0.5)
+    seconds = (args.prompt_seconds or 11.0) + args.continue_seconds + 0.5
+    clips = data.toy_clips('heldout', 2 * n, seconds=seconds)
     detector = metrics.TimbreDetector(data.toy_clips('train', args.timbre_fit))
     rows, refs, entries = {}, None, {}
+    reference = ('real', 'vae', 'other clip', 'noise')
     for name, (d, vae, model) in runs.items():
         a = argparse.Namespace(**vars(args))
-        kind = model_kind(model)
-        if kind == 'calm':
+        if model.multistep:
             a.steps = [args.trigflow_steps] if model.cfg.head_loss == 'trigflow' else args.steps
             entries.update({f'{name} calm steps={s}': (model, s, 0.8 if t is None else t)
                             for s in a.steps[:2] for t in args.temperature[:1]})
         else:
             a.temperature = args.discrete_temperatures
-            entries[f'{name} {kind}'] = (model, 1, args.discrete_temperatures[0])
+            entries[f'{name} {model.kind}'] = (model, 1, args.discrete_temperatures[0])
         c = eval_continuation(vae, model, clips[:n], clips[n:], detector, a, device)
-        refs = refs or {f'({k})': r for k, r in c['rows'].items() if k in ('real', 'vae', 'other clip', 'noise')}
-        rows.update({f'{name} {k}': r for k, r in c['rows'].items() if k not in ('real', 'vae', 'other clip', 'noise')})
+        refs = refs or {f'({k})': r for k, r in c['rows'].items() if k in reference}
+        rows.update({f'{name} {k}': r for k, r in c['rows'].items() if k not in reference})
         settings = c['settings']
     res['continuation'] = dict(settings=settings, rows={**rows, **refs})
     if not args.skip_speed:
-        calm_cfg = next((m.cfg for _, (d, v, m) in runs.items() if model_kind(m) == 'calm'), None)
-        sweep_cfg = rq.config_like(calm_cfg) if calm_cfg else discrete[0][1].cfg
+        calm_cfg = next((m.cfg for _, (d, v, m) in runs.items() if m.multistep), None)
         if calm_cfg is None:
-            raise SystemExit('error: --table: the speed section compares against a CALM run; add one or --skip-speed')
-        res['speed'] = table_speed(entries, sweep_cfg, args, vae0.frame_rate, device)
+            raise SystemExit('error: --table: the speed section compares against a CALM run; add '
+                             'one or --skip-speed')
+        res['speed'] = table_speed(entries, rq.config_like(calm_cfg), args, vae0.frame_rate, device)
     return res, report_table(res)
 
 
@@ -513,27 +540,34 @@ def report_table(res):
     out.append('== Runs ==\n' + table(res['runs'], cols))
     snr = lambda r: -10 * math.log10(r['post_var'] if 'post_var' in r else max(r['lat_mse'], 1e-12))
     codec = {k: {**r, 'snr_db': snr(r)} for k, r in c['rows'].items()}
-    out.append(f"== Codec: Gaussian latents vs RVQ ({codec['gaussian (VAE)']['n_clips']} held-out clips; RVQ fitted on "
-               f"{c['n_fit_frames']} cached frames in {c['fit_seconds']:.0f} s) ==\n"
+    out.append(f"== Codec: Gaussian latents vs RVQ ({codec['gaussian (VAE)']['n_clips']} held-out "
+               f"clips; RVQ fitted on {c['n_fit_frames']} cached frames in "
+               f"{c['fit_seconds']:.0f} s) ==\n"
                + table(codec, ['bits', 'note_acc', 'log_mel_l1', 'snr_db', 'note_acc_real'])
-               + '\nbits: per frame (Gaussian: KL to the prior); snr_db: latent variance / squared quantisation error '
-                 '(Gaussian: / posterior variance, the noise the decoder was trained on)'
-               + '\nper level (held-out): entropy bits ' + ' '.join(f"{s['entropy_bits']:.2f}" for s in c['levels'])
+               + '\nbits: per frame (Gaussian: KL to the prior); snr_db: latent variance / squared '
+                 'quantisation error (Gaussian: / posterior variance, the noise the decoder was '
+                 'trained on)'
+               + '\nper level (held-out): entropy bits '
+               + ' '.join(f"{s['entropy_bits']:.2f}" for s in c['levels'])
                + ' | usage ' + ' '.join(f"{s['usage']:.2f}" for s in c['levels'])
-               + f"\nthe discrete LMs' codebooks vs this fit, max abs diff: {c['lm_codebooks_max_abs_diff']}")
+               + "\nthe discrete LMs' codebooks vs this fit, max abs diff: "
+               + str(c['lm_codebooks_max_abs_diff']))
     cont = res['continuation']
-    out.append('== Continuation == ' + json.dumps(cont['settings']) + '\n' + table(cont['rows'], CONT_COLS))
+    out.append('== Continuation == ' + json.dumps(cont['settings']) + '\n'
+               + table(cont['rows'], CONT_COLS))
     if 'speed' in res:
         s = res['speed']
-        out.append(f"== Speed, batch 1, ms per frame ({s['seconds']:g} s generations unless marked; best of "
-                   f"{s['rounds']} rounds; {s['threads']} threads) ==\n"
-                   + table(s['rows'], ['backbone_ms', 'head_ms', 'frame_ms', 'h', 'head_x', 'whole_x'])
-                   + '\nhead_x, whole_x: head and whole-generation cost relative to the first CALM row '
-                     '(paper: RQ head 12.3x, 30 s generation 1.3x); h = head / (backbone + head)')
+        out.append(f"== Speed, batch 1, ms per frame ({s['seconds']:g} s generations unless "
+                   f"marked; best of {s['rounds']} rounds; {s['threads']} threads) ==\n"
+                   + table(s['rows'], ['backbone_ms', 'head_ms', 'frame_ms', 'h', 'head_x',
+                                       'whole_x'])
+                   + '\nhead_x, whole_x: head and whole-generation cost relative to the first '
+                     'CALM row (paper: RQ head 12.3x, 30 s generation 1.3x); h = head / '
+                     '(backbone + head)')
     return '\n\n'.join(out)
 
-# -----------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------------------
 
 def evaluate(run_dir, args, sections=('vae', 'continuation', 'speed')):
     device = args.device
@@ -547,60 +581,78 @@ def evaluate(run_dir, args, sections=('vae', 'continuation', 'speed')):
     clips = data.toy_clips('heldout', 2 * n_cont, seconds=seconds)
     if 'continuation' in sections:
         detector = metrics.TimbreDetector(data.toy_clips('train', args.timbre_fit))
-        res['continuation'] = eval_continuation(vae, model, clips[:n_cont], clips[n_cont:2 * n_cont],
-                                                detector, args, device)
+        res['continuation'] = eval_continuation(vae, model, clips[:n_cont],
+                                                clips[n_cont:2 * n_cont], detector, args, device)
         # the detector checked on real audio: its accuracy on the true continuations (row 'real')
         res['timbre_detector'] = dict(acc_real=res['continuation']['rows']['real']['timbre'],
                                       families=detector.families, n_fit=args.timbre_fit)
     if 'text' in sections and getattr(args, 'cfg_sweep', None):
         res['text'] = eval_text(vae, model, args, device)
     if 'speed' in sections and not args.skip_speed:
-        if model_kind(model) == 'calm':
+        if model.multistep:
             res['speed'] = eval_speed(vae, model, clips[0], args, device)
-        else:  # no head steps to sweep: backbone, head (all Q codes) and whole generation per frame
-            temp = args.temperature[0] if args.temperature[0] is not None else model.cfg.temperature
+        else:  # no head steps to sweep: backbone, head (all Q codes) and whole generation
+            temp = args.temperature[0]
+            temp = model.cfg.temperature if temp is None else temp
             res['speed'] = time_parts(model, int(round(10 * vae.frame_rate)), 1, temp, device)
     return res
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--ckpt', default='out/toy', help='run folder with vae.pt and calm.pt')
     p.add_argument('--json', help='also write the results to this JSON file')
     p.add_argument('--clips', type=int, default=64, help='held-out clips for the VAE section')
-    p.add_argument('--clips-cont', type=int, default=32, help='held-out clips for the continuation section')
-    p.add_argument('--steps', default='1,4', help='comma list of sampler steps for continuations (CALM runs; '
-                   'a discrete LM samples each code once)')
+    p.add_argument('--clips-cont', type=int, default=32,
+                   help='held-out clips for the continuation section')
+    p.add_argument('--steps', default='1,4',
+                   help='comma list of sampler steps for continuations (CALM runs; a discrete LM '
+                        'samples each code once)')
     p.add_argument('--temperature', default='default',
-                   help="comma list of temperatures (head noise variance); 'default': the model's own")
+                   help="comma list of temperatures (head noise variance); 'default': the model's")
     p.add_argument('--prompt-seconds', type=float, default=None,
                    help='fixed prompt length (default: per clip, two repetitions of its motif)')
     p.add_argument('--continue-seconds', type=float, default=4.0)
     p.add_argument('--tol', type=float, default=0.1, help='onset tolerance (s) for onset_r/p/f1')
-    p.add_argument('--timbre-fit', type=int, default=48, help='train clips used to fit the timbre detector')
+    p.add_argument('--timbre-fit', type=int, default=48,
+                   help='train clips used to fit the timbre detector')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--skip-vae', action='store_true')
     p.add_argument('--skip-continuation', action='store_true')
     p.add_argument('--skip-speed', action='store_true')
-    p.add_argument('--cfg-sweep', help="comma list of CFG alphas, e.g. 0,1,2,3: adds the text-adherence "
-                   "section (text-conditioned runs; generate each description from nothing at each alpha)")
-    p.add_argument('--text-clips', type=int, default=16, help='--cfg-sweep: held-out descriptions (default 16)')
-    p.add_argument('--text-seconds', type=float, default=6.0, help='--cfg-sweep: seconds per generated clip')
+    p.add_argument('--cfg-sweep', help='comma list of CFG alphas, e.g. 0,1,2,3: adds the text-'
+                   'adherence section (text-conditioned runs; generate each description from '
+                   'nothing at each alpha)')
+    p.add_argument('--text-clips', type=int, default=16,
+                   help='--cfg-sweep: held-out descriptions (default 16)')
+    p.add_argument('--text-seconds', type=float, default=6.0,
+                   help='--cfg-sweep: seconds per generated clip')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: leave as is)')
-    p.add_argument('--compare', action='store_true', help='train (train.py) and evaluate the ablation variants')
+    p.add_argument('--compare', action='store_true',
+                   help='train (train.py) and evaluate the ablation variants')
     p.add_argument('--compare-dir', default='out/compare')
-    p.add_argument('--vae-from', default='out/toy', help='--compare: run folder whose VAE every variant reuses')
-    p.add_argument('--lm-steps', type=int, default=2000, help='--compare: LM steps for every variant')
-    p.add_argument('--trigflow-steps', type=int, default=100, help='--compare: sampler steps of the trigflow run')
-    p.add_argument('--retrain', action='store_true', help='--compare: retrain runs that already exist')
-    p.add_argument('--table', nargs='+', metavar='RUN', help='continuous vs discrete: one table of these run folders '
-                   '(codec rows, continuations, speed); CALM runs at --steps (TrigFlow runs at --trigflow-steps), '
-                   'discrete runs at --discrete-temperatures')
-    p.add_argument('--discrete-temperatures', default='0.8,1.0', help='--table: softmax temperatures of discrete runs')
-    p.add_argument('--codec-levels', default='2,4,8,16', help='--table: RVQ level counts Q of the codec and speed rows')
-    p.add_argument('--codebook-size', type=int, default=256, help='--table: codewords per level K of the codec rows')
-    p.add_argument('--speed-seconds', type=float, default=30.0, help='--table: seconds generated per speed measurement')
+    p.add_argument('--vae-from', default='out/toy',
+                   help='--compare: run folder whose VAE every variant reuses')
+    p.add_argument('--lm-steps', type=int, default=2000,
+                   help='--compare: LM steps for every variant')
+    p.add_argument('--trigflow-steps', type=int, default=100,
+                   help='--compare, --table: sampler steps of a TrigFlow run')
+    p.add_argument('--retrain', action='store_true',
+                   help='--compare: retrain runs that already exist')
+    p.add_argument('--table', nargs='+', metavar='RUN',
+                   help='continuous vs discrete: one table of these run folders (codec rows, '
+                        'continuations, speed); CALM runs at --steps (TrigFlow runs at '
+                        '--trigflow-steps), discrete runs at --discrete-temperatures')
+    p.add_argument('--discrete-temperatures', default='0.8,1.0',
+                   help='--table: softmax temperatures of discrete runs')
+    p.add_argument('--codec-levels', default='2,4,8,16',
+                   help='--table: RVQ level counts Q of the codec and speed rows')
+    p.add_argument('--codebook-size', type=int, default=256,
+                   help='--table: codewords per level V of the codec rows')
+    p.add_argument('--speed-seconds', type=float, default=30.0,
+                   help='--table: seconds generated per speed measurement')
     p.add_argument('--speed-rounds', type=int, default=2, help='--table: speed rounds (best of)')
     args = p.parse_args(argv)
     args.steps = [int(s) for s in args.steps.split(',')]
@@ -616,14 +668,13 @@ def main(argv=None):
     elif args.table:
         res, text = run_table(args)
     else:
-        sections = [s for s in ('vae', 'continuation', 'speed') if not getattr(args, f'skip_{s}')] + ['text']
-        res = evaluate(args.ckpt, args, sections)
+        sections = [s for s in ('vae', 'continuation', 'speed') if not getattr(args, f'skip_{s}')]
+        res = evaluate(args.ckpt, args, sections + ['text'])
         text = report(res)
     print(text)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, 'w') as f:
-            json.dump(res, f, indent=1)
+        data.write_json(args.json, res, indent=1)
     return res
 
 

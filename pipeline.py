@@ -7,7 +7,8 @@ folder, and continue a toy clip with them, the way data flows in calm:
     vae, lm = load('out/toy')                 # both in eval mode; the LM of whichever kind
     wav = continue_clip(vae, lm, clip, p, c)  # the clip's first p frames, then c generated ones
 
-sample.py does the same inline for your own prompt; evaluate.py and tour.py use these.
+sample.py does the same inline for your own prompt; evaluate.py and tour.py use these. The kind of
+LM a run holds is resolved here, once, into an object with calm.CALM's interface (KINDS).
 """
 import os
 
@@ -16,6 +17,19 @@ import torch
 import calm
 import rq
 import vae as vae_lib
+
+# The LMs a run can hold, by the name train.py --model takes and calm.pt records. They share one
+# interface (calm.CALM's): forward (the training loss), prepare, held_out, describe, generate with
+# check_sampling, and new_state / step_backbone / sample_head / head for the per-frame timings;
+# multistep says whether the head takes a number of steps.
+KINDS = {'calm': calm.CALM, 'rq': rq.RQTransformer, 'delay': rq.DelayLM}
+
+
+def build(kind, config):
+    """The LM of a kind from its config's fields (a dict, as calm.pt stores them)."""
+    if kind == 'calm':   # checkpoints from before Config.time_scale existed were trained with 100
+        return calm.CALM(calm.Config(**{'time_scale': 100.0, **config}))
+    return KINDS[kind](rq.Config(**config))
 
 
 def load(run_dir, device='cpu'):
@@ -30,10 +44,7 @@ def load(run_dir, device='cpu'):
         return torch.load(path, map_location=device, weights_only=False)
 
     ck = read(os.path.join(run_dir, 'calm.pt'))
-    kind = ck.get('kind', 'calm')
-    # checkpoints from before Config.time_scale existed were trained with 100
-    model = (calm.CALM(calm.Config(**{'time_scale': 100.0, **ck['config']})) if kind == 'calm'
-             else rq.build(rq.Config(**ck['config'])))
+    model = build(ck.get('kind', 'calm'), ck['config'])
     model.load_state_dict(ck['model'])
     vae_path = os.path.join(run_dir, 'vae.pt')
     vk = read(vae_path if os.path.isfile(vae_path) else ck.get('vae', vae_path))

@@ -1,18 +1,19 @@
 """
-Train calm: first the audio VAE, then the CALM language model on its latents.
+Train calm: first the audio VAE, then the language model on its latents. Read it after calm.py:
+it is the one training loop of calm (train), and the two stages that feed it (train_vae, train_lm).
 
-    python train.py --toy                     # the whole toy pipeline on this CPU (~19 min), -> out/toy
-                                              # (on CUDA the LM trains 9000 x 128 windows: ~9 min on an H100)
-    python train.py --data my_audio/ --out out/mine    # a folder (searched recursively) of your own audio
+    python train.py --toy                   # the whole toy pipeline -> out/toy: 20-30 min on
+                                            # 2 CPU cores (on CUDA the LM trains 9000 x 128 windows)
+    python train.py --data my_audio/ --out out/mine   # a folder (searched recursively) of audio
     python train.py --stage lm --vae-from out/toy --out out/with_short --short-context 10
-    torchrun --nproc_per_node=2 train.py --toy   # DistributedDataParallel (gloo on CPU, nccl on GPU)
+    torchrun --nproc_per_node=2 train.py --toy   # DistributedDataParallel (gloo: CPU, nccl: GPU)
 
-Data flows one way (paper Eq. 2-3): wav -> VAE encoder -> latents (encoded ONCE and cached, standardised
-so that sigma_d = 1) -> CALM backbone + head. Every checkpoint carries its config, optimizer, step and
-RNG state, is written atomically (write, then rename), and `--resume` continues exactly where an
-interrupted run stopped: the batch of step s is a pure function of (seed, s), and the RNG that draws
-the model's noises is saved with the weights. A run prints at its start which recipe each stage takes and
-why (the LM's depends on the device), and records the resolved configs and recipes in <run>/config.json.
+Data flows one way (paper Eq. 2-3): wav -> VAE encoder -> latents (encoded ONCE and cached,
+standardised so that sigma_d = 1) -> CALM backbone + head. Checkpoints carry config, optimizer,
+step and RNG state and are written atomically; `--resume` continues exactly where a run stopped:
+the batch of step s is a pure function of (seed, s), and the RNG of the model's noises is saved
+with the weights. A run prints which recipe each stage takes and why (the LM's depends on the
+device), and records the resolved configs and recipes in <run>/config.json.
 """
 import argparse
 import dataclasses
@@ -29,73 +30,94 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import calm
 import corpus
 import data
+import pipeline
 import rq
 import vae as vae_lib
 
-# Training recipes (not model shape: that lives in vae.Config / calm.Config). Toy values are sized
-# so that `python train.py --toy` finishes in ~19 min on 2 CPU cores (at most 20).
+# Training recipes (not model shape: that lives in vae.Config / calm.Config), sized for the toy on
+# 2 CPU cores (README.md, "Quick start").
 RECIPES = {
     'vae': dict(steps=1500, batch=16, crop=1.0, lr=2e-3, warmup=50, wd=0.0),
     'lm': dict(steps=950, batch=32, lr=2e-3, warmup=50, wd=0.01, sct_lr=0.1),
 }
-# sct_lr: a consistency run's sCT phase after its TrigFlow phase (steps >= calm.Config.diffusion_steps > 0)
-# trains at this fraction of the schedule's lr; sCT from scratch (diffusion_steps = 0) is not scaled. Why:
-# at the full lr the sCT updates, which reach the backbone through z, undid what the TrigFlow phase had
-# learnt (docs/findings.md, "Why a TrigFlow phase before sCT?").
-# Toy training sets: the VAE trains on 512 clips x 8 s (~68 min of audio); the LM on the latents of 4096
-# clips (~9 h): on 512 the toy LM memorised the training motifs instead of learning to continue a motif
-# from its context (docs/findings.md, "Why does the LM train on 4096 clips?").
+# sct_lr: a consistency run's sCT phase after its TrigFlow phase (steps >=
+# calm.Config.diffusion_steps > 0) trains at this fraction of the schedule's lr, so that sCT does
+# not undo what the TrigFlow phase learnt (docs/findings.md, "Why a TrigFlow phase before sCT?");
+# sCT from scratch is not scaled.
+# Toy training sets: the VAE trains on 512 clips x 8 s (~68 min of audio); the LM on the latents of
+# 4096 clips (~9 h), enough to learn to continue a motif rather than memorise the training motifs
+# (docs/findings.md, "Why does the LM train on 4096 clips?").
 TOY_CLIPS = dict(n=512, lm_n=4096, seconds=8.0)
-# On a CUDA device the LM stage trains 9000 steps of 128 windows (38x the windows of the CPU recipe, ~6 min on
-# one H100), where 950 x 32 must fit the 20-minute CPU toy: that longer budget is what continuing the motif
-# needs (docs/findings.md, "What does a GPU budget learn?").
+# On a CUDA device the LM stage trains 9000 steps of 128 windows, 38x the windows of the CPU recipe:
+# the budget that continuing the motif needs (docs/findings.md, "What does a GPU budget learn?").
 GPU_LM = dict(steps=9000, batch=128)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--toy', action='store_true', help='train on generated toy music (default when --data is absent)')
-    p.add_argument('--clips', type=int, default=TOY_CLIPS['n'], help=f"number of toy training clips (default {TOY_CLIPS['n']})")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--toy', action='store_true',
+                   help='train on generated toy music (default when --data is absent)')
+    p.add_argument('--clips', type=int, default=TOY_CLIPS['n'],
+                   help=f"number of toy training clips (default {TOY_CLIPS['n']})")
     p.add_argument('--lm-clips', type=int,
                    help='number of toy clips whose latents train the LM (default: 8 x --clips = '
                         f"{TOY_CLIPS['lm_n']}); the first --clips of them are the VAE's")
-    p.add_argument('--data', help='folder of your own audio (wav/flac/ogg/mp3, searched recursively; read from disk '
-                                  'as needed, resampled and mixed to mono; docs/scale.md)')
+    p.add_argument('--data', help='folder of your own audio (wav/flac/ogg/mp3, searched '
+                                  'recursively; read from disk as needed, resampled and mixed to '
+                                  'mono; docs/scale.md)')
     p.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1),
-                   help='with --data: DataLoader processes reading VAE crops ahead (default: min(4, CPUs); 0 = none)')
-    p.add_argument('--stage', choices=['all', 'vae', 'lm'], default='all', help='what to train (default: all)')
-    p.add_argument('--out', default='out/toy', help='run folder for checkpoints, caches and logs (default: out/toy)')
-    p.add_argument('--vae-from', help='with --stage lm: take the VAE (and its latent cache) from this run folder')
+                   help='with --data: DataLoader processes reading VAE crops ahead (default: '
+                        'min(4, CPUs); 0 = none)')
+    p.add_argument('--stage', choices=['all', 'vae', 'lm'], default='all',
+                   help='what to train (default: all)')
+    p.add_argument('--out', default='out/toy',
+                   help='run folder for checkpoints, caches and logs (default: out/toy)')
+    p.add_argument('--vae-from',
+                   help='with --stage lm: take the VAE (and its latent cache) from this run folder')
     p.add_argument('--preset', choices=['toy', 'small', 'paper'], default='toy',
-                   help='model sizes: toy (CPU), small (one GPU, your own speech or music), paper (several GPUs)')
+                   help='model sizes: toy (CPU), small (one GPU, your own speech or music), paper '
+                        '(several GPUs)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--resume', action='store_true', help='continue the run in --out where it stopped')
-    p.add_argument('--vae-steps', type=int, help=f"VAE training steps (toy: {RECIPES['vae']['steps']})")
+    p.add_argument('--resume', action='store_true',
+                   help='continue the run in --out where it stopped')
+    p.add_argument('--vae-steps', type=int,
+                   help=f"VAE training steps (toy: {RECIPES['vae']['steps']})")
     p.add_argument('--lm-steps', type=int,
-                   help=f"LM training steps (default: {RECIPES['lm']['steps']} on CPU, {GPU_LM['steps']} on CUDA)")
-    p.add_argument('--lm-batch', type=int, help=f"LM batch in windows of cfg.context frames "
-                                                f"(default: {RECIPES['lm']['batch']} on CPU, {GPU_LM['batch']} on CUDA)")
-    p.add_argument('--minutes', type=float, help='time budget per stage: save and stop when it runs out')
-    p.add_argument('--stop-after', type=int, help='stop after this many steps of this invocation (resumable)')
-    p.add_argument('--ckpt-every', type=int, default=100, help='steps between checkpoints (default 100)')
-    p.add_argument('--log-every', type=int, default=25)
+                   help=f"LM training steps (default: {RECIPES['lm']['steps']} on CPU, "
+                        f"{GPU_LM['steps']} on CUDA)")
+    p.add_argument('--lm-batch', type=int,
+                   help=f"LM batch in windows of cfg.context frames (default: "
+                        f"{RECIPES['lm']['batch']} on CPU, {GPU_LM['batch']} on CUDA)")
+    p.add_argument('--minutes', type=float,
+                   help='time budget per stage: save and stop when it runs out')
+    p.add_argument('--stop-after', type=int,
+                   help='stop after this many steps of this invocation (resumable)')
+    p.add_argument('--ckpt-every', type=int, default=100,
+                   help='steps between checkpoints (default 100)')
+    p.add_argument('--log-every', type=int, default=25, help='steps between log lines')
     p.add_argument('--compile', action='store_true', help='torch.compile the model (GPU)')
-    p.add_argument('--model', choices=['calm', 'rq', 'delay'], default='calm',
-                   help='the LM: calm (continuous latents), or a discrete baseline on RVQ codes of the latents '
-                        '(rq.py, same backbone): rq = RQ-Transformer (depth Transformer), delay = MusicGen delay '
-                        'pattern')
-    p.add_argument('--levels', type=int, help=f'--model rq/delay: RVQ levels Q (default {rq.Config.n_q})')
+    p.add_argument('--model', choices=list(pipeline.KINDS), default='calm',
+                   help='the LM: calm (continuous latents), or a discrete baseline on RVQ codes of '
+                        'the latents (rq.py, same backbone): rq = RQ-Transformer (depth '
+                        'Transformer), delay = MusicGen delay pattern')
+    p.add_argument('--levels', type=int,
+                   help=f'--model rq/delay: RVQ levels Q (default {rq.Config.n_q})')
     p.add_argument('--codebook-size', type=int,
-                   help=f'--model rq/delay: codewords per level K (default {rq.Config.codebook_size})')
-    # The paper's ablations (noise augmentation, short-context Transformer, head batch multiplier; and the
-    # TrigFlow head) as flags; any other field via --lm.FIELD=VALUE.
+                   help=f'--model rq/delay: codewords per level V (default '
+                        f'{rq.Config.codebook_size})')
+    # The paper's ablations (noise augmentation, short-context Transformer, head batch multiplier;
+    # and the TrigFlow head) as flags; any other field via --lm.FIELD=VALUE.
     p.add_argument('--head-loss', choices=['trigflow', 'consistency'])
     p.add_argument('--head-batch-mul', type=int, help='head batch multiplier M (1 disables it)')
-    p.add_argument('--short-context', type=int, help='frames K seen by the short-context Transformer (0 disables)')
-    p.add_argument('--no-noise-aug', action='store_true', help='disable noise augmentation of the backbone input')
-    p.epilog = ('Config overrides: --vae.FIELD=VALUE and --lm.FIELD=VALUE for any field of vae.Config / calm.Config '
-                '(rq.Config with --model rq/delay; e.g. --lm.n_layers=2). Tuples take comma-separated values.')
+    p.add_argument('--short-context', type=int,
+                   help='frames K seen by the short-context Transformer (0 disables)')
+    p.add_argument('--no-noise-aug', action='store_true',
+                   help='disable noise augmentation of the backbone input')
+    p.epilog = ('Config overrides: --vae.FIELD=VALUE and --lm.FIELD=VALUE for any field of '
+                'vae.Config / calm.Config (rq.Config with --model rq/delay; e.g. '
+                '--lm.n_layers=2). Tuples take comma-separated values.')
     args, rest = p.parse_known_args(argv)
     args.overrides = {'vae': {}, 'lm': {}}
     for item in rest:
@@ -113,7 +135,8 @@ def override(cfg, values):
     changes = {}
     for name, value in values.items():
         if name not in types:
-            raise SystemExit(f'error: {type(cfg).__module__}.Config has no field {name!r} (fields: {", ".join(types)})')
+            raise SystemExit(f'error: {type(cfg).__module__}.Config has no field {name!r} '
+                             f'(fields: {", ".join(types)})')
         t = types[name]
         if t is bool:
             changes[name] = value.lower() in ('1', 'true', 'yes', 'on')
@@ -124,27 +147,8 @@ def override(cfg, values):
     return dataclasses.replace(cfg, **changes)
 
 
-# -----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoints and logs
-
-def save_atomic(obj, path):
-    """Write then rename: a kill at any moment leaves the previous checkpoint intact and loadable."""
-    tmp = f'{path}.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def rng_state():
-    return {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s['torch'])
-    np.random.set_state(s['numpy'])
-    if s['cuda'] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s['cuda'])
-
 
 class Log:
     """Prints readable progress (loss, steps/s, ETA) and appends JSON lines to <run>/log.jsonl."""
@@ -163,10 +167,12 @@ class Log:
 
 
 def recipe_reason(stage, args):
-    """One line: the recipe a stage trains with, the defaults it comes from and the flags that changed them.
-    The LM's defaults depend on the device (GPU_LM on CUDA), so this is printed at the start of every run."""
+    """One line: the recipe a stage trains with, the defaults it comes from and the flags that
+    changed them. The LM's defaults depend on the device (GPU_LM on CUDA), so this is printed at the
+    start of every run."""
     if stage == 'vae':
-        steps, batch, what = args.vae_steps or RECIPES['vae']['steps'], RECIPES['vae']['batch'], 'crops'
+        r = RECIPES['vae']
+        steps, batch, what = args.vae_steps or r['steps'], r['batch'], 'crops'
         why = ["train.RECIPES['vae'] (the same on every device)"]
         why += [f'--vae-steps {args.vae_steps}'] if args.vae_steps else []
     else:
@@ -183,8 +189,8 @@ def recipe_reason(stage, args):
 
 
 def record_run(args, stage, cfg, recipe, ddp, log, **extra):
-    """Write the stage's resolved config and recipe into <run>/config.json (with the resolved arguments and
-    the device), written then renamed: what a run did can be read back, not guessed from the command."""
+    """Write the stage's resolved config and recipe into <run>/config.json (with the resolved
+    arguments and the device): what a run did can be read back, not guessed from the command."""
     if not log.enabled:
         return
     path = os.path.join(args.out, 'config.json')
@@ -192,19 +198,21 @@ def record_run(args, stage, cfg, recipe, ddp, log, **extra):
     if os.path.exists(path):
         with open(path) as f:
             run = json.load(f)
-    run.update(args=vars(args), world_size=dist.get_world_size() if ddp else 1, torch=torch.__version__)
-    run[stage] = {'config': dataclasses.asdict(cfg), 'recipe': recipe, 'why': recipe_reason(stage, args), **extra}
-    with open(path + '.tmp', 'w') as f:
-        json.dump(run, f, indent=1)
-    os.replace(path + '.tmp', path)
+    run.update(args=vars(args), world_size=dist.get_world_size() if ddp else 1,
+               torch=torch.__version__)
+    run[stage] = {'config': dataclasses.asdict(cfg), 'recipe': recipe,
+                  'why': recipe_reason(stage, args), **extra}
+    data.write_json(path, run, indent=1)
 
 
-# -----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # One training loop for both stages
 
 def lr_schedule(recipe, steps, cfg):
-    """lr(step): linear warmup, cosine to 10% (nanoGPT's); x recipe['sct_lr'] in sCT after a TrigFlow phase."""
-    tuning = getattr(cfg, 'head_loss', '') == 'consistency' and getattr(cfg, 'diffusion_steps', 0) > 0
+    """lr(step): linear warmup, cosine to 10% (nanoGPT's); x recipe['sct_lr'] in sCT after a
+    TrigFlow phase."""
+    tuning = (getattr(cfg, 'head_loss', '') == 'consistency'
+              and getattr(cfg, 'diffusion_steps', 0) > 0)
     sct_from = cfg.diffusion_steps if tuning else math.inf
 
     def lr_at(s):
@@ -216,11 +224,13 @@ def lr_schedule(recipe, steps, cfg):
     return lr_at
 
 
-def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra=None, validate=None, adversary=None):
-    """Train `model` for recipe['steps'] steps of AdamW with linear warmup + cosine decay. get_batch(step) must
-    be a pure function of the step (resume reproduces the data order); model(batch, step) returns (loss, stats);
-    validate(), if given, returns held-out stats, logged at every checkpoint; adversary (VAE-GAN), if given, adds
-    its terms to the loss and trains a discriminator. Returns (finished, stats of the last step and validation)."""
+def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra=None,
+          validate=None, adversary=None):
+    """Train `model` for recipe['steps'] steps of AdamW with linear warmup + cosine decay.
+    get_batch(step) must be a pure function of the step (resume reproduces the data order);
+    model(batch, step) returns (loss, stats); validate(), if given, returns held-out stats (run in
+    eval mode), logged at every checkpoint; adversary (VAE-GAN), if given, adds its terms to the
+    loss and trains a discriminator. Returns (finished, stats of the last step and validation)."""
     device = args.device
     opt = make_optimizer(stage, model, recipe)
     step, steps = 0, recipe['steps']
@@ -232,19 +242,26 @@ def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra
 
     def checkpoint():
         if log.enabled:
-            save_atomic({'config': dataclasses.asdict(cfg), 'model': model.state_dict(), 'optimizer': opt.state_dict(),
-                         'step': step, 'steps': steps, 'rng': rng_state(), 'recipe': recipe, **(extra or {}),
-                         **(adversary.state_dict() if adversary is not None else {})}, ckpt_path)
+            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+            rng = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'cuda': cuda}
+            ck = {'config': dataclasses.asdict(cfg), 'model': model.state_dict(),
+                  'optimizer': opt.state_dict(), 'step': step, 'steps': steps, 'rng': rng,
+                  'recipe': recipe, **(extra or {}),
+                  **(adversary.state_dict() if adversary is not None else {})}
+            data.write_atomic(ckpt_path, lambda tmp: torch.save(ck, tmp))
 
     def held_out():
+        model.eval()
         stats.update(validate())
-        log({'stage': stage, 'step': step, **stats}, f'{stage} {step:>5}/{steps} | held-out ' +
-            ' | '.join(f'{k} {v:.4g}' for k, v in stats.items() if k.startswith('val')))
+        model.train()
+        vals = ' | '.join(f'{k} {v:.4g}' for k, v in stats.items() if k.startswith('val'))
+        log({'stage': stage, 'step': step, **stats}, f'{stage} {step:>5}/{steps} | held-out {vals}')
 
     net = DDP(model) if ddp else model
     if args.compile:
         net = torch.compile(net)
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else torch.autocast('cpu', enabled=False)
+    autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda')
+                else torch.autocast('cpu', enabled=False))
     model.train()
     t_start, t_log, s_log, stats, done_here = time.time(), time.time(), step, {}, 0
     try:
@@ -257,21 +274,25 @@ def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra
             batch = batch.to(device, non_blocking=True)
             with autocast:
                 loss, stats = net(batch, step, text) if stage == 'lm' else net(batch)
-                if adversary is not None:  # updates the discriminator, returns the generator's terms
+                if adversary is not None:  # updates the discriminator, returns the VAE's terms
                     loss = loss + adversary(step, steps, lr_at(step), *model.last, stats)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            groups = model.grad_groups() if hasattr(model, 'grad_groups') else {'grad_norm': model.parameters()}
-            stats.update({k: float(torch.nn.utils.clip_grad_norm_(ps, 1.0)) for k, ps in groups.items()})
+            groups = (model.grad_groups() if hasattr(model, 'grad_groups')
+                      else {'grad_norm': model.parameters()})
+            stats.update({k: float(torch.nn.utils.clip_grad_norm_(ps, 1.0))
+                          for k, ps in groups.items()})
             opt.step()
             step += 1
             done_here += 1
             if step % args.log_every == 0 or step == steps:
                 rate = (step - s_log) / (time.time() - t_log)
                 t_log, s_log = time.time(), step
-                log({'stage': stage, 'step': step, 'lr': lr_at(step - 1), 'steps_per_s': rate, **stats},
-                    f'{stage} {step:>5}/{steps} | ' + ' | '.join(f'{k} {v:.4g}' for k, v in stats.items()) +
-                    f' | {rate:.2f} steps/s | ETA {corpus.fmt_time((steps - step) / max(rate, 1e-9))}')
+                eta = corpus.fmt_time((steps - step) / max(rate, 1e-9))
+                line = ' | '.join(f'{k} {v:.4g}' for k, v in stats.items())
+                log({'stage': stage, 'step': step, 'lr': lr_at(step - 1), 'steps_per_s': rate,
+                     **stats},
+                    f'{stage} {step:>5}/{steps} | {line} | {rate:.2f} steps/s | ETA {eta}')
             if step % args.ckpt_every == 0:
                 checkpoint()
                 if validate is not None and step < steps:
@@ -279,27 +300,32 @@ def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra
             out_of_time = args.minutes is not None and time.time() - t_start > 60 * args.minutes
             if out_of_time or (args.stop_after is not None and done_here >= args.stop_after):
                 if log.enabled:
-                    print(f'{stage}: stopping at step {step}/{steps} ({"time budget" if out_of_time else "--stop-after"}); '
-                          f'continue with --resume')
+                    why = 'time budget' if out_of_time else '--stop-after'
+                    print(f'{stage}: stopping at step {step}/{steps} ({why}); continue with '
+                          '--resume')
                 break
     except KeyboardInterrupt:
         if log.enabled:
-            print(f'\n{stage}: interrupted at step {step}; checkpoint saved, continue with --resume')
+            print(f'\n{stage}: interrupted at step {step}; checkpoint saved, continue with '
+                  '--resume')
         checkpoint()
         raise SystemExit(130)
     checkpoint()
     if validate is not None and step >= steps:
         held_out()
     if ddp:  # the VAE-GAN's discriminator too
-        check_replicas(stage, [*model.parameters(), *(adversary.disc.parameters() if adversary else [])], log)
+        disc = adversary.disc.parameters() if adversary else []
+        check_replicas(stage, [*model.parameters(), *disc], log)
     model.eval()
     return step >= steps, stats
 
 
 def make_optimizer(stage, model, recipe):
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]  # AdamW; weight decay on matrices only
+    """AdamW, weight decay on matrices only (nanoGPT's)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     other = [p for n, p in model.named_parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{'params': decay, 'weight_decay': recipe['wd']}, {'params': other, 'weight_decay': 0.0}],
+    return torch.optim.AdamW([{'params': decay, 'weight_decay': recipe['wd']},
+                              {'params': other, 'weight_decay': 0.0}],
                              lr=recipe['lr'], betas=(0.9, 0.95) if stage == 'lm' else (0.8, 0.99))
 
 
@@ -308,7 +334,10 @@ def resume(ckpt_path, model, opt, adversary, device):
     ck = torch.load(ckpt_path, map_location=device, weights_only=False)
     model.load_state_dict(ck['model'])
     opt.load_state_dict(ck['optimizer'])
-    set_rng_state(ck['rng'])
+    torch.set_rng_state(ck['rng']['torch'])
+    np.random.set_state(ck['rng']['numpy'])
+    if ck['rng']['cuda'] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ck['rng']['cuda'])
     if adversary is not None:
         adversary.load_state_dict(ck)
     return ck['step'], ck['steps']
@@ -321,16 +350,17 @@ def check_replicas(stage, params, log):
     dist.broadcast(ref, 0)
     diff = (flat - ref).abs().max()
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    log({'stage': stage, 'replica_max_abs_diff': float(diff)}, f'{stage}: replicas differ by at most {float(diff):.3g}')
+    log({'stage': stage, 'replica_max_abs_diff': float(diff)},
+        f'{stage}: replicas differ by at most {float(diff):.3g}')
 
 
-# -----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Stage 1: the VAE (paper Eq. 2, the VAE-GAN loss, without the adversarial terms in the toy)
 
 def load_audio_set(args):
-    """The training audio: the toy clips as a list of float32 arrays at data.SR, or for --data a corpus.Index
-    of the user's files (their headers only; the audio stays on disk). The index is cached in the run
-    folder; under DDP rank 0 builds it and the other ranks read it."""
+    """The training audio: the toy clips as a list of float32 arrays at data.SR, or for --data a
+    corpus.Index of the user's files (their headers only; the audio stays on disk). The index is
+    cached in the run folder; under DDP rank 0 builds it and the other ranks read it."""
     if not args.data:
         return [c.wav for c in data.toy_clips('train', args.clips, TOY_CLIPS['seconds'])]
     try:
@@ -338,7 +368,8 @@ def load_audio_set(args):
     except ValueError as e:
         raise SystemExit(f'error: --data: {e}')
     if not len(index):
-        raise SystemExit(f"error: no readable {'/'.join(e[1:] for e in corpus.AUDIO_EXTS)} files under {args.data}")
+        exts = '/'.join(e[1:] for e in corpus.AUDIO_EXTS)
+        raise SystemExit(f'error: no readable {exts} files under {args.data}')
     return index
 
 
@@ -346,24 +377,30 @@ def train_vae(args, clips, ddp, rank, log):
     cfg = override(getattr(vae_lib, args.preset.upper()), args.overrides['vae'])
     recipe = dict(RECIPES['vae'], **({'steps': args.vae_steps} if args.vae_steps else {}))
     record_run(args, 'vae', cfg, recipe, ddp, log)
-    torch.manual_seed(args.seed + rank)  # each stage seeds itself: a resumed run re-creates the same init
+    torch.manual_seed(args.seed + rank)  # each stage seeds itself: a resume re-creates the init
     model = vae_lib.VAE(cfg).to(args.device)
     length = int(recipe['crop'] * cfg.sample_rate) // model.hop * model.hop
     adversary = vae_lib.Adversary(cfg, args.seed, args.device, ddp) if cfg.discriminator else None
     if log.enabled:
-        print(f'vae: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {model.frame_rate:g} frames/s, '
-              f'{cfg.latent_dim} dims; {len(clips)} clips; {recipe["steps"]} steps of {recipe["batch"]} x {recipe["crop"]} s'
-              + (f'; VAE-GAN, discriminator {adversary.describe(recipe["steps"])}' if adversary else ''))
-    if isinstance(clips, corpus.Index):  # --data: DataLoader workers read crops from disk, also pure in the step
-        get_batch = corpus.CropLoader(corpus.CropDataset(clips, args.seed, recipe['batch'], length, cfg.sample_rate,
-                                                         rank), args.workers, pin_memory=args.device.startswith('cuda'))
+        gan = (f'; VAE-GAN, discriminator {adversary.describe(recipe["steps"])}'
+               if adversary else '')
+        print(f'vae: {calm.n_params(model) / 1e6:.2f}M params, {model.frame_rate:g} frames/s, '
+              f'{cfg.latent_dim} dims; {len(clips)} clips; {recipe["steps"]} steps of '
+              f'{recipe["batch"]} x {recipe["crop"]} s{gan}')
+    if isinstance(clips, corpus.Index):  # --data: workers read crops from disk, pure in the step
+        dataset = corpus.CropDataset(clips, args.seed, recipe['batch'], length, cfg.sample_rate,
+                                     rank)
+        get_batch = corpus.CropLoader(dataset, args.workers,
+                                      pin_memory=args.device.startswith('cuda'))
     else:
-        get_batch = lambda s: torch.from_numpy(data.crop_batch(clips, s, args.seed, recipe['batch'], length, rank))
+        get_batch = lambda s: torch.from_numpy(data.crop_batch(clips, s, args.seed,
+                                                               recipe['batch'], length, rank))
     path = os.path.join(args.out, 'vae.pt')
-    finished, stats = train('vae', model, cfg, recipe, get_batch, path, args, ddp, log, adversary=adversary)
+    finished, stats = train('vae', model, cfg, recipe, get_batch, path, args, ddp, log,
+                            adversary=adversary)
     if finished:
-        # Standardise the latents for the LM (as pocket-tts does): TrigFlow assumes a known data std sigma_d,
-        # so the LM reads (mu - mean) / std and sigma_d = 1.
+        # Standardise the latents for the LM (as pocket-tts does): TrigFlow assumes a known data
+        # std sigma_d, so the LM reads (mu - mean) / std and sigma_d = 1.
         with torch.no_grad():
             mus = [model.posterior(torch.from_numpy(w)[None].to(args.device))[0][0]
                    for w in corpus.stats_audio(clips, cfg.sample_rate)]
@@ -372,111 +409,81 @@ def train_vae(args, clips, ddp, rank, log):
             ck = torch.load(path, weights_only=False)
             ck['model'] = model.state_dict()
             ck['done'] = True
-            save_atomic(ck, path)
+            data.write_atomic(path, lambda tmp: torch.save(ck, tmp))
     return model, finished, stats
 
 
-# -----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Stage 2: the language model on cached latents (paper Eq. 3)
 
 def encode_all(vae, clips, n, cache, device, rank=0):
-    """Encode the LM's training audio ONCE into the latent cache beside the VAE (corpus.encode_latents: a
-    memory-mapped array on disk, resumable, each DDP rank encoding its share) and return it; the LM never
-    re-encodes audio. Toy: n clips, rendered on the fly past the VAE's own (so the LM sees far more clips
-    than the VAE trained on without holding their audio), cached as float32. --data: corpus.encode_index."""
+    """Encode the LM's training audio ONCE into the latent cache beside the VAE
+    (corpus.encode_latents: a memory-mapped array on disk, resumable, each DDP rank encoding its
+    share) and return it; the LM never re-encodes audio. Toy: n clips, rendered on the fly past the
+    VAE's own (so the LM sees far more clips than the VAE trained on without holding their audio),
+    cached as float32. --data: corpus.encode_index."""
     if isinstance(clips, corpus.Index):
         return corpus.encode_index(vae, clips, cache, device, verbose=rank == 0)
 
-    def read(i, start, count):
-        wav = clips[i] if i < len(clips) else data.make_clip(data.clip_seed('train', i), TOY_CLIPS['seconds']).wav
+    def read(i, start, count):   # toy clip i: one of the VAE's, or rendered now
+        sec = TOY_CLIPS['seconds']
+        wav = clips[i] if i < len(clips) else data.make_clip(data.clip_seed('train', i), sec).wav
         return wav[start:start + count]
     length = int(round(TOY_CLIPS['seconds'] * data.SR))  # data.make_clip's length
-    # bucket=1: the clips all have one length (one input shape), and unpadded they keep their exact values
+    # bucket=1: the clips all have one length (one input shape), and unpadded they keep their exact
+    # values
     return corpus.encode_latents(vae, [length] * n, read, cache, device, np.float32, bucket=1,
                                  names=[f'toy-train-{i}' for i in range(n)], verbose=rank == 0)
 
 
-def window_batch(latents, step, seed, batch, length, rank=0, texts=None):
-    """Random windows of `length` frames from the cached latent sequences; pure function of (seed, step).
-    latents: a list of [frames, D] tensors or a corpus.LatentCache (memmap; only the windows are read).
-    Sequences are drawn uniformly, or in proportion to their length when the cache says so (--data:
-    files of any length). texts (one list of word ids per cached clip): also return each window's clip
-    description as ids [batch, L] (calm.pad_text); the windows drawn are the same with or without texts."""
-    g = np.random.default_rng([seed, step, rank, 1])
-    cum = getattr(latents, 'cum', None)
-    windows, ids = [], []
-    for b in range(batch):
-        i = g.integers(len(latents)) if cum is None else int(np.searchsorted(cum, g.integers(cum[-1]), side='right'))
-        z = latents[i]
-        ids.append(texts[i] if texts is not None else [])
-        start = g.integers(max(1, z.shape[0] - length + 1))
-        w = z[start:start + length]
-        if isinstance(w, np.ndarray):  # a memory-mapped cache: read this window only, as float32
-            w = torch.from_numpy(w.astype(np.float32))
-        if w.shape[0] < length:  # short user clips: repeat the last frame rather than invent silence latents
-            w = torch.cat([w, w[-1:].expand(length - w.shape[0], -1)])
-        windows.append(w)
-    if texts is not None:
-        return torch.stack(windows), calm.pad_text(ids, len(data.VOCAB))
-    return torch.stack(windows)
-
-
-@torch.no_grad()
-def lm_validate(model, val):
-    """Held-out, teacher-forced: the head's temperature-0 one-step prediction of every frame from the true
-    past. The sCT loss itself (adaptive weight, moving target F^-) does not show progress; this does.
-    Discrete LMs: their held-out cross-entropy and the MSE of their argmax codes' frame (rq.py)."""
-    model.eval()
-    if not isinstance(model, calm.CALM):
-        out = model.held_out(val)
-        model.train()
-        return out
-    z = model.conditioning(val, val)
-    gen = torch.Generator(val.device).manual_seed(0)  # leaves the global RNG alone: resume stays exact
-    pred = model.sample_head(z.flatten(0, 1), steps=1, temperature=0.0, generator=gen).view_as(val)
-    model.train()
-    return {'val_mse': float(((pred - val) ** 2).mean()), 'val_var': float(val.var())}
-
-
 def lm_recipe(args, cfg):
-    """(recipe, cfg) of the LM stage: RECIPES['lm'], GPU_LM on a CUDA device, then --lm-steps / --lm-batch.
-    A consistency run's TrigFlow phase (calm.Config.diffusion_steps) keeps its share of a longer/shorter run."""
+    """(recipe, cfg) of the LM stage: RECIPES['lm'], GPU_LM on a CUDA device, then --lm-steps /
+    --lm-batch. A consistency run's TrigFlow phase (calm.Config.diffusion_steps) keeps its share of
+    a longer/shorter run."""
     base = RECIPES['lm']
     recipe = {**base, **(GPU_LM if args.device.startswith('cuda') else {}),
-              **({'steps': args.lm_steps} if args.lm_steps else {}), **({'batch': args.lm_batch} if args.lm_batch else {})}
+              **({'steps': args.lm_steps} if args.lm_steps else {}),
+              **({'batch': args.lm_batch} if args.lm_batch else {})}
     if (recipe['steps'] != base['steps'] and getattr(cfg, 'diffusion_steps', 0)
             and 'diffusion_steps' not in args.overrides['lm']):
-        cfg = dataclasses.replace(cfg, diffusion_steps=round(cfg.diffusion_steps * recipe['steps'] / base['steps']))
+        share = round(cfg.diffusion_steps * recipe['steps'] / base['steps'])
+        cfg = dataclasses.replace(cfg, diffusion_steps=share)
     return recipe, cfg
 
 
-CALM_ONLY = {'head_loss': '--head-loss', 'head_batch_mul': '--head-batch-mul', 'short_context': '--short-context',
-             'no_noise_aug': '--no-noise-aug'}
+CALM_ONLY = {'head_loss': '--head-loss', 'head_batch_mul': '--head-batch-mul',
+             'short_context': '--short-context', 'no_noise_aug': '--no-noise-aug'}
 
 
 def lm_config(args, vae):
-    """calm.Config of the LM, or with --model rq/delay an rq.Config with the same backbone (rq.config_like)."""
+    """calm.Config of the LM, or with --model rq/delay an rq.Config with the same backbone
+    (rq.config_like): the flags of one kind of LM are checked here, once."""
     cfg = getattr(calm, args.preset.upper())
     cfg = dataclasses.replace(cfg, latent_dim=vae.cfg.latent_dim)
     if not args.data and 'n_text' not in args.overrides['lm']:
         cfg = dataclasses.replace(cfg, n_text=len(data.VOCAB))  # toy runs are text-conditioned
     if args.model == 'calm':
         if args.levels is not None or args.codebook_size is not None:
-            raise SystemExit('error: --levels / --codebook-size are for the discrete LMs (--model rq or delay)')
-        flags = {'head_loss': args.head_loss, 'head_batch_mul': args.head_batch_mul, 'short_context': args.short_context}
+            raise SystemExit('error: --levels / --codebook-size are for the discrete LMs '
+                             '(--model rq or delay)')
+        flags = {'head_loss': args.head_loss, 'head_batch_mul': args.head_batch_mul,
+                 'short_context': args.short_context}
         cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
         if args.no_noise_aug:
             cfg = dataclasses.replace(cfg, noise_aug=False)
     else:
         used = [flag for k, flag in CALM_ONLY.items() if getattr(args, k) not in (None, False)]
         if used:
-            raise SystemExit(f'error: {", ".join(used)}: CALM-only flag(s), not for --model {args.model}')
-        qk = {'n_q': args.levels, 'codebook_size': args.codebook_size}
-        cfg = rq.config_like(cfg, kind=args.model, **(rq.PAPER_DEPTH if args.preset == 'paper' else {}),
-                             **{k: v for k, v in qk.items() if v is not None})
+            raise SystemExit(f'error: {", ".join(used)}: CALM-only flag(s), not for --model '
+                             f'{args.model}')
+        qv = {'n_q': args.levels, 'codebook_size': args.codebook_size}
+        cfg = rq.config_like(cfg, kind=args.model,
+                             **(rq.PAPER_DEPTH if args.preset == 'paper' else {}),
+                             **{k: v for k, v in qv.items() if v is not None})
     cfg = override(cfg, args.overrides['lm'])
     if args.data and cfg.n_text:
-        raise SystemExit('error: text conditioning needs the toy descriptions; --data runs are unconditional')
+        raise SystemExit('error: text conditioning needs the toy descriptions; --data runs are '
+                         'unconditional')
     if cfg.n_text and cfg.n_text != len(data.VOCAB):
         raise SystemExit(f'error: --lm.n_text must be 0 or {len(data.VOCAB)} (the toy vocabulary)')
     if args.model != 'calm':
@@ -490,47 +497,42 @@ def lm_config(args, vae):
 def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
     cfg = lm_config(args, vae)
     recipe, cfg = lm_recipe(args, cfg)
-    record_run(args, 'lm', cfg, recipe, ddp, log, vae=os.path.abspath(os.path.join(vae_dir, 'vae.pt')),
-               kind=args.model)
+    vae_path = os.path.abspath(os.path.join(vae_dir, 'vae.pt'))
+    record_run(args, 'lm', cfg, recipe, ddp, log, vae=vae_path, kind=args.model)
     # the VAE's clips are the first toy clips; the LM sees args.lm_clips of them
-    n = len(clips) if args.data else args.lm_clips or TOY_CLIPS['lm_n'] * args.clips // TOY_CLIPS['n']
+    n = (len(clips) if args.data
+         else args.lm_clips or TOY_CLIPS['lm_n'] * args.clips // TOY_CLIPS['n'])
     latents = encode_all(vae, clips, n, os.path.join(vae_dir, 'latents'), args.device, rank)
-    # Toy clip i of the cache is data.clip_seed('train', i): its description is a pure function of i, kept
-    # beside the latents as word ids (no audio re-rendered).
-    texts = ([data.tokenize(data.clip_description(data.clip_seed('train', i))) for i in range(len(latents))]
-             if cfg.n_text else None)
+    # Toy clip i of the cache is data.clip_seed('train', i): its description is a pure function of
+    # i, kept beside the latents as word ids (no audio re-rendered).
+    texts = ([data.tokenize(data.clip_description(data.clip_seed('train', i)))
+              for i in range(len(latents))] if cfg.n_text else None)
     torch.manual_seed(args.seed + rank)
     ckpt_path = os.path.join(args.out, 'calm.pt')  # the run's LM, whichever kind (ck['kind'])
-    if args.model != 'calm':  # a discrete baseline; its RVQ is fitted on the cached latents (resumed: loaded)
-        try:
-            fit = not (args.resume and os.path.exists(ckpt_path))
-            model = rq.build_fitted(cfg, [latents.frames()], args.seed, fit, log)
-        except ValueError as e:
-            raise SystemExit(f'error: {e}')
-        model.to(args.device)
-        if log.enabled:
-            print(f'lm: {rq.describe(model)}; {recipe["steps"]} steps of {recipe["batch"]} x {cfg.context} frames')
-    else:
-        model = calm.CALM(cfg).to(args.device)
-    if log.enabled and args.model == 'calm':
-        first = f' (TrigFlow loss for the first {cfg.diffusion_steps} steps)' if cfg.head_loss == 'consistency' and cfg.diffusion_steps else ''
-        print(f'lm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, head loss {cfg.head_loss}{first}, '
-              f'M={cfg.head_batch_mul}, K={cfg.short_context}, noise aug {cfg.noise_aug}, '
-              f'text {"n_text=%d, dropout %g" % (cfg.n_text, cfg.cond_dropout) if cfg.n_text else "off"}; '
-              f'{recipe["steps"]} steps of {recipe["batch"]} x {cfg.context} frames')
-    # Held-out windows for validation: toy held-out clips, or (own data) a fixed batch of training windows.
+    try:
+        model = pipeline.KINDS[args.model](cfg)
+        if not (args.resume and os.path.exists(ckpt_path)):   # a resumed run loads it instead
+            model.prepare(latents, args.seed, log)     # the discrete LMs fit their RVQ
+    except ValueError as e:
+        raise SystemExit(f'error: {e}')
+    model.to(args.device)
+    if log.enabled:
+        print(f'lm: {model.describe()}; {recipe["steps"]} steps of {recipe["batch"]} x '
+              f'{cfg.context} frames')
+    # Held-out windows: toy held-out clips, or (own data) a fixed batch of training windows.
     if args.data:
-        val = window_batch(latents, 2**31, args.seed, 16, cfg.context)
+        val = corpus.window_batch(latents, 2**31, args.seed, 16, cfg.context)
     else:
         with torch.no_grad():
-            val = torch.cat([vae.encode(torch.from_numpy(c.wav)[None].to(args.device))[:, :cfg.context]
-                             for c in data.toy_clips('heldout', 16, TOY_CLIPS['seconds'])])
+            held = data.toy_clips('heldout', 16, TOY_CLIPS['seconds'])
+            val = torch.cat([vae.encode(torch.from_numpy(c.wav)[None].to(args.device))
+                             [:, :cfg.context] for c in held])
     val = val.to(args.device)
-    return model, *train(
-        'lm', model, cfg, recipe,
-        lambda s: window_batch(latents, s, args.seed, recipe['batch'], cfg.context, rank, texts),
-        ckpt_path, args, ddp, log, extra={'vae': os.path.abspath(os.path.join(vae_dir, 'vae.pt')), 'kind': args.model},
-        validate=lambda: lm_validate(model, val))
+    get_batch = lambda s: corpus.window_batch(latents, s, args.seed, recipe['batch'], cfg.context,
+                                              rank, texts)
+    return model, *train('lm', model, cfg, recipe, get_batch, ckpt_path, args, ddp, log,
+                         extra={'vae': vae_path, 'kind': args.model},
+                         validate=lambda: model.held_out(val))
 
 
 def main(argv=None):
@@ -543,19 +545,20 @@ def main(argv=None):
         if args.device.startswith('cuda'):
             args.device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
             torch.cuda.set_device(args.device)
-    # CPU: flush denormal floats to zero. Small weights/activations late in training otherwise fall into
-    # the denormal range and each step got ~6x slower (measured on the toy VAE: 0.28 -> 1.6 s/step).
+    # CPU: flush denormal floats to zero: small weights/activations late in training otherwise fall
+    # into the denormal range, and each step got ~6x slower (the toy VAE: 0.28 -> 1.6 s/step).
     torch.set_flush_denormal(True)
     if args.device.startswith('cuda'):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed + rank)  # the model's noise draws; the data order is seeded per step
+    torch.manual_seed(args.seed + rank)  # the model's noise draws; the data is seeded per step
     np.random.seed(args.seed + rank)
     os.makedirs(args.out, exist_ok=True)
     log = Log(args.out, rank == 0)
     t0 = time.time()
     if log.enabled:
-        print(f'run folder {args.out} | device {args.device} | {"DDP x" + str(dist.get_world_size()) if ddp else "1 process"}')
+        procs = f'DDP x{dist.get_world_size()}' if ddp else '1 process'
+        print(f'run folder {args.out} | device {args.device} | {procs}')
         for stage in ('vae', 'lm') if args.stage == 'all' else (args.stage,):
             print(f'{stage} recipe: {recipe_reason(stage, args)}')
 
@@ -574,7 +577,8 @@ def main(argv=None):
                 return
     if args.stage in ('all', 'lm'):
         if not os.path.exists(vae_path):
-            raise SystemExit(f'error: no VAE at {vae_path}: train it first (--stage vae) or pass --vae-from RUN_DIR')
+            raise SystemExit(f'error: no VAE at {vae_path}: train it first (--stage vae) or pass '
+                             '--vae-from RUN_DIR')
         if ddp:  # rank 0 may have just written the VAE
             dist.barrier()
         vae, _ = vae_lib.load(vae_path, args.device)
@@ -586,7 +590,7 @@ def main(argv=None):
             print(f'  {stage}: final ' + ', '.join(f'{k} {v:.4g}' for k, v in stats.items()))
         print(f'  checkpoints in {args.out}/ (try: python data.py prompt out/prompt.wav; '
               f'python sample.py out/prompt.wav --ckpt {args.out})')
-    if ddp:  # leave together: a rank whose peer has already torn down gloo can abort at exit (seen in tests)
+    if ddp:  # leave together: a rank whose peer tore down gloo already can abort at exit
         dist.barrier()
         dist.destroy_process_group()
 

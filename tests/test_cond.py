@@ -17,10 +17,10 @@ sys.path.insert(0, ROOT)
 from test_train import run  # noqa: E402
 
 import calm  # noqa: E402
+import corpus  # noqa: E402
 import data  # noqa: E402
 import metrics  # noqa: E402
 import pipeline  # noqa: E402
-import train  # noqa: E402
 
 torch.set_num_threads(1)
 NT = len(data.VOCAB)
@@ -150,14 +150,14 @@ def test_toy_batch_carries_each_windows_description():
     texts = [data.tokenize(data.clip_description(data.clip_seed('train', i))) for i in range(n)]
     latents = [torch.full((20 + i, 3), float(i)) for i in range(n)]
     for step in range(5):
-        x, ids = train.window_batch(latents, step, 0, 16, 10, texts=texts)
+        x, ids = corpus.window_batch(latents, step, 0, 16, 10, texts=texts)
         # same windows as without text
-        assert torch.equal(x, train.window_batch(latents, step, 0, 16, 10))
+        assert torch.equal(x, corpus.window_batch(latents, step, 0, 16, 10))
         for w, row in zip(x, ids):
             i = int(w[0, 0])
             assert [t for t in row.tolist() if t != NT] == texts[i]
         # pure function of (seed, step)
-        x2, ids2 = train.window_batch(latents, step, 0, 16, 10, texts=texts)
+        x2, ids2 = corpus.window_batch(latents, step, 0, 16, 10, texts=texts)
         assert torch.equal(x, x2) and torch.equal(ids, ids2)
 
 

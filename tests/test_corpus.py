@@ -237,11 +237,11 @@ def test_windows_from_the_cache_equal_windows_from_a_list(tmp_path):
     cache = corpus.encode_latents(vae, lengths, read, str(tmp_path / 'lat'), verbose=False)
     listed = [torch.from_numpy(np.array(cache[i])) for i in range(len(cache))]
     for step in range(5):
-        assert torch.equal(train.window_batch(cache, step, 0, 6, 10),
-                           train.window_batch(listed, step, 0, 6, 10))
+        assert torch.equal(corpus.window_batch(cache, step, 0, 6, 10),
+                           corpus.window_batch(listed, step, 0, 6, 10))
     weighted = corpus.LatentCache(str(tmp_path / 'lat'), by_length=True)
     assert weighted.cum[-1] == sum(cache.lengths)
-    assert train.window_batch(weighted, 0, 0, 6, 10).shape == (6, 10, 3)
+    assert corpus.window_batch(weighted, 0, 0, 6, 10).shape == (6, 10, 3)
 
 
 def data_args(folder, out, *extra):

@@ -132,6 +132,7 @@ class ReshapeVAE(torch.nn.Module):
 
 class FakeLM(torch.nn.Module):
     """Returns the true continuation frames of the given clips (oracle) or zeros (silent)."""
+    kind, multistep = 'calm', True   # the LM interface evaluate.py reads (pipeline.KINDS)
 
     def __init__(self, clips, oracle):
         super().__init__()

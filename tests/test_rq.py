@@ -447,9 +447,9 @@ def test_evaluate_table_end_to_end(tiny_run, discrete_run):
         torch.set_flush_denormal(False)  # evaluate.main sets it process-wide; hypothesis needs
                                          # subnormals
     codec = res['codec']
-    assert list(codec['rows']) == ['gaussian (VAE)', 'rvq Q=1 K=16', 'rvq Q=3 K=16']
+    assert list(codec['rows']) == ['gaussian (VAE)', 'rvq Q=1 V=16', 'rvq Q=3 V=16']
     assert [r['bits'] for r in list(codec['rows'].values())[1:]] == [4.0, 12.0]
-    assert codec['rows']['rvq Q=3 K=16']['lat_mse'] < codec['rows']['rvq Q=1 K=16']['lat_mse']
+    assert codec['rows']['rvq Q=3 V=16']['lat_mse'] < codec['rows']['rvq Q=1 V=16']['lat_mse']
     assert len(codec['levels']) == 3 and codec['lm_codebooks_max_abs_diff'] == {out.name: 0.0}
     rows = res['continuation']['rows']
     assert f'{tiny_run.name} calm steps=1 T=default' in rows
