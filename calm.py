@@ -40,8 +40,7 @@ class Config:
                                   # al. 2411.18447)
     noise_max: float = 1.0        # noise level k ~ U(0, noise_max) (paper Eq. 3: U(0, 1))
     sigma_d: float = 1.0          # data std of the (standardised) latents, TrigFlow's sigma_d
-    P_mean: float = -1.0          # log-normal time proposal tau ~ N(P_mean, P_std^2) (sCT CIFAR
-                                  # values)
+    P_mean: float = -1.0          # time proposal: log sigma ~ N(P_mean, P_std^2) (sCM's CIFAR)
     P_std: float = 1.4
     tangent_warmup: int = 1000    # steps over which r ramps 0 -> 1 (sCM §4.2 "tangent warmup")
     diffusion_steps: int = 0      # consistency only: first train this many steps with the TrigFlow
@@ -65,7 +64,7 @@ PAPER = Config(latent_dim=128, d_model=1536, n_layers=48, n_heads=24, context=75
                tangent_warmup=10000)
 # TOY: small enough that the whole toy trains in 20-30 minutes on 2 CPU cores; the head's sCT steps
 # (two JVPs each) dominate the LM stage's cost. The first 600 of 950 steps use the TrigFlow loss
-# (diffusion_steps, see CALM.head_loss). No short-context Transformer (short_context=0, the paper's
+# (diffusion_steps, see CALM.objective). No short-context Transformer (short_context=0, the paper's
 # own ablation): on the toy it made continuations worse; `--short-context 10` restores it. The
 # measurements: docs/findings.md.
 TOY = Config(latent_dim=16, d_model=128, n_layers=3, n_heads=4, context=64, short_context=0,
@@ -428,53 +427,34 @@ class CALM(nn.Module):
         c = self.condition(text) if text is not None else None
         x_long = self.noise_augment(x) if (self.training and self.cfg.noise_aug) else x
         z = self.conditioning(x_long, x) if c is None else self.conditioning(x_long, x, c)
-        return self.head_loss(z.reshape(-1, z.shape[-1]), x.reshape(-1, x.shape[-1]), step)
+        return self.objective(z.reshape(-1, z.shape[-1]), x.reshape(-1, x.shape[-1]), step)
 
     # --- head losses ---
     def sample_t(self, n, device):
-        """Log-normal proposal t = arctan(e^tau / sigma_d), tau ~ N(P_mean, P_std^2) (sCM §4.2)."""
-        tau = self.cfg.P_mean + self.cfg.P_std * torch.randn(n, device=device)
-        t = torch.atan(tau.exp() / self.cfg.sigma_d)
+        """Log-normal proposal (sCM §4.2): the noise level sigma = sigma_d tan t is log-normal,
+        log sigma ~ N(P_mean, P_std^2), so t = arctan(sigma / sigma_d)."""
+        log_sigma = self.cfg.P_mean + self.cfg.P_std * torch.randn(n, device=device)
+        t = torch.atan(log_sigma.exp() / self.cfg.sigma_d)
         return t.clamp(self.cfg.t_eps, HALF_PI - self.cfg.t_eps)
 
-    def head_loss(self, z, x0, step=0):
-        """z [N, d], x0 [N, D] -> (loss, stats). Head batch multiplier: each row repeated M times
-        with its own (noise, t); the backbone ran once (MAR §3.3; the paper's head batch
-        multiplier)."""
+    def objective(self, z, x0, step=0):
+        """The head's training loss at this step: z [N, d], x0 [N, D] -> (loss, stats). The head
+        objective cfg.head_loss names gives each row's error (trigflow_error, sct_error), which the
+        adaptive weight w(t) then weighs (sCM §4.2). Head batch multiplier: each row repeated M
+        times with its own (noise, t); the backbone ran once (MAR §3.3; the paper's)."""
         cfg, sd = self.cfg, self.cfg.sigma_d
         M = cfg.head_batch_mul
         z, x0 = z.repeat_interleave(M, 0), x0.repeat_interleave(M, 0)
         t = self.sample_t(x0.shape[0], x0.device)
         noise = sd * torch.randn_like(x0)
         xt, dxt = trigflow_interp(x0, noise, t)
-        stats = {}
-        # Consistency runs may start with `diffusion_steps` of the TrigFlow loss: it trains the same
-        # F (the velocity in sCM's parameterisation), and sCT then fine-tunes it into a consistency
-        # model, as consistency tuning from a diffusion model does. Why: the sCT loss reaches the
-        # backbone only through the normalised tangent, a weak signal early on; measured on the toy:
-        # docs/findings.md.
+        # A consistency run may start with `diffusion_steps` of the TrigFlow loss, which trains the
+        # same F: sCT then tunes it into a consistency model (docs/findings.md).
         tuning = cfg.head_loss == 'consistency' and step < cfg.diffusion_steps
-        diffusion = cfg.head_loss == 'trigflow' or tuning
-        if diffusion:                                     # diffusion loss ||sigma_d F - v_t||^2
-                                                          # (sCM §3)
-            err = ((sd * self.head(xt / sd, t, z) - dxt) ** 2).mean(-1)
-        elif cfg.head_loss == 'consistency':              # sCT loss (sCM §3 + §4.2 tricks; paper
-                                                          # Eq. 3)
-            s = step - cfg.diffusion_steps                # tangent warmup starts with sCT
-            r = min(1.0, s / cfg.tangent_warmup) if cfg.tangent_warmup > 0 else 1.0
-            zd = z.detach()                               # theta^- = stop-grad(theta), backbone
-                                                          # included
-            Fh = lambda a, b: self.head(a, b, zd)
-            F_minus, g = sct_tangent(Fh, xt, t, dxt, sd, r)
-            # Tangent normalisation g / (||.|| + 0.1) (sCM §4.2), but with the norm of the same
-            # tangent along an independent noise u instead of along dx_t/dt (our change): ||g||
-            # depends on which x_0 drew dx_t/dt, so dividing by it re-weights the regression target
-            # and moved mass between modes; ||g_u|| depends on x_t and t only. Costs a second JVP
-            # (docs/consistency.md).
-            _, g_u = sct_tangent(Fh, xt, t, sd * torch.randn_like(dxt), sd, r)
-            g_scaled = g / (g_u.norm(dim=-1, keepdim=True) + 0.1)
-            err = ((self.head(xt / sd, t, z) - F_minus - g_scaled) ** 2).mean(-1)
-            stats.update(r=r, g_norm=g.norm(dim=-1).mean().item())
+        if cfg.head_loss == 'trigflow' or tuning:
+            err, stats = self.trigflow_error(xt, dxt, t, z), {}
+        elif cfg.head_loss == 'consistency':
+            err, stats = self.sct_error(xt, dxt, t, z, step - cfg.diffusion_steps)
         else:
             raise ValueError(f"head_loss must be 'trigflow' or 'consistency', not "
                              f"{cfg.head_loss!r}")
@@ -486,17 +466,40 @@ class CALM(nn.Module):
         stats['loss'] = loss.item()
         return loss, stats
 
+    def trigflow_error(self, xt, dxt, t, z):
+        """The diffusion loss ||sigma_d F - dx_t/dt||^2 / D of each row (sCM §3)."""
+        sd = self.cfg.sigma_d
+        return ((sd * self.head(xt / sd, t, z) - dxt) ** 2).mean(-1)
+
+    def sct_error(self, xt, dxt, t, z, s):
+        """The sCT loss ||F - F^- - g / (||g_u|| + 0.1)||^2 / D of each row (sCM §3-§4.2; paper
+        Eq. 3) at step s of the sCT phase, and its stats (r, g_norm)."""
+        cfg, sd = self.cfg, self.cfg.sigma_d
+        r = min(1.0, s / cfg.tangent_warmup) if cfg.tangent_warmup > 0 else 1.0
+        zd = z.detach()                  # theta^- = stop-grad(theta), the backbone's z included
+        Fh = lambda a, b: self.head(a, b, zd)
+        F_minus, g = sct_tangent(Fh, xt, t, dxt, sd, r)
+        # Tangent normalisation g / (||.|| + 0.1) (sCM §4.2), but with the norm of the same
+        # tangent along an independent noise u instead of along dx_t/dt (our change): ||g||
+        # depends on which x_0 drew dx_t/dt, so dividing by it re-weights the regression target
+        # and moved mass between modes; ||g_u|| depends on x_t and t only. Costs a second JVP
+        # (docs/consistency.md).
+        _, g_u = sct_tangent(Fh, xt, t, sd * torch.randn_like(dxt), sd, r)
+        g_scaled = g / (g_u.norm(dim=-1, keepdim=True) + 0.1)
+        err = ((self.head(xt / sd, t, z) - F_minus - g_scaled) ** 2).mean(-1)
+        return err, {'r': r, 'g_norm': g.norm(dim=-1).mean().item()}
+
     # --- generation: per-frame pieces, exposed so evaluators can time backbone vs head ---
-    def new_state(self, B, device=None, text=None, cfg_alpha=None):
-        """Caches for batch B. text [B, L] ids: conditional; with cfg_alpha also guided, with a
-        second T_long cache for the null branch ('long_null')."""
+    def new_state(self, B, device=None, text=None, guidance=None):
+        """Caches for batch B. text [B, L] ids: conditional; with guidance (the latent CFG strength
+        alpha) also guided, with a second T_long cache for the null branch ('long_null')."""
         state = {'long': self.long.new_cache(B, device),
                  'short': self.short.new_cache(B, device) if self.short is not None else None,
                  'c': None, 'alpha': None}
         if text is not None:
             state['c'] = self.condition(text.to(device))
-            if cfg_alpha is not None:
-                state['alpha'], state['long_null'] = cfg_alpha, self.long.new_cache(B, device)
+            if guidance is not None:
+                state['alpha'], state['long_null'] = guidance, self.long.new_cache(B, device)
         return state
 
     @torch.no_grad()
@@ -533,17 +536,17 @@ class CALM(nn.Module):
 
     @torch.inference_mode()
     def generate(self, prompt=None, n_frames=100, steps=1, temperature=TEMPERATURE, generator=None,
-                 text=None, cfg_alpha=None, top_k=None):
+                 text=None, guidance=None, top_k=None):
         """prompt [B, P, D] or None -> [B, n_frames, D] new frames, streamed with the KV caches.
         temperature 0.8: the paper's best for speech continuation (its Gaussian temperature: noise
         std sqrt(tau); pocket-tts uses 0.7); 1.0 samples the model's own distribution. text [B, L]
-        word ids (None: the null condition); cfg_alpha: latent CFG strength (None: no guidance,
-        conditional branch only). Only the head draws noise, one [B, D] draw per step whatever the
-        mode, so a seed gives the same noises guided or not."""
+        word ids (None: the null condition); guidance: the latent CFG strength alpha (None: no
+        guidance, conditional branch only). Only the head draws noise, one [B, D] draw per step
+        whatever the mode, so a seed gives the same noises guided or not."""
         self.check_sampling(steps, top_k)
         B = prompt.shape[0] if prompt is not None else (1 if text is None else text.shape[0])
         device = next(self.parameters()).device
-        state = self.new_state(B, device, text, cfg_alpha)
+        state = self.new_state(B, device, text, guidance)
         x = None
         if prompt is not None:   # prefill frame by frame (the code path of sampling)
             for p in range(prompt.shape[1]):

@@ -254,11 +254,11 @@ def eval_text(vae, model, args, device):
             best = min(best, 1000 * (time.perf_counter() - t) / frames)
         return best
     one = text[:1].to(device)
-    speed = {'guided': ms_frame(text=one, cfg_alpha=2.0), 'unguided': ms_frame(text=one),
+    speed = {'guided': ms_frame(text=one, guidance=2.0), 'unguided': ms_frame(text=one),
              'no text': ms_frame()}
-    for a in args.cfg_sweep:
+    for a in args.guidance_sweep:
         g = torch.Generator(device=device).manual_seed(args.seed)
-        lat = model.generate(None, frames, generator=g, text=text.to(device), cfg_alpha=a,
+        lat = model.generate(None, frames, generator=g, text=text.to(device), guidance=a,
                              **temp_kwargs(args.temperature[0]))
         wavs = list(vae.decode(lat).float().cpu().numpy())
         rows[f'alpha={a:g}'] = {**text_adherence(wavs, metas, detector), 'fd': fd(wavs),
@@ -586,7 +586,7 @@ def evaluate(run_dir, args, sections=('vae', 'continuation', 'speed')):
         # the detector checked on real audio: its accuracy on the true continuations (row 'real')
         res['timbre_detector'] = dict(acc_real=res['continuation']['rows']['real']['timbre'],
                                       families=detector.families, n_fit=args.timbre_fit)
-    if 'text' in sections and getattr(args, 'cfg_sweep', None):
+    if 'text' in sections and getattr(args, 'guidance_sweep', None):
         res['text'] = eval_text(vae, model, args, device)
     if 'speed' in sections and not args.skip_speed:
         if model.multistep:
@@ -621,13 +621,13 @@ def main(argv=None):
     p.add_argument('--skip-vae', action='store_true')
     p.add_argument('--skip-continuation', action='store_true')
     p.add_argument('--skip-speed', action='store_true')
-    p.add_argument('--cfg-sweep', help='comma list of CFG alphas, e.g. 0,1,2,3: adds the text-'
+    p.add_argument('--guidance-sweep', help='comma list of CFG alphas, e.g. 0,1,2,3: adds the text-'
                    'adherence section (text-conditioned runs; generate each description from '
                    'nothing at each alpha)')
     p.add_argument('--text-clips', type=int, default=16,
-                   help='--cfg-sweep: held-out descriptions (default 16)')
+                   help='--guidance-sweep: held-out descriptions (default 16)')
     p.add_argument('--text-seconds', type=float, default=6.0,
-                   help='--cfg-sweep: seconds per generated clip')
+                   help='--guidance-sweep: seconds per generated clip')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: leave as is)')
     p.add_argument('--compare', action='store_true',
@@ -657,7 +657,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.steps = [int(s) for s in args.steps.split(',')]
     args.temperature = [None if t == 'default' else float(t) for t in args.temperature.split(',')]
-    args.cfg_sweep = [float(a) for a in args.cfg_sweep.split(',')] if args.cfg_sweep else None
+    sweep = args.guidance_sweep
+    args.guidance_sweep = [float(a) for a in sweep.split(',')] if sweep else None
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # CPU: denormal floats slow long generations down many times

@@ -86,7 +86,7 @@ def train_head_alone(head_loss, sample_x0, D, n_iter, seed=0, batch=512, lr=2e-3
     """calm's head (and its adaptive weight) trained alone on x_0 = sample_x0(batch) [batch, D], the
     conditioning z pure noise (x_0 does not depend on it): Adam, lr decaying linearly to 0,
     gradients clipped at 1 as train.py clips. Its own loop rather than train.train's: no backbone,
-    no data pipeline, no checkpoints. The loss is CALM.head_loss unless loss_fn(model, z, x0, i)
+    no data pipeline, no checkpoints. The loss is CALM.objective unless loss_fn(model, z, x0, i)
     replaces it (bench/map.py's variants); lr_scale(i) multiplies the lr; ema > 0 returns the
     exponential moving average of the head's weights with that decay; config: more calm.Config
     fields. Returns the model in eval mode."""
@@ -103,7 +103,7 @@ def train_head_alone(head_loss, sample_x0, D, n_iter, seed=0, batch=512, lr=2e-3
         for gr in opt.param_groups:
             gr['lr'] = lr * (1 - i / n_iter) * (lr_scale(i) if lr_scale else 1.0)
         z, x0 = torch.randn(batch, cfg.d_model), sample_x0(batch)
-        loss = m.head_loss(z, x0, i)[0] if loss_fn is None else loss_fn(m, z, x0, i)
+        loss = m.objective(z, x0, i)[0] if loss_fn is None else loss_fn(m, z, x0, i)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -405,12 +405,12 @@ class DiscreteLM(nn.Module):
                 f'({cfg.n_q * math.log2(cfg.codebook_size):g} bits), '
                 f'text {"on" if cfg.n_text else "off"}')
 
-    def new_state(self, B, device=None, text=None, cfg_alpha=None):
+    def new_state(self, B, device=None, text=None, guidance=None):
         state = {'long': self.backbone.new_cache(B, device), 'c': None, 'alpha': None}
         if text is not None:
             state['c'] = self.condition(text.to(device))
-            if cfg_alpha is not None:
-                state['alpha'], state['long_null'] = cfg_alpha, self.backbone.new_cache(B, device)
+            if guidance is not None:
+                state['alpha'], state['long_null'] = guidance, self.backbone.new_cache(B, device)
         return state
 
     @torch.no_grad()
@@ -430,7 +430,7 @@ class DiscreteLM(nn.Module):
 
     @torch.inference_mode()
     def generate(self, prompt=None, n_frames=100, steps=1, temperature=None, generator=None,
-                 text=None, cfg_alpha=None, top_k=None):
+                 text=None, guidance=None, top_k=None):
         """prompt [B, P, D] latents or None -> [B, n_frames, D]: the new frames' codes
         (generate_codes: the prompt is quantised and fed frame by frame, then codes are sampled
         frame by frame with the KV caches), dequantised to latents for the VAE decoder. The
@@ -442,7 +442,7 @@ class DiscreteLM(nn.Module):
         codes = self.generate_codes(None if prompt is None else self.rvq.encode(prompt), n_frames,
                                     self.cfg.temperature if temperature is None else temperature,
                                     self.cfg.top_k if top_k is None else top_k, generator,
-                                    self.new_state(B, device, text, cfg_alpha))
+                                    self.new_state(B, device, text, guidance))
         return self.rvq.decode(codes)
 
 

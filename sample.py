@@ -44,7 +44,7 @@ def parse_args(argv=None):
                    help='audio file to continue (wav, flac, ogg, ...); optional with --text')
     p.add_argument('--text', help='description to condition on, e.g. "flute minor fast" '
                                   '(text-conditioned runs)')
-    p.add_argument('--cfg', type=float, default=1.5,
+    p.add_argument('--guidance', type=float, default=1.5,
                    help="latent classifier-free guidance strength alpha, used only with --text "
                         "(default 1.5, pocket-tts's text CFG; 1 = plain conditional sampling, "
                         "0 = unconditional)")
@@ -112,7 +112,7 @@ def main(argv=None):
     gen = torch.Generator(args.device).manual_seed(args.seed)
     kwargs = {} if args.temperature is None else {'temperature': args.temperature}
     if ids is not None:
-        kwargs.update(text=calm.pad_text([ids], model.cfg.n_text), cfg_alpha=args.cfg)
+        kwargs.update(text=calm.pad_text([ids], model.cfg.n_text), guidance=args.guidance)
     with torch.inference_mode():
         if n_prompt:
             prompt = vae.encode(torch.from_numpy(wav)[None].to(args.device))
@@ -132,7 +132,7 @@ def main(argv=None):
         print(f'note: {n_clip} samples ({100 * n_clip / audio.size:.3f}%) beyond [-1, 1] were '
               'clipped', file=sys.stderr)
     secs = n_new / vae.frame_rate
-    text = f' | text "{args.text}", cfg {args.cfg:g}' if ids is not None else ''
+    text = f' | text "{args.text}", guidance {args.guidance:g}' if ids is not None else ''
     print(f'wrote {out}: {n_prompt / vae.frame_rate:.1f} s prompt + {secs:.1f} s continuation '
           f'at {sr} Hz{text}')
     per_frame = (f'{args.steps} head step(s)' if model.multistep

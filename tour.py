@@ -259,7 +259,7 @@ def fig_trigflow(plt, lat, seed):
     fig.text(0.01, 0.005,
              'Nothing is trained in (b) and (c): F is the exact velocity E[v_t | x_t] of the toy. '
              "In (d) calm's head is trained alone on the toy (mixture.train_head_alone, "
-             'CALM.head_loss with the sCT loss) and must reproduce the green map in one call, '
+             'CALM.objective with the sCT loss) and must reproduce the green map in one call, '
              'keeping the order of the noises within each mode.',
              fontsize=8)
     fig.tight_layout(rect=(0, 0.02, 1, 1))

@@ -28,7 +28,7 @@ MIXTURES = {'1d': mixture.TWO_MODES, '4d': mixture.FIVE_MODES}
 
 def variant_loss(a, n_diff, warm, D, gnorms):
     """The head's loss under the variant: TrigFlow for the first n_diff steps, then sCT with the
-    tangent normalised by --norm (calm.py: 'probe'), adaptive weight as in CALM.head_loss."""
+    tangent normalised by --norm (calm.py: 'probe'), adaptive weight as in CALM.objective."""
     def loss(m, z, x0, i):
         t = m.sample_t(a.batch, 'cpu')
         noise = torch.randn_like(x0)

@@ -263,8 +263,8 @@ def test_noise_augmentation_corrupts_backbone_inputs_only():
     seen = {}
     m.long.register_forward_pre_hook(lambda mod, inp: seen.__setitem__('long', inp[0]))
     m.short.register_forward_pre_hook(lambda mod, inp: seen.__setitem__('short', inp[0]))
-    orig = m.head_loss
-    m.head_loss = lambda z, x0, step: (seen.__setitem__('target', x0), orig(z, x0, step))[1]
+    orig = m.objective
+    m.objective = lambda z, x0, step: (seen.__setitem__('target', x0), orig(z, x0, step))[1]
     m(x, step=0)
     assert torch.equal(seen['target'], x.reshape(-1, 4))      # targets stay clean
     assert torch.equal(seen['short'], x)                      # T_short reads clean frames
@@ -298,22 +298,22 @@ def test_noise_level_is_bounded_by_noise_max():
 @HP
 @given(st.floats(-2.0, 1.0), st.floats(0.3, 2.0), st.floats(0.5, 2.0))
 def test_sample_t_is_the_log_normal_proposal(P_mean, P_std, sigma_d):
-    """t = arctan(e^tau / sigma_d) with tau ~ N(P_mean, P_std^2) (sCM §4.2), clamped to [t_eps, pi/2
-    - t_eps]: so log(sigma_d tan t) is that normal wherever the clamp does not bite. Compare the
-    empirical CDF with the normal's at its quantiles; the clamped tails sit exactly on the bounds.
-    """
+    """t = arctan(sigma / sigma_d) with log sigma ~ N(P_mean, P_std^2) (sCM §4.2), clamped to
+    [t_eps, pi/2 - t_eps]: so log(sigma_d tan t) is that normal wherever the clamp does not bite.
+    Compare the empirical CDF with the normal's at its quantiles; the clamped tails sit exactly on
+    the bounds."""
     m = calm.CALM(tiny(P_mean=P_mean, P_std=P_std, sigma_d=sigma_d))
     torch.manual_seed(0)
     t = m.sample_t(20000, 'cpu').double()
     eps = m.cfg.t_eps
     assert t.min() >= eps - 1e-6 and t.max() <= math.pi / 2 - eps + 1e-6
-    tau = (sigma_d * t.tan()).log()
+    log_sigma = (sigma_d * t.tan()).log()
     lo, hi = math.log(sigma_d * math.tan(eps)), math.log(sigma_d * math.tan(math.pi / 2 - eps))
     normal = torch.distributions.Normal(P_mean, P_std)
     for q in (0.05, 0.25, 0.5, 0.75, 0.95):
-        x = normal.icdf(torch.tensor(q)).item()       # the q-quantile of tau
+        x = normal.icdf(torch.tensor(q)).item()       # the q-quantile of log sigma
         if lo + 0.01 < x < hi - 0.01:                  # inside the clamp: the CDF is the normal's
-            assert abs((tau <= x).double().mean().item() - q) < 0.02, (q, x)
+            assert abs((log_sigma <= x).double().mean().item() - q) < 0.02, (q, x)
     below = normal.cdf(torch.tensor(lo)).item()        # mass the clamp puts on t_eps
     assert abs((t <= eps + 1e-6).double().mean().item() - below) < 0.01
 

@@ -113,7 +113,7 @@ def test_condition_reaches_every_backbone_position_and_trains():
 
 @settings(max_examples=10, deadline=None)
 @given(st.integers(0, 10_000), st.booleans(), st.integers(1, 3))
-def test_cfg_alpha_limits_are_exact(seed, with_prompt, B):
+def test_guidance_limits_are_exact(seed, with_prompt, B):
     """Latent CFG: alpha = 1 is exactly conditional sampling, alpha = 0 exactly unconditional
     sampling (no text; for a batch from nothing, the empty description, which is bit-identical to no
     text), same seed; the noise draws are the same in every mode (generator states agree)."""
@@ -134,9 +134,9 @@ def test_cfg_alpha_limits_are_exact(seed, with_prompt, B):
     uncond, s_uncond = gen(text=calm.pad_text([[]] * B, NT))
     if prompt is not None or B == 1:   # no text at all: the same samples bit for bit
         assert torch.equal(gen()[0], uncond)
-    a1, s1 = gen(text=text, cfg_alpha=1.0)
-    a0, s0 = gen(text=text, cfg_alpha=0.0)
-    a3, _ = gen(text=text, cfg_alpha=3.0)
+    a1, s1 = gen(text=text, guidance=1.0)
+    a0, s0 = gen(text=text, guidance=0.0)
+    a3, _ = gen(text=text, guidance=3.0)
     assert torch.equal(a1, cond) and torch.equal(a0, uncond)
     assert all(torch.equal(s_cond, s) for s in (s_uncond, s1, s0))
     assert not torch.equal(a3, cond)                    # guidance changes the samples
@@ -170,9 +170,9 @@ def test_toy_run_is_text_conditioned(tiny_run):
 
 def test_sample_text_from_nothing(tiny_run, tmp_path):
     out = tmp_path / 'gen.wav'
-    r = run('sample.py', '--text', 'flute minor fast', '--cfg', '2', '--seconds', '1.5', '--ckpt',
-            str(tiny_run), '--out', str(out))
-    assert 'real-time factor' in r.stdout and 'cfg 2' in r.stdout
+    r = run('sample.py', '--text', 'flute minor fast', '--guidance', '2', '--seconds', '1.5',
+            '--ckpt', str(tiny_run), '--out', str(out))
+    assert 'real-time factor' in r.stdout and 'guidance 2' in r.stdout
     wav, sr = sf.read(out)
     vae, _ = pipeline.load(str(tiny_run))
     assert sr == vae.cfg.sample_rate and len(wav) == round(1.5 * vae.frame_rate) * vae.hop
@@ -193,8 +193,8 @@ def test_sample_text_errors_are_one_line(tiny_run, tmp_path, argv):
 # --- metrics.py detectors -------------------------------------------------------------------------
 
 def test_text_detectors_on_real_clips():
-    """The mode and tempo detectors on real held-out clips (the 'real' ceiling row of --cfg-sweep):
-    measured 0.94 / 1.00 on 48 clips; here 16 clips, with margin."""
+    """The mode and tempo detectors on real held-out clips (the 'real' ceiling row of evaluate.py
+    --guidance-sweep): measured 0.94 / 1.00 on 48 clips; here 16 clips, with margin."""
     clips = data.toy_clips('heldout', 16, seconds=6.0)
     mode = np.mean([metrics.detect_mode(c.wav, data.SR) == c.meta['mode'] for c in clips])
     tempo = np.mean([metrics.detect_tempo_class(c.wav, data.SR) == c.meta['tempo_class']

@@ -275,7 +275,7 @@ def test_generate_returns_dequantised_latents_and_checks_its_arguments(kind):
     codes = m.generate_codes(m.rvq.encode(prompt), 6, cfg.temperature, 0, g0, m.new_state(2))
     assert torch.allclose(out, m.rvq.decode(codes))
     text = calm.pad_text([[0, 1], [2]], 3)
-    out = m.generate(None, 3, text=text, cfg_alpha=2.0, generator=g)
+    out = m.generate(None, 3, text=text, guidance=2.0, generator=g)
     assert out.shape == (2, 3, cfg.latent_dim)
     with pytest.raises(ValueError, match='CALM option'):
         m.generate(prompt, 2, steps=4)
