@@ -1,16 +1,34 @@
 """
 CALM: Continuous Audio Language Model (Rouard et al., arXiv 2509.06926), minimal and readable.
+Read it after data.py and vae.py, next to the paper; train.py trains it, sample.py samples it.
 
     x_1..x_S  continuous VAE latents (standardised, so sigma_d = 1)
     z_long_s  = T_long(noisy x_<s)               causal Transformer, long context     (paper Eq. 3)
     z_short_s = T_short(clean x_{s-K}..x_{s-1})  sliding-window Transformer, K frames (paper Eq. 3)
     z_s       = z_long_s + z_short_s
-    x_s      ~ head(noise, t, z_s)     MAR adaLN MLP trained with TrigFlow or sCM (sCM §3-§4)
+    x_s      ~ head(noise, t, z_s)     MAR adaLN MLP trained with TrigFlow or sCT (sCM §3-§4)
 
 "paper" is the CALM paper, arXiv 2509.06926 (its Eq. 3: the training objective, with z_s as above
 and the noise-augmented inputs); "sCM §n" refers to Lu & Song, arXiv 2410.11081 (§3 TrigFlow and
-sCT, §4.1 architecture, §4.2 training objective tricks); "MAR" to Li et al., arXiv 2406.11838. Runs
-standalone on random latents: `python calm.py` prints parameter counts and a timing.
+sCT, §4.1 architecture, §4.2 training objective tricks); "MAR" to Li et al., arXiv 2406.11838.
+
+Consistency models, what the head is (sCM §2-§4). TrigFlow noises a frame x_0 along a path
+x_t = cos t x_0 + sin t z, z ~ N(0, sigma_d^2 I), from data at t = 0 to noise at t = pi/2; the
+probability-flow ODE (PF-ODE) dx_t/dt = E[cos t z - sin t x_0 | x_t] moves every noise back to one
+frame. F, the head's output F(x_t / sigma_d, t, z_s), predicts that velocity (in units of sigma_d):
+a diffusion head is trained so (trigflow_error) and samples by integrating the ODE in many steps
+(trigflow_sample). A consistency model uses the same F in f(x_t, t) = cos t x_t - sin t sigma_d F,
+which must send every point of a PF-ODE path to the path's start (f(x, 0) = x by construction, and
+df/dt = 0 along the path): then one call maps noise to a frame (consistency_sample). sCT trains for
+df/dt = 0 directly. Its loss ||F - F^- - g||^2, with F^- = F under stop-gradient and g = cos t
+df^-/dt (sct_tangent), is a device: at F = F^- its gradient is -2 g dF/dtheta, so each step moves F
+along g, sCM's continuous-time consistency gradient; its value says nothing. The velocity of the
+path through x_t is unknown, so g uses dx_t/dt = cos t z - sin t x_0 of the (x_0, z) that made x_t,
+an unbiased one-sample estimate of it. g's size varies by orders of magnitude with t and x_t, so it
+is divided by a norm (+ 0.1) to bound each step (sCM §4.2; sct_error says which). The adaptive
+weight w(t) (sCM §4.2) turns each row's error e into e^w(t) e - w(t), whose minimum, at w = -log e,
+is 1 + log e: every t weighs the same, and as the normalised g keeps e small the loss is negative;
+train.py's held-out val_mse shows progress instead. `python calm.py` counts and times.
 """
 import math
 import time
@@ -32,48 +50,35 @@ class Config:
     short_layers: int = 2
     head_width: int = 256
     head_blocks: int = 3
-    head_loss: str = 'consistency'   # 'trigflow' (diffusion, sCM §3) or 'consistency' (sCT, sCM
-                                     # §3-4)
-    head_batch_mul: int = 4       # M: each z_s is reused M times with fresh (noise, t) (MAR; paper
-                                  # uses 8)
-    noise_aug: bool = True        # corrupt backbone inputs during training (paper Eq. 3; Pasini et
-                                  # al. 2411.18447)
+    head_loss: str = 'consistency'   # the head objective: 'trigflow' (diffusion) or 'consistency'
+    head_batch_mul: int = 4       # M: each z_s reused M times with fresh (noise, t) (MAR; paper: 8)
+    noise_aug: bool = True        # corrupt the backbone's inputs (paper Eq. 3; arXiv 2411.18447)
     noise_max: float = 1.0        # noise level k ~ U(0, noise_max) (paper Eq. 3: U(0, 1))
     sigma_d: float = 1.0          # data std of the (standardised) latents, TrigFlow's sigma_d
     P_mean: float = -1.0          # time proposal: log sigma ~ N(P_mean, P_std^2) (sCM's CIFAR)
     P_std: float = 1.4
     tangent_warmup: int = 1000    # steps over which r ramps 0 -> 1 (sCM §4.2 "tangent warmup")
-    diffusion_steps: int = 0      # consistency only: first train this many steps with the TrigFlow
-                                  # loss (see head_loss)
-    adaptive_weight: bool = True  # learned w(t) (sCM §4.2 adaptive weighting; paper Eq. 3 trains w
-                                  # jointly)
+    diffusion_steps: int = 0      # consistency: first train this many steps with the TrigFlow loss
+    adaptive_weight: bool = True  # learned w(t) (sCM §4.2; paper Eq. 3 trains w jointly)
     t_eps: float = 1e-3           # clamp t into [t_eps, pi/2 - t_eps] for training
-    time_scale: float = 10.0      # fastest time feature, rad per unit t (time_features;
-                                  # docs/consistency.md)
+    time_scale: float = 10.0      # fastest time feature, rad per unit t (time_features)
     dropout: float = 0.0
-    n_text: int = 0               # text vocabulary size (data.VOCAB); 0 = unconditional model, no
-                                  # embedding
-    cond_dropout: float = 0.2     # per-sequence prob. of training on the null condition (0.2: our
-                                  # choice)
+    n_text: int = 0               # text vocabulary size (data.VOCAB); 0 = unconditional
+    cond_dropout: float = 0.2     # P(null condition) per training sequence (our choice)
 
 
-# Presets. PAPER: the music LM is MusicGen-medium sized (1.35B, 48 layers x 1536) on 128-dim latents
-# at 25 Hz; the head and short-Transformer sizes here are our guesses. Never trained here.
+# Presets. PAPER: the music LM is MusicGen-medium sized (48 layers x 1536) on 128-dim latents at
+# 25 Hz; the head and short-Transformer sizes are our guesses. Never trained here.
 PAPER = Config(latent_dim=128, d_model=1536, n_layers=48, n_heads=24, context=750, short_context=10,
                short_layers=4, head_width=1536, head_blocks=6, head_batch_mul=8,
                tangent_warmup=10000)
-# TOY: small enough that the whole toy trains in 20-30 minutes on 2 CPU cores; the head's sCT steps
-# (two JVPs each) dominate the LM stage's cost. The first 600 of 950 steps use the TrigFlow loss
-# (diffusion_steps, see CALM.objective). No short-context Transformer (short_context=0, the paper's
-# own ablation): on the toy it made continuations worse; `--short-context 10` restores it. The
-# measurements: docs/findings.md.
+# TOY: sized for 2 CPU cores (train.RECIPES); the first 600 of 950 LM steps train the TrigFlow loss;
+# no short-context Transformer: it made the toy worse (docs/findings.md; `--short-context 10`).
 TOY = Config(latent_dim=16, d_model=128, n_layers=3, n_heads=4, context=64, short_context=0,
              short_layers=2, head_width=256, head_blocks=3, head_batch_mul=4, tangent_warmup=200,
              diffusion_steps=600)
-# SMALL (one GPU, your own audio: train.py --preset small): a 12-layer x 512 backbone over 20 s (250
-# frames at 12.5 Hz), the paper's short-context Transformer (K = 10) and head batch multiplier (M =
-# 8), a head of pocket-tts's size (width 512, 6 blocks) and the toy's TrigFlow-then-sCT schedule.
-# Sizes, not a tuned recipe.
+# SMALL (one GPU, train.py --preset small): 12 layers x 512 over 20 s, the paper's K = 10 and M = 8,
+# a head of pocket-tts's size and the toy's TrigFlow-then-sCT schedule; sizes, not a tuned recipe.
 SMALL = Config(latent_dim=32, d_model=512, n_layers=12, n_heads=8, context=250, short_context=10,
                short_layers=2, head_width=512, head_blocks=6, head_batch_mul=8, diffusion_steps=600)
 
@@ -83,10 +88,9 @@ TEMPERATURE = 0.8
 
 
 # --------------------------------------------------------------------------------------------------
-# Transformer with RoPE and a ring-buffer KV cache. Relative (rotary) positions make attention
-# depend only on distances, so the cache can roll past cfg.context at a flat per-frame cost, and the
-# short-context Transformer is the same module with a window of K. The one Transformer of calm:
-# vae.py's bottleneck and rq.py's discrete LMs are built from these blocks too.
+# The one Transformer of calm (vae.py's bottleneck and rq.py's LMs use it too): RoPE and a
+# ring-buffer KV cache. Rotary positions make attention depend on distances only, so the cache rolls
+# past cfg.context at a flat per-frame cost; T_short is the same module with a window of K.
 
 def rope(x, pos, inv_freq):
     """Rotary embedding of x [B, H, S, hd] at integer positions pos [S]."""
@@ -126,9 +130,8 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, S, d))
 
     def step(self, h, pos, cache):
-        """One new token h [B, 1, d] at absolute position pos; cache = (k [B,H,W,hd], v) ring
-        buffers. Softmax attention is order-free, so the ring needs no shifting: slot pos % W is
-        overwritten."""
+        """One new token h [B, 1, d] at position pos; cache = (k [B,H,W,hd], v) ring buffers: slot
+        pos % W is overwritten, no shifting (softmax attention does not see the slots' order)."""
         B = h.shape[0]
         q, k, v = self.split(h, torch.tensor([pos], device=h.device))
         ck, cv = cache
@@ -160,10 +163,8 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     """Causal Transformer over frames; position s reads Linear(x_{s-1}) (a learned start frame at
-    s=1) and outputs the conditioning for x_s (paper Eq. 3). windows[l] = how many positions layer l
-    attends to (stacked windows add up: the receptive field is sum(w_l - 1) + 1 positions). inp:
-    another input module in place of Linear(D, d) (rq.py's discrete LMs feed frames as summed code
-    embeddings)."""
+    s=1) and outputs the conditioning for x_s (paper Eq. 3). windows[l]: the positions layer l
+    attends to. inp: the input module in place of Linear(D, d) (rq.py: summed code embeddings)."""
     def __init__(self, D, d, n_heads, windows, dropout=0.0, inp=None):
         super().__init__()
         self.d, self.n_heads = d, n_heads
@@ -206,11 +207,9 @@ class Transformer(nn.Module):
 # final layer, so the head starts as the zero map and every block as the identity.
 
 def time_features(t, dim, scale):
-    """Sinusoidal features of t in [0, pi/2] (c_noise(t) = t, sCM §4.1), frequencies `scale` down to
-    scale / 10^4 rad per unit t. The sCT tangent differentiates F through them, so a large scale
-    makes dF/dt large and noisy (sCM §4.1): trained without tangent normalisation, a 1-D mixture's
-    1-step map ran backwards within each mode with 100 and kept its order with 10
-    (docs/consistency.md)."""
+    """Sinusoidal features [N, dim] of t [N] in [0, pi/2] (c_noise(t) = t, sCM §4.1), at
+    frequencies from `scale` down to scale / 10^4 rad per unit t. The sCT tangent differentiates F
+    through them: a large scale makes dF/dt large and noisy (sCM §4.1; docs/consistency.md)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
     ang = (scale * t)[:, None] * freqs[None]
@@ -262,10 +261,10 @@ class Head(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Samplers (module-level so tests can run them on an analytic F). F(x_scaled, t) -> F_theta.
-# Temperature tau (paper's Gaussian temperature heuristic): every noise draw has std sqrt(tau) *
-# sigma_d. For a Gaussian target the sampler is affine in its noises, so the output variance scales
-# by tau.
+# TrigFlow and consistency functions, and the samplers, for any Fn(x / sigma_d, t) -> F (tests run
+# them on an exact F). Temperature tau (the paper's Gaussian temperature): every noise draw has std
+# sqrt(tau) sigma_d; for a Gaussian target the sampler is affine in its noises, so the output
+# variance scales by tau.
 
 def trigflow_interp(x0, noise, t):
     """TrigFlow (sCM §3): x_t = cos t x_0 + sin t z, z ~ N(0, sigma_d^2 I), and its velocity
@@ -295,9 +294,8 @@ def sct_tangent(Fn, xt, t, dxt, sigma_d=1.0, r=1.0):
 
 
 def consistency_times(steps):
-    """Intermediate times for N-step consistency sampling, starting at pi/2. sCM §5 uses t_mid = 1.1
-    for 2 steps; for more steps we continue geometrically in sigma = tan(t) from tan(1.1) ~ 1.96
-    down to 0.25 (our choice): N=4 -> t ~ (pi/2, 1.100, 0.611, 0.245)."""
+    """Times of N-step consistency sampling from pi/2: sCM §5 takes t_mid = 1.1 for 2 steps; more
+    continue geometrically in sigma = tan t down to 0.25 (ours): N=4 -> (pi/2, 1.1, 0.61, 0.245)."""
     if steps == 1:
         return [HALF_PI]
     sig = torch.logspace(math.log10(math.tan(1.1)), math.log10(0.25), steps - 1).tolist()
@@ -306,9 +304,7 @@ def consistency_times(steps):
 
 def consistency_sample(Fn, shape, steps=1, temperature=1.0, sigma_d=1.0, generator=None, times=None,
                        device=None):
-    """sCM multistep sampling: x_0 = f(x_t, t) with f(x_t, t) = cos t x_t - sin t sigma_d
-    F(x_t/sigma_d, t) (sCM §3, TrigFlow parameterisation); between steps re-noise x_0 to the next t.
-    """
+    """sCM multistep sampling (sCM §3): x_0 = f(x_t, t), re-noised to the next t between steps."""
     times = consistency_times(steps) if times is None else times
     std = math.sqrt(temperature) * sigma_d
     N = shape[0]
@@ -321,10 +317,9 @@ def consistency_sample(Fn, shape, steps=1, temperature=1.0, sigma_d=1.0, generat
 
 
 def trigflow_times(steps, tan_max=160.0, tan_min=0.004, rho=7.0):
-    """ODE grid pi/2 = t_0 > ... > t_steps = 0. Inner times follow EDM's rho = 7 schedule in sigma /
-    sigma_d = tan t (EDM's 80 and 0.002 over its sigma_data 0.5): a uniform grid in t starves the
-    small-t end, where narrow conditional distributions get their width (measured: 100 uniform steps
-    keep 79% of a N(mu, 0.05^2) target's variance, this grid 93%)."""
+    """ODE grid pi/2 = t_0 > ... > t_steps = 0: EDM's rho = 7 schedule in sigma / sigma_d = tan t
+    (EDM's 80 and 0.002 over its sigma_data 0.5). A grid uniform in t starves the small-t end,
+    where narrow conditional distributions get their width."""
     if steps == 1:
         return [HALF_PI, 0.0]
     i = torch.arange(steps - 1, dtype=torch.float64) / max(steps - 2, 1)
@@ -348,9 +343,8 @@ def trigflow_sample(Fn, shape, steps=100, temperature=1.0, sigma_d=1.0, generato
 
 def short_windows(K, n_layers):
     """Per-layer windows of T_short whose receptive field is exactly the last K frames: stacked
-    sliding windows reach sum(w_l - 1) + 1 positions, so split K - 1 over the layers (K=10, 2 layers
-    -> 5, 6). Training stays one causal pass (no per-frame re-encoding) and T_short never sees
-    x_{s-K-1}."""
+    windows reach sum(w_l - 1) + 1 positions, so K - 1 is split over the layers (K=10, 2 layers ->
+    5, 6): training stays one causal pass and T_short never sees x_{s-K-1}."""
     extra = [(K - 1) // n_layers + (1 if i < (K - 1) % n_layers else 0) for i in range(n_layers)]
     return [1 + e for e in extra][::-1]
 
@@ -400,21 +394,17 @@ class CALM(nn.Module):
         return z + self.short(x_short) if self.short is not None else z
 
     def condition(self, text):
-        """text [B, L] word ids (pad = cfg.n_text) -> c [B, d], the sum of the word embeddings;
-        all-pad rows (the null condition) give c = 0, i.e. exactly the unconditional network. c is
-        ADDED to every input of T_long (start frame included) rather than prepended as prefix
-        tokens: a prefix would be evicted by the ring-buffer KV cache once generation runs past
-        cfg.context, an added vector never is. The paper's music models take a text (CLAP)
-        conditioner (samples page, "Text-to-Music" update); how it enters the backbone we could not
-        confirm, so the summed-and-added vector is our choice. T_short stays unconditioned: it
-        restores local detail (the paper's role for it). Training: each sequence is replaced by the
-        null condition with probability cfg.cond_dropout to learn z_uncond for CFG (classifier-free
-        guidance, Ho & Salimans, arXiv 2207.12598)."""
+        """text [B, L] word ids (pad = cfg.n_text) -> c [B, d], the sum of the word embeddings; the
+        null condition (all pads) gives c = 0, exactly the unconditional network. Our conditioner
+        (the paper's music models take CLAP text; how it enters the backbone is not published): c
+        is ADDED to every input of T_long, because a prefix would be evicted by the rolling KV
+        cache; T_short, which restores local detail, stays unconditioned. In training a sequence
+        gets the null condition with probability cfg.cond_dropout, so that latent CFG
+        (classifier-free guidance, Ho & Salimans, arXiv 2207.12598) has z_uncond."""
         if self.text is None:
             raise ValueError('this model has no text conditioning (n_text = 0): sample without '
                              '--text')
-        # pads count 0, even if edited
-        c = (self.text(text) * (text != self.cfg.n_text)[..., None]).sum(1)
+        c = (self.text(text) * (text != self.cfg.n_text)[..., None]).sum(1)  # pads count 0
         if self.training and self.cfg.cond_dropout > 0:
             keep = torch.rand(c.shape[0], device=c.device) >= self.cfg.cond_dropout
             c = c * keep[:, None].to(c.dtype)
@@ -423,8 +413,7 @@ class CALM(nn.Module):
     def forward(self, x, step=0, text=None):
         """x [B, S, D] clean standardised latents, text [B, L] ids or None -> (loss, stats). Teacher
         forcing: predicts every x_s."""
-        # drawn first: noise draws follow it
-        c = self.condition(text) if text is not None else None
+        c = self.condition(text) if text is not None else None   # its draws come first
         x_long = self.noise_augment(x) if (self.training and self.cfg.noise_aug) else x
         z = self.conditioning(x_long, x) if c is None else self.conditioning(x_long, x, c)
         return self.objective(z.reshape(-1, z.shape[-1]), x.reshape(-1, x.shape[-1]), step)
@@ -438,18 +427,16 @@ class CALM(nn.Module):
         return t.clamp(self.cfg.t_eps, HALF_PI - self.cfg.t_eps)
 
     def objective(self, z, x0, step=0):
-        """The head's training loss at this step: z [N, d], x0 [N, D] -> (loss, stats). The head
-        objective cfg.head_loss names gives each row's error (trigflow_error, sct_error), which the
-        adaptive weight w(t) then weighs (sCM §4.2). Head batch multiplier: each row repeated M
-        times with its own (noise, t); the backbone ran once (MAR §3.3; the paper's)."""
+        """The head's training loss at this step: z [N, d], x0 [N, D] -> (loss, stats): each row's
+        error under the objective cfg.head_loss names (trigflow_error, sct_error), weighed by w(t).
+        Each row repeated M times with its own (noise, t): the head batch multiplier (MAR §3.3)."""
         cfg, sd = self.cfg, self.cfg.sigma_d
         M = cfg.head_batch_mul
         z, x0 = z.repeat_interleave(M, 0), x0.repeat_interleave(M, 0)
         t = self.sample_t(x0.shape[0], x0.device)
         noise = sd * torch.randn_like(x0)
         xt, dxt = trigflow_interp(x0, noise, t)
-        # A consistency run may start with `diffusion_steps` of the TrigFlow loss, which trains the
-        # same F: sCT then tunes it into a consistency model (docs/findings.md).
+        # A consistency run may start with diffusion_steps of the TrigFlow loss (docs/findings.md)
         tuning = cfg.head_loss == 'consistency' and step < cfg.diffusion_steps
         if cfg.head_loss == 'trigflow' or tuning:
             err, stats = self.trigflow_error(xt, dxt, t, z), {}
@@ -479,11 +466,9 @@ class CALM(nn.Module):
         zd = z.detach()                  # theta^- = stop-grad(theta), the backbone's z included
         Fh = lambda a, b: self.head(a, b, zd)
         F_minus, g = sct_tangent(Fh, xt, t, dxt, sd, r)
-        # Tangent normalisation g / (||.|| + 0.1) (sCM §4.2), but with the norm of the same
-        # tangent along an independent noise u instead of along dx_t/dt (our change): ||g||
-        # depends on which x_0 drew dx_t/dt, so dividing by it re-weights the regression target
-        # and moved mass between modes; ||g_u|| depends on x_t and t only. Costs a second JVP
-        # (docs/consistency.md).
+        # Tangent normalisation (sCM §4.2) by the norm of the same tangent along an independent
+        # noise u, not along dx_t/dt (our change): ||g|| depends on the x_0 that drew dx_t/dt and
+        # biased the map; ||g_u|| does not. A second JVP (docs/consistency.md).
         _, g_u = sct_tangent(Fh, xt, t, sd * torch.randn_like(dxt), sd, r)
         g_scaled = g / (g_u.norm(dim=-1, keepdim=True) + 0.1)
         err = ((self.head(xt / sd, t, z) - F_minus - g_scaled) ** 2).mean(-1)
@@ -504,18 +489,14 @@ class CALM(nn.Module):
 
     @torch.no_grad()
     def step_backbone(self, x_prev, state):
-        """x_prev [B, D] (last frame, None at the start) -> z [B, d] for the next frame; one token
-        each. Latent CFG (the paper's): z_cfg = z_uncond + alpha (z_cond - z_uncond) on T_long's
-        output, one T_long pass per branch; T_short's output is added once, after the mix, and the
-        head runs once per frame (guided 1-step sampling is still 1 head call). torch.lerp computes
-        end - (end - start)(1 - w) for w >= 0.5, so alpha = 1 gives z_cond and alpha = 0 gives
-        z_uncond bit for bit. The branches are two batch-B passes, not one 2B batch: a 2B matmul
-        rounds differently from a B one (measured 2e-7 on CPU), which would break the exact alpha =
-        0 / 1 equalities with unguided sampling (tests)."""
+        """x_prev [B, D] (last frame, None at the start) -> z [B, d] for the next frame. Latent CFG
+        (the paper's): z = z_uncond + alpha (z_cond - z_uncond) on T_long's output, one pass per
+        branch, then T_short's output once: one head call per frame, guided or not. torch.lerp
+        gives z_cond at alpha = 1 and z_uncond at 0 bit for bit, and two batch-B passes (not one
+        2B batch, which rounds differently) keep those limits exactly unguided sampling (tests)."""
         c, alpha = state.get('c'), state.get('alpha')
         z = self.long.step(x_prev, state['long'], c)
-        if alpha is not None:   # the null branch reads the same frames with c = None (= the zero
-                                # condition)
+        if alpha is not None:   # the null branch: the same frames, c = None (the zero condition)
             z = torch.lerp(self.long.step(x_prev, state['long_null']), z, alpha)
         return z + self.short.step(x_prev, state['short']) if self.short is not None else z
 
@@ -531,8 +512,7 @@ class CALM(nn.Module):
     def check_sampling(self, steps=1, top_k=None):
         """One-line errors for sampling options this LM does not take."""
         if top_k is not None:
-            raise ValueError('--top-k is for the discrete LMs (train.py --model rq/delay), not '
-                             'CALM')
+            raise ValueError('--top-k is for the discrete LMs (train.py --model rq/delay)')
 
     @torch.inference_mode()
     def generate(self, prompt=None, n_frames=100, steps=1, temperature=TEMPERATURE, generator=None,
@@ -560,25 +540,22 @@ class CALM(nn.Module):
 
     # --- training and its report: what train.py needs from every LM ---
     def prepare(self, latents, seed=0, log=None):
-        """Nothing to fit on the training latents before gradient steps (rq.py's LMs fit their RVQ).
-        """
+        """Nothing to fit on the latents before training (rq.py's LMs fit their RVQ here)."""
 
     @torch.no_grad()
     def held_out(self, x):
-        """Held-out, teacher-forced scores on x [B, S, D]: the head's temperature-0 one-step
-        prediction of every frame from the true past. The sCT loss itself (adaptive weight, moving
-        target F^-) does not show progress; this does."""
+        """Held-out scores on x [B, S, D], teacher-forced: the head's temperature-0 one-step
+        prediction of every frame from the true past (the sCT loss does not show progress)."""
         z = self.conditioning(x, x)
         gen = torch.Generator(x.device).manual_seed(0)  # leaves the global RNG alone: resume exact
-        pred = self.sample_head(z.flatten(0, 1), steps=1, temperature=0.0, generator=gen)
-        pred = pred.view_as(x)
+        pred = self.sample_head(z.flatten(0, 1), 1, 0.0, gen).view_as(x)   # 1 step, temperature 0
         return {'val_mse': float(((pred - x) ** 2).mean()), 'val_var': float(x.var())}
 
     def describe(self):
         """One line for train.py's log."""
-        cfg = self.cfg
-        first = (f' (TrigFlow loss for the first {cfg.diffusion_steps} steps)'
-                 if cfg.head_loss == 'consistency' and cfg.diffusion_steps else '')
+        cfg, first = self.cfg, ''
+        if cfg.head_loss == 'consistency' and cfg.diffusion_steps:
+            first = f' (TrigFlow loss for the first {cfg.diffusion_steps} steps)'
         text = f'n_text={cfg.n_text}, dropout {cfg.cond_dropout:g}' if cfg.n_text else 'off'
         return (f'{n_params(self) / 1e6:.2f}M params, head loss {cfg.head_loss}{first}, '
                 f'M={cfg.head_batch_mul}, K={cfg.short_context}, noise aug {cfg.noise_aug}, '
@@ -595,26 +572,29 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-if __name__ == '__main__':   # smoke test on random latents: param counts, a training step,
-                             # generation speed
+if __name__ == '__main__':   # parameter counts, and the toy's steps timed on random latents
     torch.manual_seed(0)
-    print(f"PAPER params: {n_params(CALM(PAPER)) / 1e6:.1f}M")
-    for loss in ['trigflow', 'consistency']:
-        cfg = Config(**{**TOY.__dict__, 'head_loss': loss})
-        m = CALM(cfg)
-        x = torch.randn(32, cfg.context, cfg.latent_dim)
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-        for i in range(3):
+    with torch.device('meta'):   # shapes only: the paper's sizes cost no memory
+        paper = CALM(PAPER)
+    print(f'PAPER: {n_params(paper) / 1e6:.0f}M params, head {n_params(paper.head) / 1e6:.0f}M '
+          '(never trained here)')
+    m = CALM(TOY)
+    x = torch.randn(32, TOY.context, TOY.latent_dim)   # the toy LM batch: 32 windows of 64 frames
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    print(f'TOY: {n_params(m) / 1e6:.2f}M params, head {n_params(m.head) / 1e6:.2f}M')
+    for phase, first in (('TrigFlow', 0), ('sCT', TOY.diffusion_steps)):   # the toy's two phases
+        best = math.inf
+        for step in range(first, first + 3):
             t0 = time.time()
-            loss_, st = m(x, step=i)
+            loss, stats = m(x, step=step)
             opt.zero_grad()
-            loss_.backward()
+            loss.backward()
             opt.step()
-        print(f"TOY {loss}: {n_params(m) / 1e6:.2f}M params, {time.time() - t0:.2f} s/step "
-              f"({torch.get_num_threads()} threads), stats {st}")
-        m.eval()
-        for steps in [1, 4]:
-            m.generate(None, 10, steps=steps)
-            t0 = time.time()
-            m.generate(None, 100, steps=steps)
-            print(f"  generate {steps} step(s): {(time.time() - t0) * 10:.2f} ms/frame")
+            best = min(best, time.time() - t0)
+        print(f'  {phase} training step: {best:.2f} s (best of 3, {torch.get_num_threads()} '
+              f'threads); stats {stats}')
+    for steps in (1, 4):
+        m.eval().generate(None, 10, steps=steps)   # warm-up
+        t0 = time.time()
+        m.generate(None, 100, steps=steps)
+        print(f'  generation, {steps} consistency step(s): {(time.time() - t0) * 10:.2f} ms/frame')

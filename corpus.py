@@ -1,6 +1,7 @@
 """
 Your own audio at scale: `train.py --data DIR` on hours of speech or music without loading it into
-memory.
+memory, and the latent cache and LM batches every run trains from. Read it when you train on your
+own audio; for the toy, train.py's use of it is enough.
 
     index = build_index('my_audio/', 'out/mine/index.json')   # each file's length and rate
     get_batch = CropLoader(CropDataset(index, seed, batch, length, sr), workers=4)   # VAE stage

@@ -1,5 +1,5 @@
 """
-Toy music for calm, and loading your own audio.
+Toy music for calm, and loading your own audio. The first file to read: what the data is.
 
 The toy task stands in for the paper's music data: every clip is a monophonic melody at
 24 kHz built from a short motif that repeats, so that a language model on VAE latents can learn

@@ -7,47 +7,31 @@ they are made of live in metrics.py; read this after sample.py.
     python evaluate.py --compare --vae-from out/toy --lm-steps 2000   # equal-budget ablations
     python evaluate.py --table out/toy out/rq out/delay   # continuous vs discrete (docs/discrete)
 
-A run folder may hold a discrete baseline instead of CALM (train.py --model rq|delay, rq.py): it is
-scored the same way, at its softmax temperatures. --table puts several runs in one comparison: the
-codec rows (decoded quality and bits per frame of the Gaussian latents vs RVQ codes of them, per
-level count Q), the continuation rows of every run, and batch-1 speed split into backbone and head
-(`table_speed`).
+A run may hold a discrete baseline (train.py --model rq|delay): it is scored the same way, at its
+softmax temperatures. --table puts several runs in one comparison: codec rows (decoded quality and
+bits per frame of the Gaussian latents vs RVQ codes of them, per level count Q), the continuation
+rows of every run, and batch-1 speed split into backbone and head (`table_speed`).
 
-Sections and what each number is (the kinds of measure the paper reports, on the toy task):
-- vae: reconstruction of held-out clips: note-pitch accuracy of the reconstruction (fraction of
-  annotated notes whose estimated MIDI pitch, rounded, equals the annotation;
-  metrics.note_pitch_accuracy), log-mel L1 and SI-SDR (dB) between clip and reconstruction.
-  'real' = the same pitch score on the clip itself (the ceiling set by the pitch estimator).
-- continuation: the prompt of a held-out clip (default: per clip, its first two repetitions of the
-  motif, 4.9 s on average; or a fixed --prompt-seconds) is encoded, the model continues for
-  --continue-seconds (batch 1, fixed seed), the whole latent sequence is decoded, and the continued
-  span is scored against the clip's TRUE continuation (pooled over clips; metrics.py):
-    note_acc  fraction of true notes (onset in the continued span, >= metrics.BOUNDARY_SKIP s after
-              the prompt boundary) whose pitch, estimated from the generated audio over the middle
-              of the note's span, equals the annotated MIDI pitch (rounded).
-    onset_r / onset_p / onset_f1  notes are transcribed from the generated audio (spectral-flux
-              onsets + f0 per segment, metrics.transcribe); a true note is hit when a transcribed
-              note with the same pitch starts within +-tol s (default 0.1); recall / precision /
-              F1 over all clips.
-    key       fraction of transcribed pitch classes inside the clip's scale (tonic + mode).
-    timbre    fraction of clips whose continuation the timbre detector assigns to the clip's family.
-    fd        Frechet distance (FAD-like; the embedding owes nothing to the model under test)
-              between the set of continued spans and the real continued spans of a DIFFERENT set
-              of held-out clips. Embedding: metrics.log_mel frames (80 mels, natural log, hop 256
-              samples), 4 consecutive frames stacked (320 values) times a fixed seed-0 Gaussian
-              matrix N(0, 1/320) -> 32 dims, one vector per frame; mean and covariance over all
-              frames of a set (metrics.frechet). The 'real' row is the floor (two real splits);
-              white noise scores ~10-30x higher.
-  Reference rows: 'real' = the true continuation itself (the metric's ceiling), 'vae' = the clip
-  encoded and decoded by the VAE (what a perfect LM could reach), 'other clip' = the true
-  continuation of a different held-out clip (chance level: right style, wrong notes; no fd, a
-  set-level distance does not see the swap), 'noise' = white noise (fd only).
-- speed: batch 1, torch.inference_mode, best of 2 runs: ms per generated frame at 1/4/100 sampler
-  steps over a 10 s continuation (the sampler cfg.head_loss picks: consistency steps, or TrigFlow
-  ODE steps; on a consistency model '100 steps' = 100 evaluations of the same head, i.e. the head
-  cost per step), the head cost per step (slope) and backbone cost per frame derived from them,
-  real-time factor (generation s / audio s at the VAE frame rate), ms/frame for 10 s vs 30 s
-  continuations, VAE decoding RTF.
+Sections (the kinds of measure the paper reports, on the toy task):
+- vae: held-out reconstructions: note-pitch accuracy (metrics.note_pitch_accuracy; 'real': on the
+  clip itself, the pitch estimator's ceiling), log-mel L1, SI-SDR (dB).
+- continuation: the prompt of a held-out clip (default: its first two repetitions of the motif,
+  4.9 s on average; or --prompt-seconds) is encoded, continued for --continue-seconds (batch 1,
+  fixed seed) and decoded, and the continued span is scored against the clip's TRUE continuation,
+  pooled over clips (metrics.score_continuation, summarise):
+    note_acc  true notes whose pitch, estimated from the generated audio, is the annotated one
+    onset_r / onset_p / onset_f1  transcribed notes (metrics.transcribe) matching a true note's
+              pitch within +-tol s of its onset: recall / precision / F1
+    key       transcribed pitch classes inside the clip's scale
+    timbre    clips whose continuation the timbre detector assigns to the clip's family
+    fd        Frechet distance between the continued spans and the real continued spans of OTHER
+              held-out clips, on a fixed log-mel embedding (metrics.embed, metrics.frechet)
+  Reference rows: 'real' (the true continuation: the ceiling; fd: the floor), 'vae' (the clip
+  through the VAE: what a perfect LM could reach), 'other clip' (another clip's true continuation:
+  chance), 'noise' (white noise, fd only).
+- speed: batch 1, best of 2: ms per generated frame at 1/4/100 sampler steps over 10 s (on a
+  consistency model '100 steps' is 100 calls of the head), the head cost per step (the slope) and
+  the backbone cost per frame, real-time factors, 10 s vs 30 s, VAE decoding.
 """
 import argparse
 import dataclasses

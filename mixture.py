@@ -1,6 +1,7 @@
 """
 Gaussian mixtures with a known answer, and calm's head trained alone on one: what the tests, the
-tour's figure 03 and bench/map.py check a consistency head against.
+tour's figure 03 and bench/map.py check a consistency head against. Read it with calm.py's opening
+paragraph, when you want to see a consistency map learnt.
 
 A mixture stays a mixture under x_t = cos t x_0 + sin t z (component k becomes
 N(cos t mu_k, (cos^2 t s^2 + sin^2 t) I)), so its TrigFlow velocity E[v_t | x_t] is exact in closed

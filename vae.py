@@ -13,7 +13,9 @@ model reads the (standardised) posterior mean.
 
 Everything is causal: latent s depends only on samples < (s + 1) * hop, and output sample t only on
 latents <= t // hop, so the codec can stream (the paper's VAE is causal, like Mimi; CALM generates
-frame by frame).
+frame by frame). Read it after data.py and before calm.py: the LM never sees audio, only
+vae.encode's latents; the VAE-GAN's discriminator (Adversary) and the learned-phase head are
+options the toy does not use.
 """
 import math
 from dataclasses import dataclass
@@ -67,18 +69,12 @@ PAPER = Config(discriminator=True)
 SMALL = Config(channels=32, max_channels=512, d_model=256, n_transformer_layers=2, n_heads=4,
                discriminator=True)
 
-# Toy (CPU): same 12.5 frames/s and the same design, with the outermost stage of each side replaced
-# by a fixed transform: the encoder reads a causal STFT (n_fft 960, hop 240: 100 frames/s,
-# log-magnitudes), one strided conv stage (x8) reaches 12.5 frames/s; the decoder mirrors it back to
-# 100 frames/s of log-magnitudes and a phase vocoder makes the waveform. Why: measured on this CPU,
-# a waveform decoder (SEANet convs, or an iSTFT head that learns phases) had not produced the right
-# pitches after 300-600 steps (pitch accuracy ~1%), while this one reaches ~93% after 1500 steps in
-# ~5 min. The price: phases are not modelled (bin-centre phase advance), so SI-SDR is meaningless
-# and the timbre is a little "phasey"; pitch, envelope and timing are kept. 16 latent dims: toy
-# music needs little rate. No Transformer layers in the toy bottleneck (optional, paper Table 13 has
-# 8): with 2 layers the latent carried ~8 nats/frame and pitch accuracy was 0% after 500 steps,
-# without them 46 nats and 45%. phase='learned' swaps the vocoder for a learned-phase iSTFT head
-# (VAE.istft_head; docs/codec.md).
+# Toy (CPU): the same 12.5 frames/s and design, with the outermost stage of each side a fixed
+# transform: the encoder reads a causal STFT (n_fft 960, hop 240: log-magnitudes at 100 frames/s)
+# and one strided conv stage (x8); the decoder mirrors it and a phase vocoder makes the waveform
+# (phase='learned': a learned-phase iSTFT head, docs/codec.md). Why, and why no Transformer in its
+# bottleneck: on 2 CPU cores only this one learnt the pitches (docs/findings.md, "Why this VAE for
+# the toy?"). The price: phases are not modelled, so SI-SDR is meaningless.
 TOY = Config(ratios=(8,), stft_hop=240, channels=256, max_channels=256, n_residual=2, latent_dim=16,
              d_model=128, n_transformer_layers=0, n_heads=4, context=16, kl_weight=1e-4,
              spec_weight=1.0, time_weight=0.0, freq_weight=0.0)
