@@ -11,7 +11,7 @@ wav and flac at 16-48 kHz, mono and stereo, nested speaker/chapter folders, 4-40
             few LM steps from the finished cache, each in a fresh process (max RSS of the process
             and its workers)
 
-    python -m bench.scale                                # 1 h and 10 h under /tmp/calm_bench
+    python -m bench.scale                                # 1 h and 10 h under out/bench
     OMP_NUM_THREADS=1 python -m bench.scale --hours 1 10 --root out/bench --delete
     OMP_NUM_THREADS=1 python -m bench.scale --toy-encode # the toy's cache vs a plain encoding loop
 
@@ -177,8 +177,8 @@ def main():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--hours', type=float, nargs='+', default=[1, 10],
                    help='corpus sizes in hours (default: 1 10)')
-    p.add_argument('--root', default='/tmp/calm_bench',
-                   help='where corpora and runs are written (default /tmp/calm_bench)')
+    p.add_argument('--root', default='out/bench',
+                   help='where corpora and runs are written (default out/bench)')
     p.add_argument('--steps', type=int, default=5,
                    help='VAE and LM steps per measured run (default 5)')
 
