@@ -274,8 +274,7 @@ def trigflow_interp(x0, noise, t):
 
 
 def consistency_fn(Fn, xt, t, sigma_d=1.0):
-    """f_theta(x_t, t) = cos t x_t - sin t sigma_d F(x_t / sigma_d, t) (sCM §3); f(x, 0) = x always.
-    """
+    """f_theta(x_t, t) = cos t x_t - sin t sigma_d F(x_t / sigma_d, t) (sCM §3): f(x, 0) = x."""
     return t.cos()[:, None] * xt - t.sin()[:, None] * sigma_d * Fn(xt / sigma_d, t)
 
 
@@ -363,15 +362,16 @@ class CALM(nn.Module):
         self.cfg = cfg
         D, d = cfg.latent_dim, cfg.d_model
         self.long = Transformer(D, d, cfg.n_heads, [cfg.context] * cfg.n_layers, cfg.dropout)
-        self.short = (Transformer(D, d, cfg.n_heads,
-                                  short_windows(cfg.short_context, cfg.short_layers),
-                                  cfg.dropout) if cfg.short_context > 0 else None)
+        self.short = None
+        if cfg.short_context > 0:
+            windows = short_windows(cfg.short_context, cfg.short_layers)
+            self.short = Transformer(D, d, cfg.n_heads, windows, cfg.dropout)
         self.head = Head(D, d, cfg.head_width, cfg.head_blocks, time_scale=cfg.time_scale)
         # Text conditioning (our conditioner): one embedding per word, id n_text = padding = the
         # null condition (a zero row: the empty description). See CALM.condition.
-        self.text = nn.Embedding(cfg.n_text + 1, d,
-                                 padding_idx=cfg.n_text) if cfg.n_text > 0 else None
-        if self.text is not None:
+        self.text = None
+        if cfg.n_text > 0:
+            self.text = nn.Embedding(cfg.n_text + 1, d, padding_idx=cfg.n_text)
             nn.init.normal_(self.text.weight[:cfg.n_text], std=0.02)
         # learned log-variance weight w(t) of sCM §4.2, zero-init (starts as the plain MSE)
         self.weight_net = nn.Linear(128, 1) if cfg.adaptive_weight else None

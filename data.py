@@ -303,11 +303,11 @@ def write_wav(path, wav, sr=SR):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description='Toy data from the command line. python data.py '
-                                            'prompt out/prompt.wav  writes a prompt for sample.py.')
+    p = argparse.ArgumentParser(description='Toy data from the command line. `python data.py '
+                                'prompt out/prompt.wav` writes a prompt for sample.py.')
     sub = p.add_subparsers(dest='command', required=True, metavar='prompt')
-    q = sub.add_parser('prompt', help='write a toy clip as a wav (default: held-out clip 0, never '
-                                      'trained on)')
+    q = sub.add_parser('prompt', help='write a toy clip as a wav (default: held-out clip 0, '
+                       'never trained on)')
     q.add_argument('out', nargs='?', default='out/prompt.wav',
                    help='output wav (default out/prompt.wav)')
     q.add_argument('--clip', type=int, default=0, help='index of the clip in its split (default 0)')

@@ -258,8 +258,8 @@ def rvq_report(rvq, x):
 
 class CodeEmbedding(nn.Module):
     """A frame's backbone input: the sum of its Q codes' embeddings, one table per level (Moshi
-    §3.4). n_codes = V, or V + 1 for the delay LM, whose id V means 'no code here' (before a level's
-    first frame)."""
+    §3.4). n_codes = V, or V + 1 for the delay LM, whose id V means 'no code here' (before a
+    level's first frame)."""
 
     def __init__(self, n_q, n_codes, d):
         super().__init__()
@@ -292,7 +292,8 @@ class DepthTransformer(nn.Module):
         self.emb = nn.Embedding(max(n_q - 1, 0) * V, d)
         nn.init.normal_(self.emb.weight, std=0.02)
         # calm.Block without the rotary embedding: every level has its own input projection, so
-        # positions need no encoding (Moshi §3.4); the ring-buffer cache of Q slots holds the levels
+        # positions need no encoding (Moshi §3.4); the ring-buffer cache of Q slots holds the
+        # levels
         self.blocks = nn.ModuleList([calm.Block(d, n_heads, n_q, dropout, rope=False)
                                      for _ in range(n_layers)])
         for blk in self.blocks:

@@ -393,8 +393,8 @@ def train_vae(args, clips, ddp, rank, log):
         get_batch = corpus.CropLoader(dataset, args.workers,
                                       pin_memory=args.device.startswith('cuda'))
     else:
-        get_batch = lambda s: torch.from_numpy(data.crop_batch(clips, s, args.seed,
-                                                               recipe['batch'], length, rank))
+        get_batch = lambda s: torch.from_numpy(
+            data.crop_batch(clips, s, args.seed, recipe['batch'], length, rank))
     path = os.path.join(args.out, 'vae.pt')
     finished, stats = train('vae', model, cfg, recipe, get_batch, path, args, ddp, log,
                             adversary=adversary)

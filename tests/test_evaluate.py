@@ -155,16 +155,15 @@ def test_continuation_pipeline_oracle_and_silent(clips, prompt_seconds):
     if prompt_seconds is None:
         clips = data.toy_clips('heldout', 8, seconds=15.5)
     scored, ref = clips[:4], clips[4:8]
-    res = ev.eval_continuation(ReshapeVAE(), FakeLM(scored, oracle=True), scored, ref, det, args,
-                               'cpu')
+    oracle, silent = FakeLM(scored, oracle=True), FakeLM(scored, oracle=False)
+    res = ev.eval_continuation(ReshapeVAE(), oracle, scored, ref, det, args, 'cpu')
     rows = res['rows']
     assert set(rows) >= {'real', 'vae', 'other clip', 'noise', 'calm steps=1 T=default'}
     calm = rows['calm steps=1 T=default']
     for k in ('note_acc', 'onset_r', 'key', 'fd'):  # the oracle continuation is the real one
         assert calm[k] == pytest.approx(rows['real'][k], abs=1e-6)
     assert calm['note_acc'] > rows['other clip']['note_acc']
-    silent = ev.eval_continuation(ReshapeVAE(), FakeLM(scored, oracle=False), scored, ref, det,
-                                  args, 'cpu')
+    silent = ev.eval_continuation(ReshapeVAE(), silent, scored, ref, det, args, 'cpu')
     s = silent['rows']['calm steps=1 T=default']
     assert s['note_acc'] == 0 and s['onset_r'] == 0
     text = ev.report({'continuation': res})
