@@ -1,5 +1,6 @@
 """
-A guided tour of calm in pictures: what each part of a trained run does, one PNG per step.
+A guided tour of calm in pictures: what each part of a trained run does, one PNG per step. Read it
+beside the code it draws (README.md, "How it works"); it imports only the library.
 
     pip install matplotlib              # optional dependency, only this script uses it
     python tour.py --ckpt out/toy       # -> out/toy/tour/01_data.png ... 06_training.png
