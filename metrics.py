@@ -390,3 +390,17 @@ def summarise(counts, fd=None):
     out['timbre'] = float(np.mean(timbres)) if timbres else None
     out['fd'] = fd
     return out
+
+
+def bootstrap_ci(counts, n_boot=2000, seed=0, level=0.95):
+    """95% intervals of note_acc, key and timbre from resampling the clips with replacement, each
+    resample pooled as `summarise` pools (Efron's percentile interval). The resamples depend only
+    on (seed, number of clips), so rows scored on the same clips share them (paired)."""
+    idx = np.random.default_rng(seed).integers(len(counts), size=(n_boot, len(counts)))
+    col = lambda k: np.array([c[k] for c in counts], np.float64)[idx].sum(1)
+    ratios = {'note_acc': col('n_pitch') / np.maximum(col('n_ref'), 1),
+              'key': col('n_in_key') / np.maximum(col('n_gen'), 1)}
+    if all(c['timbre'] is not None for c in counts):
+        ratios['timbre'] = col('timbre') / len(counts)
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    return {f'{k}_ci': [float(v) for v in np.percentile(r, q)] for k, r in ratios.items()}

@@ -166,8 +166,10 @@ def test_continuation_pipeline_oracle_and_silent(clips, prompt_seconds):
     silent = ev.eval_continuation(ReshapeVAE(), silent, scored, ref, det, args, 'cpu')
     s = silent['rows']['calm steps=1 T=default']
     assert s['note_acc'] == 0 and s['onset_r'] == 0
+    lo, hi = calm['note_acc_ci']           # its interval holds it; per-clip counts are kept
+    assert lo <= calm['note_acc'] <= hi and len(calm['per_clip']) == len(scored)
     text = ev.report({'continuation': res})
-    assert 'calm steps=1 T=default' in text and 'other clip' in text
+    assert 'calm steps=1 T=default' in text and 'other clip' in text and 'note_acc_ci' in text
 
 
 def test_speed_section_runs():
@@ -197,3 +199,19 @@ def test_compare_table_from_fake_results():
     assert 'trigflow steps=100 T=0.7' in text and '0.700' in text
     assert set(ev.VARIANTS) == {'consistency', 'trigflow', 'no_noise_aug', 'short_context_10',
                                 'head_batch_mul_1'}
+
+
+def test_bootstrap_intervals_pool_resampled_clips():
+    counts = [dict(n_ref=4, n_pitch=k % 5, n_hit=0, n_gen=5, n_in_key=k % 6, timbre=float(k % 2))
+              for k in range(40)]
+    s, ci = metrics.summarise(counts), metrics.bootstrap_ci(counts)
+    for k in ('note_acc', 'key', 'timbre'):
+        lo, hi = ci[f'{k}_ci']
+        assert lo < s[k] < hi and hi - lo < 0.5
+    # the same counts on every clip: every resample pools to the point estimate
+    same = metrics.bootstrap_ci([counts[3]] * 40)
+    assert same['note_acc_ci'] == [0.75, 0.75] and same['timbre_ci'] == [1.0, 1.0]
+    # paired: the resamples depend only on the seed and the number of clips, so a row that is
+    # better on every clip has a higher bound at both ends
+    better = metrics.bootstrap_ci([dict(c, n_pitch=c['n_pitch'] + 1) for c in counts])
+    assert all(b > a for a, b in zip(ci['note_acc_ci'], better['note_acc_ci']))
