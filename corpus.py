@@ -330,7 +330,7 @@ class LatentCache:
 
 
 def encode_latents(vae, lengths, read, path, device='cpu', dtype=np.float32, names=None,
-                   by_length=False, chunk_seconds=60.0, bucket=16, verbose=True):
+                   by_length=False, chunk_seconds=60.0, bucket=16, verbose=True, batch=1):
     """Encode every source once into the cache at `path` (.npy, .json, .done) and return it as a
     LatentCache.
 
@@ -338,7 +338,8 @@ def encode_latents(vae, lengths, read, path, device='cpu', dtype=np.float32, nam
     audio. A complete cache with the same key (VAE weights, sources, dtype) is returned as it is; a
     partial one continues with the sources not yet marked done. chunk_seconds, bucket: see
     encode_chunks. Under DDP (torch.distributed initialised), rank r encodes sources r, r + world,
-    ...; all ranks must call this.
+    ...; all ranks must call this. batch > 1: up to `batch` consecutive sources of one length that
+    fit in one chunk are encoded in one vae.encode call (the toy's equal-length clips).
     """
     lengths = np.asarray(lengths, np.int64)
     names = list(names) if names is not None else [str(i) for i in range(len(lengths))]
@@ -386,7 +387,7 @@ def encode_latents(vae, lengths, read, path, device='cpu', dtype=np.float32, nam
         try:
             share = f' (rank {rank} of {world})' if ddp else ''
             encode_sources(vae, todo, lengths, read, npy, done_path, starts, dtype, device,
-                           chunk_seconds, bucket, share, verbose)
+                           chunk_seconds, bucket, share, verbose, batch)
         except KeyboardInterrupt:
             if verbose:
                 print('\nencode: interrupted; the sources done so far are kept, run the same '
@@ -409,9 +410,10 @@ def encode_index(vae, index, path, device='cpu', verbose=True):
 
 
 def encode_sources(vae, todo, lengths, read, npy, done_path, starts, dtype, device, chunk_seconds,
-                   bucket, share, verbose):
+                   bucket, share, verbose, batch=1):
     """encode_latents' work: each source in `todo`, chunk by chunk, written in place, then marked
-    done."""
+    done. batch > 1: runs of equal-length sources that fit in one chunk go through vae.encode
+    together."""
     # offset: where the .npy header ends
     offset, dim = np.load(npy, mmap_mode='r').offset, vae.cfg.latent_dim
     ctx = left_context_frames(vae)
@@ -421,13 +423,28 @@ def encode_sources(vae, todo, lengths, read, npy, done_path, starts, dtype, devi
     if verbose:
         print(f'encode: {len(todo)} of {len(lengths)} sources{share}, {hours:.2f} h of audio, '
               f'in chunks of {chunk} frames with {ctx} frames of left context -> {npy}', flush=True)
+
+    def latents(k):   # -> [(source, [latent chunks])] for the run of sources from todo[k] on
+        n = int(lengths[todo[k]])
+        run = todo[k:k + batch] if vae.n_frames(n) <= chunk else todo[k:k + 1]
+        run = run[:next((j for j, i in enumerate(run) if lengths[i] != n), len(run))]
+        if len(run) == 1:
+            read_one = lambda a, c: read(run[0], a, c)
+            return [(run[0], encode_chunks(vae, read_one, n, device, chunk, ctx, bucket))]
+        x = np.stack([read(i, 0, n) for i in run])
+        if bucket > 1:   # padded as encode_chunks pads: the same input shapes, the same values
+            x = np.pad(x, ((0, 0), (0, -(-vae.n_frames(n) // bucket) * bucket * vae.hop - n)))
+        z = vae.encode(torch.from_numpy(x).to(device))[:, :vae.n_frames(n)]
+        return [(i, [zi]) for i, zi in zip(run, z)]
     # Plain writes at an offset, no writable memmap: written pages never count in this process's
     # memory.
     with open(npy, 'r+b', buffering=0) as f, open(done_path, 'r+b', buffering=0) as fd:
+        encoded = []
         for k, i in enumerate(todo):
+            encoded = encoded or latents(k)
+            i, zs = encoded.pop(0)
             pos = starts[i]
-            for z in encode_chunks(vae, lambda a, c: read(i, a, c), int(lengths[i]), device, chunk,
-                                   ctx, bucket):
+            for z in zs:
                 f.seek(offset + int(pos) * dim * dtype.itemsize)
                 f.write(z.float().cpu().numpy().astype(dtype).tobytes())
                 pos += len(z)

@@ -47,7 +47,9 @@ RECIPES = {
 # Toy training sets: the VAE trains on 512 clips x 8 s (~68 min of audio); the LM on the latents of
 # 4096 clips (~9 h), enough to learn to continue a motif rather than memorise the training motifs
 # (docs/findings.md, "Why does the LM train on 4096 clips?").
-TOY_CLIPS = dict(n=512, lm_n=4096, seconds=8.0)
+TOY_CLIPS = dict(n=512, lm_n=4096, seconds=8.0, encode_batch=1)
+# encode_batch: LM clips per vae.encode call (corpus.encode_latents). A batch rounds differently
+# from one clip at a time (~4e-5 in the latents), so every later number would change bit for bit.
 # On a CUDA device the LM stage trains 9000 steps of 128 windows, 38x the windows of the CPU recipe:
 # the budget that continuing the motif needs (docs/findings.md, "What does a GPU budget learn?").
 GPU_LM = dict(steps=9000, batch=128)
@@ -433,7 +435,8 @@ def encode_all(vae, clips, n, cache, device, rank=0):
     # bucket=1: the clips all have one length (one input shape), and unpadded they keep their exact
     # values
     return corpus.encode_latents(vae, [length] * n, read, cache, device, np.float32, bucket=1,
-                                 names=[f'toy-train-{i}' for i in range(n)], verbose=rank == 0)
+                                 names=[f'toy-train-{i}' for i in range(n)], verbose=rank == 0,
+                                 batch=TOY_CLIPS['encode_batch'])
 
 
 def lm_recipe(args, cfg):
