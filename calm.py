@@ -65,6 +65,10 @@ class Config:
     dropout: float = 0.0
     n_text: int = 0               # text vocabulary size (data.VOCAB); 0 = unconditional
     cond_dropout: float = 0.2     # P(null condition) per training sequence (our choice)
+    # Levers for a small CPU budget (ours, not the paper's), all off by default:
+    readout_weight: float = 0.0   # > 0: a linear readout of x_s from z_s joins the loss (forward)
+    sct_head_only: bool = False   # the sCT loss trains the head only, z detached (sct_error)
+    noise_ramp: int = 0           # > 0: noise augmentation ramps up over this many steps
 
 
 # Presets. PAPER: the music LM is MusicGen-medium sized (48 layers x 1536) on 128-dim latents at
@@ -378,13 +382,20 @@ class CALM(nn.Module):
         if self.weight_net is not None:
             nn.init.zeros_(self.weight_net.weight)
             nn.init.zeros_(self.weight_net.bias)
+        # linear readout of x_s from z_s (cfg.readout_weight; a training loss, never sampled)
+        self.readout = nn.Linear(d, D) if cfg.readout_weight > 0 else None
 
     # --- conditioning z_s = z_long_s + z_short_s (paper Eq. 3) ---
-    def noise_augment(self, x):
+    def noise_augment(self, x, step=None):
         """x~_s = sqrt(k_s) eps + sqrt(1 - k_s) x_s with one k_s ~ U(0, noise_max) per frame (paper
         Eq. 3: U(0, 1), k indexed per frame). Only the backbone's inputs are corrupted; targets and
-        T_short's inputs stay clean."""
-        k = self.cfg.noise_max * torch.rand(x.shape[0], x.shape[1], 1, device=x.device)
+        T_short's inputs stay clean. cfg.noise_ramp > 0: k ~ U(0, noise_max min(1, step /
+        noise_ramp)): the first steps see cleaner inputs, from which copying the past is learnt
+        sooner."""
+        top = self.cfg.noise_max
+        if self.cfg.noise_ramp > 0 and step is not None:
+            top = top * min(1.0, step / self.cfg.noise_ramp)
+        k = top * torch.rand(x.shape[0], x.shape[1], 1, device=x.device)
         return k.sqrt() * torch.randn_like(x) + (1 - k).sqrt() * x
 
     def conditioning(self, x_long, x_short, c=None):
@@ -414,9 +425,15 @@ class CALM(nn.Module):
         """x [B, S, D] clean standardised latents, text [B, L] ids or None -> (loss, stats). Teacher
         forcing: predicts every x_s."""
         c = self.condition(text) if text is not None else None   # its draws come first
-        x_long = self.noise_augment(x) if (self.training and self.cfg.noise_aug) else x
+        x_long = self.noise_augment(x, step) if (self.training and self.cfg.noise_aug) else x
         z = self.conditioning(x_long, x) if c is None else self.conditioning(x_long, x, c)
-        return self.objective(z.reshape(-1, z.shape[-1]), x.reshape(-1, x.shape[-1]), step)
+        loss, stats = self.objective(z.reshape(-1, z.shape[-1]), x.reshape(-1, x.shape[-1]), step)
+        if self.readout is not None:
+            # the head's loss reaches the backbone mostly through large-t rows; this, every frame
+            mse = ((self.readout(z) - x) ** 2).mean()
+            loss = loss + self.cfg.readout_weight * mse
+            stats['readout_mse'] = mse.item()
+        return loss, stats
 
     # --- head losses ---
     def sample_t(self, n, device):
@@ -471,7 +488,9 @@ class CALM(nn.Module):
         # biased the map; ||g_u|| does not. A second JVP (docs/consistency.md).
         _, g_u = sct_tangent(Fh, xt, t, sd * torch.randn_like(dxt), sd, r)
         g_scaled = g / (g_u.norm(dim=-1, keepdim=True) + 0.1)
-        err = ((self.head(xt / sd, t, z) - F_minus - g_scaled) ** 2).mean(-1)
+        # cfg.sct_head_only: sCT's updates through z can undo what the TrigFlow phase taught T_long
+        zh = zd if cfg.sct_head_only else z
+        err = ((self.head(xt / sd, t, zh) - F_minus - g_scaled) ** 2).mean(-1)
         return err, {'r': r, 'g_norm': g.norm(dim=-1).mean().item()}
 
     # --- generation: per-frame pieces, exposed so evaluators can time backbone vs head ---

@@ -362,6 +362,36 @@ def test_diffusion_steps_then_sct_with_its_own_tangent_warmup():
     assert m(x, step=5)[1]['r'] == 0.0 and m(x, step=10)[1]['r'] == 0.5
 
 
+def test_cpu_budget_levers():
+    """readout_weight: a linear readout's MSE joins the loss and reaches the backbone;
+    sct_head_only: in the sCT phase no gradient reaches the backbone (the head still learns);
+    noise_ramp: clean inputs at step 0, the full noise_max from step noise_ramp on. Off, they add
+    no parameters and no random draws."""
+    x = torch.randn(2, 6, 4)
+    grads = {}
+    for name, kw in [('plain', {}), ('head_only', dict(sct_head_only=True)),
+                     ('readout', dict(sct_head_only=True, readout_weight=1.0))]:
+        m = randomize(calm.CALM(tiny(diffusion_steps=5, **kw))).train()
+        loss, stats = m(x, step=8)                               # an sCT step
+        loss.backward()
+        norm = lambda mod: sum(p.grad.abs().sum() for p in mod.parameters() if p.grad is not None)
+        grads[name] = (float(norm(m.long)), float(norm(m.head)), stats)
+    assert grads['plain'][0] > 0 and grads['head_only'][0] == 0 and grads['readout'][0] > 0
+    assert all(g[1] > 0 for g in grads.values())
+    assert 'readout_mse' in grads['readout'][2] and 'readout_mse' not in grads['plain'][2]
+    assert calm.CALM(tiny()).readout is None     # off: no parameters, older checkpoints load
+    m = calm.CALM(tiny(noise_ramp=10, short_context=0)).train()
+    ones = torch.ones(4, 50, 2048)
+    assert torch.equal(m.noise_augment(ones, step=0), ones)
+    k = lambda step: (1 - m.noise_augment(ones, step).mean(-1) ** 2).max().item()  # largest k
+    assert abs(k(5) - 0.5) < 0.07 and abs(k(10) - 1.0) < 0.07 and abs(k(100) - 1.0) < 0.07
+    off = calm.CALM(tiny()).train()              # noise_ramp = 0: the step changes nothing
+    torch.manual_seed(1)
+    a = off.noise_augment(ones[:, :8, :16], step=3)
+    torch.manual_seed(1)
+    assert torch.equal(a, off.noise_augment(ones[:, :8, :16]))
+
+
 # --- distribution: two modes, which an MSE predictor would average --------------------------------
 
 @pytest.mark.parametrize('head_loss,steps', [('consistency', 1), ('trigflow', 100)])
