@@ -47,9 +47,9 @@ RECIPES = {
 # Toy training sets: the VAE trains on 512 clips x 8 s (~68 min of audio); the LM on the latents of
 # 4096 clips (~9 h), enough to learn to continue a motif rather than memorise the training motifs
 # (docs/findings.md, "Why does the LM train on 4096 clips?").
-TOY_CLIPS = dict(n=512, lm_n=4096, seconds=8.0, encode_batch=1)
-# encode_batch: LM clips per vae.encode call (corpus.encode_latents). A batch rounds differently
-# from one clip at a time (~4e-5 in the latents), so every later number would change bit for bit.
+TOY_CLIPS = dict(n=512, lm_n=4096, seconds=8.0, lm_seconds=8.0, encode_batch=1)
+# encode_batch: LM clips per vae.encode call (corpus.encode_latents); a batch rounds differently
+# from one clip at a time (~4e-5 in the latents), so a toy run's numbers change with it.
 # On a CUDA device the LM stage trains 9000 steps of 128 windows, 38x the windows of the CPU recipe:
 # the budget that continuing the motif needs (docs/findings.md, "What does a GPU budget learn?").
 GPU_LM = dict(steps=9000, batch=128)
@@ -65,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument('--lm-clips', type=int,
                    help='number of toy clips whose latents train the LM (default: 8 x --clips = '
                         f"{TOY_CLIPS['lm_n']}); the first --clips of them are the VAE's")
+    p.add_argument('--lm-seconds', type=float,
+                   help=f"seconds per toy clip of the LM (default {TOY_CLIPS['lm_seconds']:g})")
     p.add_argument('--data', help='folder of your own audio (wav/flac/ogg/mp3, searched '
                                   'recursively; read from disk as needed, resampled and mixed to '
                                   'mono; docs/scale.md)')
@@ -90,8 +92,16 @@ def parse_args(argv=None):
                    help=f"LM training steps (default: {RECIPES['lm']['steps']} on CPU, "
                         f"{GPU_LM['steps']} on CUDA)")
     p.add_argument('--lm-batch', type=int,
-                   help=f"LM batch in windows of cfg.context frames (default: "
+                   help=f"LM batch in training windows (default: "
                         f"{RECIPES['lm']['batch']} on CPU, {GPU_LM['batch']} on CUDA)")
+    p.add_argument('--lm-window', type=int,
+                   help='LM training window in frames (default: the context; longer windows train '
+                        'the sliding attention that generation past the context uses)')
+    p.add_argument('--lm-lr', type=float,
+                   help=f"LM peak learning rate (default {RECIPES['lm']['lr']:g})")
+    p.add_argument('--lm-sct-lr', type=float,
+                   help='CALM, consistency head after a TrigFlow phase: the sCT phase trains at '
+                        f"this fraction of the lr schedule (default {RECIPES['lm']['sct_lr']:g})")
     p.add_argument('--minutes', type=float,
                    help='time budget per stage: save and stop when it runs out')
     p.add_argument('--stop-after', type=int,
@@ -186,6 +196,10 @@ def recipe_reason(stage, args):
                f"({elsewhere} takes {other['steps']} x {other['batch']})"]
         why += [f'--lm-steps {args.lm_steps}'] if args.lm_steps else []
         why += [f'--lm-batch {args.lm_batch}'] if args.lm_batch else []
+        why += [f'--lm-{k.replace("_", "-")} {v:g}' for k, v in
+                (('window', args.lm_window), ('lr', args.lm_lr), ('sct_lr', args.lm_sct_lr))
+                if v is not None]
+        why += [f'--lm-seconds {args.lm_seconds:g}'] if args.lm_seconds is not None else []
     why += [f'--{stage}.{k}={v}' for k, v in args.overrides[stage].items()]
     return f'{steps} steps x {batch} {what}: ' + ', '.join(why)
 
@@ -418,20 +432,20 @@ def train_vae(args, clips, ddp, rank, log):
 # --------------------------------------------------------------------------------------------------
 # Stage 2: the language model on cached latents (paper Eq. 3)
 
-def encode_all(vae, clips, n, cache, device, rank=0):
+def encode_all(vae, clips, n, cache, device, rank=0, seconds=TOY_CLIPS['lm_seconds']):
     """Encode the LM's training audio ONCE into the latent cache beside the VAE
     (corpus.encode_latents: a memory-mapped array on disk, resumable, each DDP rank encoding its
-    share) and return it; the LM never re-encodes audio. Toy: n clips, rendered on the fly past the
-    VAE's own (so the LM sees far more clips than the VAE trained on without holding their audio),
-    cached as float32. --data: corpus.encode_index."""
+    share) and return it; the LM never re-encodes audio. Toy: n clips of `seconds`, rendered on the
+    fly past the VAE's own (so the LM sees far more clips than the VAE trained on without holding
+    their audio), cached as float32. --data: corpus.encode_index."""
     if isinstance(clips, corpus.Index):
         return corpus.encode_index(vae, clips, cache, device, verbose=rank == 0)
+    length = int(round(seconds * data.SR))  # data.make_clip's length
 
-    def read(i, start, count):   # toy clip i: one of the VAE's, or rendered now
-        sec = TOY_CLIPS['seconds']
-        wav = clips[i] if i < len(clips) else data.make_clip(data.clip_seed('train', i), sec).wav
-        return wav[start:start + count]
-    length = int(round(TOY_CLIPS['seconds'] * data.SR))  # data.make_clip's length
+    def read(i, start, count):   # toy clip i: one of the VAE's (of this length), or rendered now
+        if i < len(clips) and len(clips[i]) == length:
+            return clips[i][start:start + count]
+        return data.make_clip(data.clip_seed('train', i), seconds).wav[start:start + count]
     # bucket=1: the clips all have one length (one input shape), and unpadded they keep their exact
     # values
     return corpus.encode_latents(vae, [length] * n, read, cache, device, np.float32, bucket=1,
@@ -441,12 +455,15 @@ def encode_all(vae, clips, n, cache, device, rank=0):
 
 def lm_recipe(args, cfg):
     """(recipe, cfg) of the LM stage: RECIPES['lm'], GPU_LM on a CUDA device, then --lm-steps /
-    --lm-batch. A consistency run's TrigFlow phase (calm.Config.diffusion_steps) keeps its share of
-    a longer/shorter run."""
+    --lm-batch / --lm-window / --lm-lr / --lm-sct-lr. A consistency run's TrigFlow phase
+    (calm.Config.diffusion_steps) keeps its share of a longer/shorter run. recipe['window'], the
+    training window in frames, is cfg.context where the recipe does not set it."""
     base = RECIPES['lm']
     recipe = {**base, **(GPU_LM if args.device.startswith('cuda') else {}),
               **({'steps': args.lm_steps} if args.lm_steps else {}),
               **({'batch': args.lm_batch} if args.lm_batch else {})}
+    flags = {'window': args.lm_window, 'lr': args.lm_lr, 'sct_lr': args.lm_sct_lr}
+    recipe.update({k: v for k, v in flags.items() if v is not None})
     if (recipe['steps'] != base['steps'] and getattr(cfg, 'diffusion_steps', 0)
             and 'diffusion_steps' not in args.overrides['lm']):
         share = round(cfg.diffusion_steps * recipe['steps'] / base['steps'])
@@ -455,7 +472,8 @@ def lm_recipe(args, cfg):
 
 
 CALM_ONLY = {'head_loss': '--head-loss', 'head_batch_mul': '--head-batch-mul',
-             'short_context': '--short-context', 'no_noise_aug': '--no-noise-aug'}
+             'short_context': '--short-context', 'no_noise_aug': '--no-noise-aug',
+             'lm_sct_lr': '--lm-sct-lr'}
 
 
 def lm_config(args, vae):
@@ -500,12 +518,22 @@ def lm_config(args, vae):
 def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
     cfg = lm_config(args, vae)
     recipe, cfg = lm_recipe(args, cfg)
+    window = recipe.get('window', cfg.context)
+    seconds = TOY_CLIPS['lm_seconds'] if args.lm_seconds is None else args.lm_seconds
+    if args.lm_seconds is not None and (args.data or seconds <= 0):
+        raise SystemExit('error: --lm-seconds: the length of the toy clips in seconds (> 0); '
+                         '--data files keep their own')
+    if not args.data and not 0 < window <= vae.n_frames(round(seconds * data.SR)):
+        raise SystemExit(f'error: --lm-window {window}: give 1 to the frames of one toy LM clip '
+                         f'({vae.n_frames(round(seconds * data.SR))} in {seconds:g} s; raise '
+                         '--lm-seconds for longer windows)')
     vae_path = os.path.abspath(os.path.join(vae_dir, 'vae.pt'))
     record_run(args, 'lm', cfg, recipe, ddp, log, vae=vae_path, kind=args.model)
     # the VAE's clips are the first toy clips; the LM sees args.lm_clips of them
     n = (len(clips) if args.data
          else args.lm_clips or TOY_CLIPS['lm_n'] * args.clips // TOY_CLIPS['n'])
-    latents = encode_all(vae, clips, n, os.path.join(vae_dir, 'latents'), args.device, rank)
+    latents = encode_all(vae, clips, n, os.path.join(vae_dir, 'latents'), args.device, rank,
+                         seconds)
     # Toy clip i of the cache is data.clip_seed('train', i): its description is a pure function of
     # i, kept beside the latents as word ids (no audio re-rendered).
     texts = ([data.tokenize(data.clip_description(data.clip_seed('train', i)))
@@ -520,8 +548,9 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
         raise SystemExit(f'error: {e}')
     model.to(args.device)
     if log.enabled:
+        past = f' (context {cfg.context})' if window != cfg.context else ''
         print(f'lm: {model.describe()}; {recipe["steps"]} steps of {recipe["batch"]} x '
-              f'{cfg.context} frames')
+              f'{window} frames{past}')
     # Held-out windows: toy held-out clips, or (own data) a fixed batch of training windows.
     if args.data:
         val = corpus.window_batch(latents, 2**31, args.seed, 16, cfg.context)
@@ -531,8 +560,8 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
             val = torch.cat([vae.encode(torch.from_numpy(c.wav)[None].to(args.device))
                              [:, :cfg.context] for c in held])
     val = val.to(args.device)
-    get_batch = lambda s: corpus.window_batch(latents, s, args.seed, recipe['batch'], cfg.context,
-                                              rank, texts)
+    get_batch = lambda s: corpus.window_batch(latents, s, args.seed, recipe['batch'], window, rank,
+                                              texts)
     return model, *train('lm', model, cfg, recipe, get_batch, ckpt_path, args, ddp, log,
                          extra={'vae': vae_path, 'kind': args.model},
                          validate=lambda: model.held_out(val))

@@ -384,6 +384,7 @@ def test_discrete_run_writes_a_checkpoint_that_sample_continues(discrete_run, tm
 
 @pytest.mark.parametrize('flags, msg', [
     (['--model', 'delay', '--no-noise-aug'], 'CALM-only'),
+    (['--model', 'rq', '--lm-sct-lr', '1'], 'CALM-only'),
     (['--levels', '4'], 'discrete LMs'),
     (['--model', 'rq', '--levels', '0'], 'Q >= 1'),
     (['--model', 'rq', '--codebook-size', '100000'], 'do not fit'),

@@ -136,6 +136,26 @@ def test_lm_recipe_takes_the_gpu_budget_on_cuda_and_flags_win():
     # an explicit TrigFlow phase is kept
     args = train.parse_args(['--device', 'cuda', '--lm.diffusion_steps=7'])
     assert train.lm_recipe(args, train.override(toy, args.overrides['lm']))[1].diffusion_steps == 7
+    assert 'window' not in cpu   # the window is the context unless asked for
+    args = train.parse_args(['--lm-window', '96', '--lm-lr', '1e-3', '--lm-sct-lr', '1'])
+    own = train.lm_recipe(args, toy)[0]
+    assert (own['window'], own['lr'], own['sct_lr']) == (96, 1e-3, 1)
+    assert '--lm-window 96, --lm-lr 0.001, --lm-sct-lr 1' in train.recipe_reason('lm', args)
+
+
+def test_lm_window_longer_than_the_context(tiny_run, tmp_path, monkeypatch, capsys):
+    """--lm-window 20 over a context of 12: training windows reach the sliding attention; a window
+    longer than a toy LM clip, or a clip of no length, is a one-line error."""
+    tiny_recipes(monkeypatch)
+    common = ['--stage', 'lm', '--vae-from', str(tiny_run), '--lm-steps', '2', *TINY]
+    train_main(['--out', str(tmp_path / 'w'), '--lm-window', '20', *common])
+    assert 'x 20 frames (context 12)' in capsys.readouterr().out
+    run = json.load(open(tmp_path / 'w' / 'config.json'))
+    assert run['lm']['recipe']['window'] == 20 and '--lm-window 20' in run['lm']['why']
+    for bad, msg in (['--lm-window', '500'], '--lm-window 500'), (['--lm-seconds', '0'], '> 0'):
+        with pytest.raises(SystemExit, match=msg):
+            train_main(['--out', str(tmp_path / 'x'), *bad, *common])
+        assert not (tmp_path / 'x' / 'config.json').exists()   # checked before anything is written
 
 
 def test_sample_end_to_end(tiny_run, tmp_path):
