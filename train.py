@@ -515,7 +515,8 @@ def lm_config(args, vae):
     return cfg
 
 
-def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
+def train_lm(args, vae, clips, vae_dir, ddp, rank, log, times=None):
+    """times (a dict), if given, gets the seconds spent rendering and encoding the LM's audio."""
     cfg = lm_config(args, vae)
     recipe, cfg = lm_recipe(args, cfg)
     window = recipe.get('window', cfg.context)
@@ -532,8 +533,11 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
     # the VAE's clips are the first toy clips; the LM sees args.lm_clips of them
     n = (len(clips) if args.data
          else args.lm_clips or TOY_CLIPS['lm_n'] * args.clips // TOY_CLIPS['n'])
+    t_encode = time.time()
     latents = encode_all(vae, clips, n, os.path.join(vae_dir, 'latents'), args.device, rank,
                          seconds)
+    if times is not None:
+        times['encode'] = time.time() - t_encode
     # Toy clip i of the cache is data.clip_seed('train', i): its description is a pure function of
     # i, kept beside the latents as word ids (no audio re-rendered).
     texts = ([data.tokenize(data.clip_description(data.clip_seed('train', i)))
@@ -595,7 +599,7 @@ def main(argv=None):
             print(f'{stage} recipe: {recipe_reason(stage, args)}')
 
     clips = load_audio_set(args)
-    summary = {}
+    summary, times = {}, {'audio': time.time() - t0}   # seconds per stage, printed at the end
     vae_dir = args.vae_from or args.out
     vae_path = os.path.join(vae_dir, 'vae.pt')
     if args.stage in ('all', 'vae'):
@@ -603,8 +607,9 @@ def main(argv=None):
         if args.resume and os.path.exists(vae_path):
             vae_done = torch.load(vae_path, weights_only=False).get('done', False)
         if not vae_done:
+            t = time.time()
             _, finished, stats = train_vae(args, clips, ddp, rank, log)
-            summary['vae'] = stats
+            summary['vae'], times['vae'] = stats, time.time() - t
             if not finished:
                 return
     if args.stage in ('all', 'lm'):
@@ -614,10 +619,14 @@ def main(argv=None):
         if ddp:  # rank 0 may have just written the VAE
             dist.barrier()
         vae, _ = vae_lib.load(vae_path, args.device)
-        _, finished, stats = train_lm(args, vae, clips, vae_dir, ddp, rank, log)
-        summary['lm'] = stats
+        t = time.time()
+        _, finished, stats = train_lm(args, vae, clips, vae_dir, ddp, rank, log, times)
+        summary['lm'], times['lm'] = stats, time.time() - t - times.get('encode', 0)
     if log.enabled:
-        print(f'\ndone in {corpus.fmt_time(time.time() - t0)}')
+        names = {'audio': 'audio index' if args.data else 'VAE clips', 'vae': 'VAE',
+                 'encode': 'LM clips encoded', 'lm': 'LM'}
+        print(f'\ndone in {corpus.fmt_time(time.time() - t0)} ('
+              + ', '.join(f'{names[k]} {corpus.fmt_time(v)}' for k, v in times.items()) + ')')
         for stage, stats in summary.items():
             print(f'  {stage}: final ' + ', '.join(f'{k} {v:.4g}' for k, v in stats.items()))
         print(f'  checkpoints in {args.out}/ (try: python data.py prompt out/prompt.wav; '

@@ -149,7 +149,8 @@ def test_lm_window_longer_than_the_context(tiny_run, tmp_path, monkeypatch, caps
     tiny_recipes(monkeypatch)
     common = ['--stage', 'lm', '--vae-from', str(tiny_run), '--lm-steps', '2', *TINY]
     train_main(['--out', str(tmp_path / 'w'), '--lm-window', '20', *common])
-    assert 'x 20 frames (context 12)' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert 'x 20 frames (context 12)' in out and 'LM clips encoded' in out   # the stages' times
     run = json.load(open(tmp_path / 'w' / 'config.json'))
     assert run['lm']['recipe']['window'] == 20 and '--lm-window 20' in run['lm']['why']
     for bad, msg in (['--lm-window', '500'], '--lm-window 500'), (['--lm-seconds', '0'], '> 0'):
