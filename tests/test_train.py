@@ -47,7 +47,9 @@ def run(*args, check=True):
 def tiny_recipes(monkeypatch):
     monkeypatch.setitem(train.RECIPES, 'vae',
                         dict(train.RECIPES['vae'], batch=2, crop=0.25, warmup=2))
-    monkeypatch.setitem(train.RECIPES, 'lm', dict(train.RECIPES['lm'], batch=4, warmup=2))
+    # sct_lr 0.5: the toy's is 1 (its sCT trains the head alone), but the scaling must be seen
+    monkeypatch.setitem(train.RECIPES, 'lm', dict(train.RECIPES['lm'], batch=4, warmup=2,
+                                                  sct_lr=0.5))
 
 
 def test_pipeline_writes_loadable_checkpoints_and_logs(tiny_run):
@@ -65,12 +67,13 @@ def test_pipeline_writes_loadable_checkpoints_and_logs(tiny_run):
 
 
 def test_sct_phase_trains_at_a_fraction_of_the_lr(tiny_run):
-    # tiny run: 4 LM steps, diffusion_steps 600 * 4 / 950 -> 3, so step index 3 (logged as step 4)
+    # tiny run: 4 LM steps, diffusion_steps 2800 * 4 / 4000 -> 3, so step index 3 (logged as step 4)
     # is sCT
     recs = map(json.loads, open(tiny_run / 'log.jsonl'))
     recs = {r['step']: r for r in recs if r['stage'] == 'lm' and 'lr' in r}
-    lr, mult = train.RECIPES['lm']['lr'], train.RECIPES['lm']['sct_lr']
-    assert mult < 1
+    recipe = json.load(open(tiny_run / 'config.json'))['lm']['recipe']   # tiny_recipes' sct_lr
+    lr, mult = recipe['lr'], recipe['sct_lr']
+    assert mult == 0.5
     assert 'g_norm' not in recs[3] and 'g_norm' in recs[4]
     # warmup 2 done, cosine at its start
     assert recs[3]['lr'] == pytest.approx(lr)
@@ -128,11 +131,11 @@ def test_lm_recipe_takes_the_gpu_budget_on_cuda_and_flags_win():
     gpu, cfg = train.lm_recipe(train.parse_args(['--device', 'cuda:0']), toy)
     gpu_budget = (train.GPU_LM['steps'], train.GPU_LM['batch'])
     assert (gpu['steps'], gpu['batch']) == gpu_budget != (base['steps'], base['batch'])
-    # 5684 of 9000
+    # 6300 of 9000
     assert cfg.diffusion_steps == round(toy.diffusion_steps * gpu['steps'] / base['steps'])
-    args = train.parse_args(['--device', 'cuda', '--lm-steps', '1900', '--lm-batch', '8'])
-    own, cfg = train.lm_recipe(args, toy)
-    assert (own['steps'], own['batch'], cfg.diffusion_steps) == (1900, 8, 2 * toy.diffusion_steps)
+    args = train.parse_args(['--device', 'cuda', '--lm-steps', '2000', '--lm-batch', '8'])
+    own, cfg = train.lm_recipe(args, toy)   # half the CPU steps: half the TrigFlow phase
+    assert (own['steps'], own['batch'], cfg.diffusion_steps) == (2000, 8, toy.diffusion_steps // 2)
     # an explicit TrigFlow phase is kept
     args = train.parse_args(['--device', 'cuda', '--lm.diffusion_steps=7'])
     assert train.lm_recipe(args, train.override(toy, args.overrides['lm']))[1].diffusion_steps == 7
