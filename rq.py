@@ -46,7 +46,8 @@ class Config:
     n_heads: int = 4
     context: int = 64
     depth_d: int = 128          # depth Transformer (rq only); 3 x 128 with Q = 8, V = 256 has about
-    depth_layers: int = 3       # the parameters of calm.TOY's head (`python rq.py` counts them)
+    depth_layers: int = 3       # the parameters of a 256 x 3 CALM head, the toy's until docs/toy.md
+    # (its 128 x 2 head is 4.5x smaller, smaller than the codes' embeddings; `python rq.py`)
     depth_heads: int = 4
     temperature: float = 0.8    # default sampling temperature (Moshi samples audio codes at 0.8)
     top_k: int = 0              # 0: sample from all V codes

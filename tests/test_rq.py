@@ -1,6 +1,7 @@
 """Tests of rq.py (the discrete baselines): RVQ codebook learning, the depth Transformer and delay
 pattern, causality, cached generation against the full forward pass, sampling, and train.py /
 sample.py end to end."""
+import dataclasses
 import json
 import os
 import socket
@@ -325,8 +326,9 @@ def test_config_checks_and_parameter_budget():
             rq.check(tiny(**bad))
     with pytest.raises(ValueError, match='do not fit'):
         rq.check(tiny(codebook_size=64), n_frames=50)
-    # the toy RQ-Transformer's depth Transformer is sized like calm.TOY's head (within 10 %)
-    head = calm.n_params(calm.CALM(calm.TOY).head)
+    # the toy RQ-Transformer's depth Transformer is sized like a 256 x 3 CALM head (within 10 %)
+    big = dataclasses.replace(calm.TOY, head_width=256, head_blocks=3)
+    head = calm.n_params(calm.CALM(big).head)
     depth = calm.n_params(rq.build(rq.config_like(calm.TOY)).depth)
     assert abs(depth - head) < 0.1 * head
     # the same backbone as CALM's, fed code embeddings instead of Linear(x)
