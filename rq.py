@@ -331,13 +331,16 @@ class DepthTransformer(nn.Module):
 
 def sample_logits(logits, temperature=1.0, top_k=0, generator=None):
     """Codes [...] from logits [..., V]: softmax(logits / temperature), optionally restricted to the
-    top_k codes; temperature 0 takes the argmax."""
+    top_k codes; temperature 0 takes the argmax. top_k keeps exactly k codes, the indices topk
+    returns (a threshold at the k-th logit would also keep every code tied with it)."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
+        logits, idx = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+        probs = logits.softmax(-1).reshape(-1, logits.shape[-1])
+        pick = torch.multinomial(probs, 1, generator=generator)
+        return idx.reshape(-1, idx.shape[-1]).gather(1, pick).view(logits.shape[:-1])
     probs = logits.softmax(-1).reshape(-1, logits.shape[-1])
     return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
 

@@ -183,6 +183,21 @@ def test_sampling_follows_the_softmax_and_top_k():
                                                   atol=0.015)
 
 
+@pytest.mark.parametrize('k', [1, 3])
+def test_top_k_keeps_exactly_k_codes_when_logits_tie(k):
+    """Ten tied logits (a threshold at the k-th would keep all ten): exactly k distinct codes are
+    ever sampled, the same k in every row (topk's indices), each about equally often."""
+    logits = torch.zeros(4000, 10)
+    logits[:, 7] = -1.0   # one code below the tie
+    g = torch.Generator().manual_seed(0)
+    codes = rq.sample_logits(logits, 1.0, top_k=k, generator=g)
+    assert codes.shape == (4000,) and len(codes.unique()) == k and (codes != 7).all()
+    freq = torch.bincount(codes, minlength=10)[codes.unique()] / 4000
+    assert torch.allclose(freq, torch.full((k,), 1 / k), atol=0.04)
+    lo = torch.randn(5, 3, 10, generator=g).round()   # batched logits with ties: shape kept
+    assert rq.sample_logits(lo, 0.7, top_k=k, generator=g).shape == (5, 3)
+
+
 @HP
 @given(st.integers(1, 3), st.integers(1, 9), st.integers(1, 5), st.integers(0, 10_000))
 def test_delay_pattern_round_trips(B, S, Q, seed):
