@@ -102,6 +102,11 @@ def parse_args(argv=None):
                    help='the LM: calm (continuous latents), or a discrete baseline on RVQ codes of '
                         'the latents (rq.py, same backbone): rq = RQ-Transformer (depth '
                         'Transformer), delay = MusicGen delay pattern')
+    p.add_argument('--lr-shape', choices=['sct', 'cosine'],
+                   help="LM lr schedule: 'sct' = the cosine x sct_lr (0.1) from the step where "
+                        "the toy's consistency run starts its sCT phase (600 of 950), 'cosine' = "
+                        "the plain cosine. Default: 'sct' for consistency CALM runs and the "
+                        "discrete LMs, 'cosine' for TrigFlow CALM runs")
     p.add_argument('--levels', type=int,
                    help=f'--model rq/delay: RVQ levels Q (default {rq.Config.n_q})')
     p.add_argument('--codebook-size', type=int,
@@ -184,6 +189,7 @@ def recipe_reason(stage, args):
                f"({elsewhere} takes {other['steps']} x {other['batch']})"]
         why += [f'--lm-steps {args.lm_steps}'] if args.lm_steps else []
         why += [f'--lm-batch {args.lm_batch}'] if args.lm_batch else []
+        why += [f'--lr-shape {args.lr_shape}'] if args.lr_shape else []
     why += [f'--{stage}.{k}={v}' for k, v in args.overrides[stage].items()]
     return f'{steps} steps x {batch} {what}: ' + ', '.join(why)
 
@@ -209,11 +215,15 @@ def record_run(args, stage, cfg, recipe, ddp, log, **extra):
 # One training loop for both stages
 
 def lr_schedule(recipe, steps, cfg):
-    """lr(step): linear warmup, cosine to 10% (nanoGPT's); x recipe['sct_lr'] in sCT after a
+    """lr(step): linear warmup, cosine to 10% (nanoGPT's); x recipe['sct_lr'] from step
+    recipe['sct_from'] on (None: never); without that key (a CALM run's default), in sCT after a
     TrigFlow phase."""
-    tuning = (getattr(cfg, 'head_loss', '') == 'consistency'
-              and getattr(cfg, 'diffusion_steps', 0) > 0)
-    sct_from = cfg.diffusion_steps if tuning else math.inf
+    if 'sct_from' in recipe:
+        sct_from = math.inf if recipe['sct_from'] is None else recipe['sct_from']
+    else:
+        tuning = (getattr(cfg, 'head_loss', '') == 'consistency'
+                  and getattr(cfg, 'diffusion_steps', 0) > 0)
+        sct_from = cfg.diffusion_steps if tuning else math.inf
 
     def lr_at(s):
         lr = recipe['lr'] * (recipe.get('sct_lr', 1.0) if s >= sct_from else 1.0)
@@ -439,15 +449,25 @@ def encode_all(vae, clips, n, cache, device, rank=0):
 def lm_recipe(args, cfg):
     """(recipe, cfg) of the LM stage: RECIPES['lm'], GPU_LM on a CUDA device, then --lm-steps /
     --lm-batch. A consistency run's TrigFlow phase (calm.Config.diffusion_steps) keeps its share of
-    a longer/shorter run."""
+    a longer/shorter run. The lr schedule's shape (--lr-shape, recipe['sct_from']): a discrete LM
+    takes the consistency CALM run's (x sct_lr from the step where that run's sCT phase starts), so
+    every LM of a comparison is trained with the same lr at every step."""
     base = RECIPES['lm']
     recipe = {**base, **(GPU_LM if args.device.startswith('cuda') else {}),
               **({'steps': args.lm_steps} if args.lm_steps else {}),
               **({'batch': args.lm_batch} if args.lm_batch else {})}
+    share = lambda n: round(n * recipe['steps'] / base['steps'])
     if (recipe['steps'] != base['steps'] and getattr(cfg, 'diffusion_steps', 0)
             and 'diffusion_steps' not in args.overrides['lm']):
-        share = round(cfg.diffusion_steps * recipe['steps'] / base['steps'])
-        cfg = dataclasses.replace(cfg, diffusion_steps=share)
+        cfg = dataclasses.replace(cfg, diffusion_steps=share(cfg.diffusion_steps))
+    shape = getattr(args, 'lr_shape', None)
+    if shape == 'cosine':
+        recipe['sct_from'] = None
+    elif shape == 'sct' or args.model != 'calm':
+        # the step where the consistency CALM run of this preset and recipe starts its sCT phase
+        switch = (cfg.diffusion_steps if args.model == 'calm'
+                  else share(getattr(calm, args.preset.upper()).diffusion_steps))
+        recipe['sct_from'] = switch or None
     return recipe, cfg
 
 

@@ -287,3 +287,33 @@ def test_a_checkpoint_from_before_time_scale_loads_with_100(tiny_run, tmp_path):
     with torch.no_grad():
         # same weights, other features
         assert not torch.allclose(old.head(x, t, z), new.head(x, t, z))
+
+
+def lrs(argv):
+    """Every step's lr of the LM stage train.py would run with these flags (no training)."""
+    args = train.parse_args(argv + ['--device', 'cpu'])
+    cfg = dataclasses.replace(train.calm.TOY, **({'head_loss': args.head_loss}
+                                                 if args.head_loss else {}))
+    if args.model != 'calm':
+        cfg = train.rq.config_like(cfg, kind=args.model)
+    recipe, cfg = train.lm_recipe(args, cfg)
+    at = train.lr_schedule(recipe, recipe['steps'], cfg)
+    return np.array([at(s) for s in range(recipe['steps'])])
+
+
+def test_every_lm_gets_the_consistency_runs_lr_schedule_by_default():
+    calm_lr = lrs([])
+    # the consistency run's shape, unchanged: cosine, x sct_lr from its sCT phase (step 600 of 950)
+    base = train.RECIPES['lm']
+    plain = lrs(['--lr-shape', 'cosine'])
+    assert np.allclose(calm_lr[:600], plain[:600])
+    assert np.allclose(calm_lr[600:], base['sct_lr'] * plain[600:])
+    assert (np.diff(plain[base['warmup']:]) <= 0).all() and plain[-1] > 0.1 * base['lr'] * 0.99
+    for model in ('rq', 'delay'):
+        assert np.array_equal(lrs(['--model', model]), calm_lr)
+        assert np.array_equal(lrs(['--model', model, '--lr-shape', 'cosine']), plain)
+    # a TrigFlow run keeps the plain cosine unless asked; a longer run moves the switch with it
+    assert np.array_equal(lrs(['--head-loss', 'trigflow']), plain)
+    assert np.array_equal(lrs(['--head-loss', 'trigflow', '--lr-shape', 'sct']), calm_lr)
+    long_calm, long_rq = lrs(['--lm-steps', '1900']), lrs(['--model', 'rq', '--lm-steps', '1900'])
+    assert np.array_equal(long_calm, long_rq) and long_calm[1199] > 5 * long_calm[1200]
