@@ -512,7 +512,7 @@ class RQTransformer(DiscreteLM):
     def held_out(self, x):
         """Teacher-forced held-out scores on x [B, S, D]: mean cross-entropy, and the MSE of the
         argmax codes' frame (temperature 0, level by level) against x, comparable with CALM's
-        val_mse."""
+        val_mse (train.validation's val_next_mse computes the same quantity through generate)."""
         codes = self.rvq.encode(x)
         z = self.backbone(codes)
         logits = self.depth(z.flatten(0, 1), codes.flatten(0, 1))
@@ -586,10 +586,11 @@ class DelayLM(DiscreteLM):
         d = delay(self.rvq.encode(x), V)[:, :S]
         logits = self.logits(d)
         ce = F.cross_entropy(logits.flatten(0, 2), d.flatten(), ignore_index=V)
-        pred = undelay(logits.argmax(-1))                # frames 0..S-Q, each level from its own
-                                                         # step
+        # frames 0..S-Q, each level from its own step: level q given the TRUE levels < q of its
+        # frame (teacher forcing), so not CALM's measure (train.validation's val_next_mse is)
+        pred = undelay(logits.argmax(-1))
         mse = ((self.rvq.decode(pred) - x[:, :pred.shape[1]]) ** 2).mean()
-        return {'val_ce': float(ce), 'val_mse': float(mse), 'val_var': float(x.var())}
+        return {'val_ce': float(ce), 'val_mse_true_lower': float(mse), 'val_var': float(x.var())}
 
 
 def build(cfg: Config):

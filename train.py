@@ -475,6 +475,28 @@ CALM_ONLY = {'head_loss': '--head-loss', 'head_batch_mul': '--head-batch-mul',
              'short_context': '--short-context', 'no_noise_aug': '--no-noise-aug'}
 
 
+@torch.no_grad()
+def next_frames(model, x, every=8):
+    """The greedy (temperature 0) next frame of x [B, S, D] given its true past, at frames
+    s = every, 2 every, ... < S, as the LM's own generate makes it from the prompt x[:, :s]: a
+    discrete LM quantises the past and dequantises its frame, and the delay LM rolls its Q - 1
+    lagging levels forward, so no LM sees any part of frame s. Returns (positions, frames
+    [B, len(positions), D])."""
+    g = torch.Generator(x.device).manual_seed(0)   # the global RNG stays as it was: resume exact
+    pos = list(range(every, x.shape[1], every))
+    return pos, torch.stack([model.generate(x[:, :s], 1, temperature=0.0, generator=g)[:, 0]
+                             for s in pos], 1)
+
+
+def validation(model, x):
+    """Held-out stats: val_next_mse, the one measure computed the same way for every kind of LM:
+    the squared error of next_frames against the true latent frames (standardised units); then
+    the LM's own held_out scores (CALM and RQ val_mse: the same quantity, teacher-forced at every
+    frame; the delay LM's val_mse_true_lower: with the true lower levels of the frame)."""
+    pos, pred = next_frames(model, x)
+    return {'val_next_mse': float(((pred - x[:, pos]) ** 2).mean()), **model.held_out(x)}
+
+
 def lm_config(args, vae):
     """calm.Config of the LM, or with --model rq/delay an rq.Config with the same backbone
     (rq.config_like): the flags of one kind of LM are checked here, once."""
@@ -552,7 +574,7 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
                                               rank, texts)
     return model, *train('lm', model, cfg, recipe, get_batch, ckpt_path, args, ddp, log,
                          extra={'vae': vae_path, 'kind': args.model},
-                         validate=lambda: model.held_out(val))
+                         validate=lambda: validation(model, val))
 
 
 def main(argv=None):

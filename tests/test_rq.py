@@ -314,7 +314,8 @@ def test_training_step_lowers_the_loss_and_reaches_the_backbone(kind):
         opt.step()
         first = first or stats['loss']
     assert stats['loss'] < 0.7 * first
-    assert set(m.held_out(batch)) == {'val_ce', 'val_mse', 'val_var'}
+    mse = 'val_mse' if kind == 'rq' else 'val_mse_true_lower'   # the delay LM's: named for what
+    assert set(m.held_out(batch)) == {'val_ce', mse, 'val_var'}   # it is
 
 
 def test_a_checkpoint_with_the_old_depth_block_keys_loads_the_same_model():
@@ -473,3 +474,41 @@ def test_evaluate_table_end_to_end(tiny_run, discrete_run):
     assert speed[f'{tiny_run.name} calm steps=1']['head_x'] == 1.0
     assert {f'{k} Q={q} (untrained, 10 s)' for k in ('rq', 'delay') for q in (1, 3)} <= set(speed)
     assert all(np.isfinite(v) and v > 0 for r in speed.values() for k, v in r.items() if k != 'h')
+
+
+@pytest.mark.parametrize('kind', ['calm', 'rq', 'delay'])
+def test_one_validation_measure_sees_only_the_true_past(kind):
+    """train.validation's val_next_mse: every kind's greedy next frame from generate. Changing
+    frame s and everything after it leaves the prediction of frame s as it was (the delay LM's
+    teacher-forced val_mse_true_lower reads frame s's true lower levels: not this measure); for
+    CALM and RQ it equals their teacher-forced val_mse at the same frames."""
+    import train
+    if kind == 'calm':
+        cfg = calm.Config(latent_dim=4, d_model=32, n_layers=2, n_heads=2, context=12,
+                          short_context=0, head_width=32, head_blocks=1)
+        torch.manual_seed(0)
+        m = calm.CALM(cfg).eval()
+        with torch.no_grad():
+            for p in m.head.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    else:
+        cfg = tiny(kind)
+        m = randomized(cfg)
+    x = torch.randn(3, 12, 4, generator=torch.Generator().manual_seed(1))
+    pos, pred = train.next_frames(m, x, every=2)
+    assert pos == [2, 4, 6, 8, 10] and pred.shape == (3, 5, 4)
+    for i, s in enumerate(pos):
+        y = x.clone()
+        y[:, s:] = torch.randn(3, 12 - s, 4)
+        assert torch.allclose(train.next_frames(m, y, every=2)[1][:, i], pred[:, i], atol=1e-5)
+    stats = train.validation(m, x)
+    assert stats['val_next_mse'] > 0 and 'val_var' in stats
+    if kind == 'calm':
+        z = m.conditioning(x, x)
+        tf = m.sample_head(z.flatten(0, 1), 1, 0.0).view_as(x)
+    elif kind == 'rq':
+        z = m.backbone(m.rvq.encode(x))
+        tf = m.rvq.decode(m.sample_head(z.flatten(0, 1), temperature=0.0)).view_as(x)
+    else:
+        return
+    assert torch.allclose(tf[:, pos], pred, atol=1e-4)
