@@ -245,3 +245,25 @@ def test_cost_parts_are_measured_inside_one_generation_and_add_up():
     assert four['head_mflop'] == pytest.approx(4 * parts['calm']['head_mflop'])
     assert four['backbone_mflop'] == pytest.approx(parts['calm']['backbone_mflop'])
     assert all(p.requires_grad for p in lms['calm'].parameters())   # left as it was
+
+
+def test_mel_distance_ranks_truth_then_a_perturbed_copy_then_noise(clips):
+    """metrics.mel_distance against the clip's own true continuation: the truth scores 0, sound
+    far under it (60 dB floor) almost nothing, a copy one semitone off or 0.25 s late more, white
+    noise most. Silence lies between (a paired distance counts a missing partial once and a wrong
+    one twice: it can score like a late copy)."""
+    rng = np.random.default_rng(0)
+    a, b = int(T0 * SR), int(T1 * SR)
+    for c in clips[:4]:
+        ref = c.wav[a:b]
+        d = lambda w: metrics.mel_distance(w, ref, SR)
+        peak = np.abs(ref).max()
+        faint = d(ref + 1e-4 * peak * rng.standard_normal(len(ref)))   # 80 dB down
+        lag = int(0.25 * SR)
+        semitone, late = d(transpose(c, 1).wav[a:b]), d(c.wav[a - lag:b - lag])
+        noise = d(0.1 * rng.standard_normal(len(ref)))
+        assert d(ref) == 0.0 and faint < 0.1 * min(semitone, late)
+        assert max(semitone, late) < noise and faint < d(np.zeros_like(ref)) < noise
+    # the continuation protocol carries it per clip and pools it as a mean
+    s = metrics.summarise([metrics.score_continuation(c.wav, c, T0, T1) for c in clips[:3]])
+    assert s['mel_db'] == 0.0
