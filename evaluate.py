@@ -103,7 +103,7 @@ def eval_vae(vae, clips, device, batch=8, quantise=None, name='vae'):
         chunk = clips[i:i + batch]
         x = torch.tensor(np.stack([c.wav for c in chunk]), device=device)
         z = vae.encode(x)
-        y = vae.decode(z if quantise is None else quantise(z)).float().cpu().numpy()[:, :x.shape[1]]
+        y = vae.decode((quantise or vae.quantise)(z)).float().cpu().numpy()[:, :x.shape[1]]
         for c, rec in zip(chunk, y):
             res['note_acc_real'].append(metrics.note_pitch_accuracy(c.wav, c.notes, sr))
             res['note_acc'].append(metrics.note_pitch_accuracy(rec, c.notes, sr))
@@ -141,7 +141,8 @@ def eval_continuation(vae, model, clips, ref_clips, detector, args, device):
                      'mel_db': float(np.mean([metrics.mel_distance(w, cut(x.wav, s), sr)
                                               for w, x, s in zip(noise, clips, span)]))}
     with torch.inference_mode():
-        through = lambda w: vae.decode(vae.encode(torch.tensor(w[None], device=device)))[0]
+        through = lambda w: vae.decode(vae.quantise(vae.encode(torch.tensor(w[None],
+                                                                            device=device))))[0]
         rows['vae'] = row([through(x.wav[:b * hop]).float().cpu().numpy()
                            for x, (a, b) in zip(clips, span)])
     for steps in (args.steps if model.multistep else [1]):

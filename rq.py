@@ -20,8 +20,10 @@ vectors assigned to each codeword, dead codewords restarted on random inputs; th
 estimator and commitment loss (RVQ.forward) are what a codec trains its encoder with. Here the RVQ
 is FITTED ON THE FROZEN VAE's standardised latents (rq.fit, seconds): the discrete and continuous
 models then share the VAE's decoder and only the language model differs. The paper instead trained
-a separate RVQ codec (Mimi for speech, a 32-level VQ-VAE for music). Runs standalone: `python rq.py`
-prints parameter counts and a timing.
+a separate RVQ codec (Mimi for speech, a 32-level VQ-VAE for music); that setting is here too:
+vae.Config(bottleneck='rvq') trains the VAE with an RVQ in place of its Gaussian bottleneck, and
+an LM on it takes the codec's codebooks (DiscreteLM.take_codebooks) instead of fitting its own.
+Runs standalone: `python rq.py` prints parameter counts and a timing.
 """
 import math
 import time
@@ -399,6 +401,22 @@ class DiscreteLM(nn.Module):
         if log is not None:
             seconds = time.time() - t0
             log({'stage': 'rvq', 'seconds': seconds, 'levels': stats}, fit_summary(stats, seconds))
+
+    @torch.no_grad()
+    def take_codebooks(self, codec_rvq, log=None):
+        """Use the first Q levels of an RVQ codec trained end to end (vae.Config.bottleneck =
+        'rvq') instead of fitting an RVQ on the latents: its latents are the codec's encoder
+        vectors, so self.rvq.encode gives exactly the codes the codec's decoder was trained on
+        (a level never looks at the levels after it)."""
+        Q, V = self.cfg.n_q, self.cfg.codebook_size
+        if Q > codec_rvq.n_q or V != codec_rvq.V:
+            raise ValueError(f'the codec has {codec_rvq.n_q} levels of {codec_rvq.V} codewords; '
+                             f'this LM wants {Q} of {V}')
+        self.rvq.codebooks.copy_(codec_rvq.codebooks[:Q])
+        if log is not None:
+            log({'stage': 'rvq', 'from_codec': True, 'levels': Q, 'codebook_size': V},
+                f"rvq: the VAE's RVQ codec, its first {Q} of {codec_rvq.n_q} levels x {V} "
+                'codewords')
 
     def describe(self):
         """One line for train.py's log."""

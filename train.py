@@ -122,7 +122,9 @@ def parse_args(argv=None):
                    help='disable noise augmentation of the backbone input')
     p.epilog = ('Config overrides: --vae.FIELD=VALUE and --lm.FIELD=VALUE for any field of '
                 'vae.Config / calm.Config (rq.Config with --model rq/delay; e.g. '
-                '--lm.n_layers=2). Tuples take comma-separated values.')
+                '--lm.n_layers=2). Tuples take comma-separated values. A discrete codec trained '
+                'end to end: --vae.bottleneck=rvq --vae.rvq_levels=Q --vae.rvq_codebook=K, then '
+                '--model rq or delay on its codes (docs/discrete.md).')
     args, rest = p.parse_known_args(argv)
     args.overrides = {'vae': {}, 'lm': {}}
     for item in rest:
@@ -410,11 +412,13 @@ def train_vae(args, clips, ddp, rank, log):
                             adversary=adversary)
     if finished:
         # Standardise the latents for the LM (as pocket-tts does): TrigFlow assumes a known data
-        # std sigma_d, so the LM reads (mu - mean) / std and sigma_d = 1.
-        with torch.no_grad():
-            mus = [model.posterior(torch.from_numpy(w)[None].to(args.device))[0][0]
-                   for w in corpus.stats_audio(clips, cfg.sample_rate)]
-        model.set_latent_stats(torch.cat(mus))
+        # std sigma_d, so the LM reads (mu - mean) / std and sigma_d = 1. An RVQ codec's latents
+        # stay as its codebooks quantise them (a discrete LM reads their codes, not the vectors).
+        if model.rvq is None:
+            with torch.no_grad():
+                mus = [model.posterior(torch.from_numpy(w)[None].to(args.device))[0][0]
+                       for w in corpus.stats_audio(clips, cfg.sample_rate)]
+            model.set_latent_stats(torch.cat(mus))
         if log.enabled:
             ck = torch.load(path, weights_only=False)
             ck['model'] = model.state_dict()
@@ -504,6 +508,10 @@ def lm_config(args, vae):
     cfg = dataclasses.replace(cfg, latent_dim=vae.cfg.latent_dim)
     if not args.data and 'n_text' not in args.overrides['lm']:
         cfg = dataclasses.replace(cfg, n_text=len(data.VOCAB))  # toy runs are text-conditioned
+    codec = vae.cfg if vae.rvq is not None else None   # an RVQ codec trained end to end
+    if codec is not None and args.model == 'calm':
+        raise SystemExit('error: this VAE has an RVQ bottleneck (--vae.bottleneck=rvq): train a '
+                         'discrete LM on its codes (--model rq or delay)')
     if args.model == 'calm':
         if args.levels is not None or args.codebook_size is not None:
             raise SystemExit('error: --levels / --codebook-size are for the discrete LMs '
@@ -519,6 +527,13 @@ def lm_config(args, vae):
             raise SystemExit(f'error: {", ".join(used)}: CALM-only flag(s), not for --model '
                              f'{args.model}')
         qv = {'n_q': args.levels, 'codebook_size': args.codebook_size}
+        if codec is not None:   # the codec's own codes: Q levels (or fewer) of its K codewords
+            qv = {'n_q': args.levels or codec.rvq_levels,
+                  'codebook_size': args.codebook_size or codec.rvq_codebook}
+            if qv['n_q'] > codec.rvq_levels or qv['codebook_size'] != codec.rvq_codebook:
+                raise SystemExit(f"error: the VAE's RVQ codec has {codec.rvq_levels} levels of "
+                                 f"{codec.rvq_codebook} codewords; --levels {qv['n_q']} / "
+                                 f"--codebook-size {qv['codebook_size']} do not fit")
         cfg = rq.config_like(cfg, kind=args.model,
                              **(rq.PAPER_DEPTH if args.preset == 'paper' else {}),
                              **{k: v for k, v in qv.items() if v is not None})
@@ -554,7 +569,10 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
     try:
         model = pipeline.KINDS[args.model](cfg)
         if not (args.resume and os.path.exists(ckpt_path)):   # a resumed run loads it instead
-            model.prepare(latents, args.seed, log)     # the discrete LMs fit their RVQ
+            if vae.rvq is not None:   # the codec's codebooks: the LM reads the codec's codes
+                model.take_codebooks(vae.rvq, log)
+            else:
+                model.prepare(latents, args.seed, log)     # the discrete LMs fit their RVQ
     except ValueError as e:
         raise SystemExit(f'error: {e}')
     model.to(args.device)

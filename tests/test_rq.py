@@ -17,6 +17,7 @@ sys.path.insert(0, ROOT)
 from test_train import run, tiny_recipes, train_main  # noqa: E402
 
 import calm  # noqa: E402
+import data  # noqa: E402
 import pipeline  # noqa: E402
 import rq  # noqa: E402
 
@@ -516,3 +517,41 @@ def test_one_validation_measure_sees_only_the_true_past(kind):
     else:
         return
     assert torch.allclose(tf[:, pos], pred, atol=1e-4)
+
+
+def test_discrete_lm_trains_on_an_end_to_end_rvq_codec(tmp_path):
+    """train.py --vae.bottleneck=rvq trains the codec with its RVQ (vae.py); --model rq on it
+    takes the codec's codebooks, so the LM's codes of the cached latents are the codec's own;
+    the run samples; CALM on it and codes that do not fit stop with one line."""
+    from test_train import TINY
+    vae_flags = [f for f in TINY if f.startswith('--vae.') or f == '--clips' or f == '6']
+    codec = tmp_path / 'codec'
+    mp = pytest.MonkeyPatch()
+    tiny_recipes(mp)
+    try:
+        train_main(['--toy', '--stage', 'vae', '--out', str(codec), '--vae-steps', '4',
+                    *vae_flags, '--vae.bottleneck=rvq', '--vae.rvq_levels=2',
+                    '--vae.rvq_codebook=4', '--log-every', '1'])
+        lm = tmp_path / 'rq'
+        lm_flags = [f for f in TINY_RQ if f not in ('--levels', '3', '--codebook-size', '16')]
+        train_main(['--stage', 'lm', '--vae-from', str(codec), '--out', str(lm), '--model', 'rq',
+                    '--lm-steps', '2', '--lm-clips', '6', *lm_flags])
+    finally:
+        mp.undo()
+    recs = [json.loads(line) for line in open(codec / 'log.jsonl')]
+    assert all('commit' in r and np.isfinite(r['loss']) for r in recs if r.get('stage') == 'vae')
+    vae, model = pipeline.load(str(lm))
+    assert (model.cfg.n_q, model.cfg.codebook_size) == (2, 4) and bool(vae.rvq_ready)
+    assert torch.equal(model.rvq.codebooks, vae.rvq.codebooks)
+    assert float(vae.latent_std.min()) == 1.0 == float(vae.latent_std.max())   # not standardised
+    clip = data.make_clip(data.clip_seed('heldout', 0), seconds=2.0)
+    x = vae.encode(torch.tensor(clip.wav[None]))
+    assert torch.equal(model.rvq.encode(x), vae.rvq.encode(x))   # the codec's codes
+    wav = pipeline.continue_clip(vae, model, clip, 4, 3, 1, 0.8, torch.Generator().manual_seed(0),
+                                 'cpu')
+    assert wav.shape == (7 * vae.hop,) and np.isfinite(wav).all()
+    for flags, msg in ((['--model', 'calm'], 'RVQ bottleneck'),
+                       (['--model', 'delay', '--codebook-size', '8'], 'do not fit')):
+        with pytest.raises(SystemExit, match=msg):
+            train_main(['--stage', 'lm', '--vae-from', str(codec), '--out', str(tmp_path / 'bad'),
+                        '--lm-steps', '1', '--clips', '6', *flags])
