@@ -131,6 +131,9 @@ class ReshapeVAE(torch.nn.Module):
     def decode(self, lat):
         return lat.reshape(lat.shape[0], -1)
 
+    def quantise(self, lat):   # what the decoder reads of encoded latents (vae.VAE.quantise)
+        return lat
+
 
 class FakeLM(torch.nn.Module):
     """Returns the true continuation frames of the given clips (oracle) or zeros (silent)."""
