@@ -10,7 +10,8 @@ they are made of live in metrics.py; read this after sample.py.
 A run may hold a discrete baseline (train.py --model rq|delay): it is scored the same way, at its
 softmax temperatures. --table puts several runs in one comparison: codec rows (decoded quality and
 bits per frame of the Gaussian latents vs RVQ codes of them, per level count Q), the continuation
-rows of every run, and batch-1 speed split into backbone and head (`table_speed`).
+rows of every run, and batch-1 cost per frame split into backbone and head, in ms and FLOPs
+(`table_speed`).
 
 Sections (the kinds of measure the paper reports, on the toy task):
 - vae: held-out reconstructions: note-pitch accuracy (metrics.note_pitch_accuracy; 'real': on the
@@ -24,17 +25,26 @@ Sections (the kinds of measure the paper reports, on the toy task):
               pitch within +-tol s of its onset: recall / precision / F1
     key       transcribed pitch classes inside the clip's scale
     timbre    clips whose continuation the timbre detector assigns to the clip's family
+    mel_db    mean over clips of the distance (dB) between the continued span's mel spectrogram
+              and the clip's OWN true continuation's, both floored 60 dB under the truth's
+              loudest bin (metrics.mel_distance): paired, so it ranks the VAE round trip of the
+              truth first and noise last (docs/discrete.md, "A distance that ranks")
     fd        Frechet distance between the continued spans and the real continued spans of OTHER
-              held-out clips, on a fixed log-mel embedding (metrics.embed, metrics.frechet)
+              held-out clips, on a fixed log-mel embedding (metrics.embed, metrics.frechet); it
+              rewards a spread of steady frames like the reference set's and can rank a model
+              above the VAE round trip of the truth (docs/discrete.md)
   Beside note_acc, key and timbre: a 95% interval from resampling the clips (metrics.bootstrap_ci;
   paired: the same resamples for every row). On the default 128 clips, rows whose intervals do
   not overlap differ.
-  Reference rows: 'real' (the true continuation: the ceiling; fd: the floor), 'vae' (the clip
+  Reference rows: 'real' (the true continuation: the ceiling; mel_db 0), 'vae' (the clip
   through the VAE: what a perfect LM could reach), 'other clip' (another clip's true continuation:
   chance), 'noise' (white noise, fd only).
 - speed: batch 1, best of 2: ms per generated frame at 1/4/100 sampler steps over 10 s (on a
   consistency model '100 steps' is 100 calls of the head), the head cost per step (the slope) and
-  the backbone cost per frame, real-time factors, 10 s vs 30 s, VAE decoding.
+  the backbone cost per frame, real-time factors, 10 s vs 30 s, VAE decoding; and for every LM
+  (time_parts) the backbone, head and whole frame of one 10 s generation timed inside its loop
+  (the parts add up to the frame), with their FLOPs (torch.utils.flop_counter), which do not
+  depend on the machine.
 """
 import argparse
 import dataclasses
@@ -47,6 +57,7 @@ import time
 
 import numpy as np
 import torch
+from torch.utils import flop_counter
 
 import calm
 import corpus
@@ -95,7 +106,7 @@ def eval_vae(vae, clips, device, batch=8, quantise=None, name='vae'):
         chunk = clips[i:i + batch]
         x = torch.tensor(np.stack([c.wav for c in chunk]), device=device)
         z = vae.encode(x)
-        y = vae.decode(z if quantise is None else quantise(z)).float().cpu().numpy()[:, :x.shape[1]]
+        y = vae.decode((quantise or vae.quantise)(z)).float().cpu().numpy()[:, :x.shape[1]]
         for c, rec in zip(chunk, y):
             res['note_acc_real'].append(metrics.note_pitch_accuracy(c.wav, c.notes, sr))
             res['note_acc'].append(metrics.note_pitch_accuracy(rec, c.notes, sr))
@@ -131,9 +142,12 @@ def eval_continuation(vae, model, clips, ref_clips, detector, args, device):
                               with_fd=False)}
     rng = np.random.default_rng(args.seed)
     noise = [0.1 * rng.standard_normal(c * hop) for _ in clips]
-    rows['noise'] = {'fd': metrics.frechet(metrics.embed(noise, sr), ref_emb)}
+    rows['noise'] = {'fd': metrics.frechet(metrics.embed(noise, sr), ref_emb),
+                     'mel_db': float(np.mean([metrics.mel_distance(w, cut(x.wav, s), sr)
+                                              for w, x, s in zip(noise, clips, span)]))}
     with torch.inference_mode():
-        through = lambda w: vae.decode(vae.encode(torch.tensor(w[None], device=device)))[0]
+        through = lambda w: vae.decode(vae.quantise(vae.encode(torch.tensor(w[None],
+                                                                            device=device))))[0]
         rows['vae'] = row([through(x.wav[:b * hop]).float().cpu().numpy()
                            for x, (a, b) in zip(clips, span)])
     for steps in (args.steps if model.multistep else [1]):
@@ -265,7 +279,7 @@ def eval_text(vae, model, args, device):
 
 TEXT_COLS = ['timbre', 'mode', 'tempo', 'fd', 'ms_frame']
 CONT_COLS = ['note_acc', 'note_acc_ci', 'onset_r', 'onset_p', 'onset_f1', 'key', 'key_ci',
-             'timbre', 'timbre_ci', 'fd']
+             'timbre', 'timbre_ci', 'mel_db', 'fd']
 
 
 def fmt(v):
@@ -424,53 +438,108 @@ def eval_codec(vae, vae_dir, levels, V, clips, device, models=()):
                 n_fit_frames=sum(len(x) for x in latents), lm_codebooks_max_abs_diff=same)
 
 
-@torch.inference_mode()
-def time_parts(model, n, steps=1, temperature=0.8, device='cpu'):
-    """Batch-1 ms per frame: one backbone step, one frame's head (CALM: `steps` head calls;
-    RQ-Transformer: its Q depth steps; delay LM: its Q linear heads), each alone over n frames; and
-    a whole generation of n frames from nothing (model.generate)."""
-    g = torch.Generator(device=device).manual_seed(0)
-    head = lambda z: model.sample_head(z, steps, temperature, g)
-    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
-    state = model.new_state(1, device)
-    z = model.step_backbone(None, state)
-    x = head(z)
+def count_flops(fn):
+    """(fn(), its FLOPs): torch.utils.flop_counter's count (2 per multiply-add of the matmuls,
+    convolutions and attention; elementwise work is not counted). CPU runs attention through a
+    fused kernel the counter does not know: it is counted with the counter's own attention
+    formula (sdpa_flop_count), as on a GPU."""
+    def cpu_attention(q, k, v, *args, out_shape=None, **kw):
+        return flop_counter.sdpa_flop_count(q, k, v)
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    with flop_counter.FlopCounterMode(display=False, custom_mapping={op: cpu_attention}) as fc:
+        out = fn()
+    return out, fc.get_total_flops()
 
-    def ms(fn):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        return 1000 * (time.perf_counter() - t) / n
-    state = model.new_state(1, device)
-    return {'backbone_ms': ms(lambda: [model.step_backbone(x, state) for _ in range(n)]),
-            'head_ms': ms(lambda: [head(z) for _ in range(n)]),
-            'frame_ms': ms(lambda: model.generate(None, n, steps=steps, temperature=temperature,
-                                                  generator=g))}
+
+def timed(fn, device='cpu'):
+    """(fn(), its wall-clock seconds), the device synchronised before and after."""
+    sync = torch.cuda.synchronize if str(device).startswith('cuda') else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - t
+
+
+@torch.inference_mode()
+def generation_parts(model, n, steps, temperature, meter, seed=0):
+    """Generate n frames from nothing at batch 1 (model.generate itself: CALM's, the
+    RQ-Transformer's or the delay LM's loop) with every step_backbone and sample_head call
+    metered inside it: meter(fn) -> (fn(), amount), e.g. timed or count_flops. Returns per frame
+    the amounts of the backbone steps, the head calls and the whole generate, and the calls per
+    frame (the delay LM takes n + Q - 1 steps for n frames)."""
+    total = {'backbone': 0.0, 'head': 0.0, 'backbone_calls': 0, 'head_calls': 0}
+
+    def wrap(part, fn):
+        def metered(*a, **kw):
+            out, amount = meter(lambda: fn(*a, **kw))
+            total[part] += amount
+            total[part + '_calls'] += 1
+            return out
+        return metered
+    # instance attributes shadow the methods generate calls through self
+    model.step_backbone = wrap('backbone', model.step_backbone)
+    model.sample_head = wrap('head', model.sample_head)
+    try:
+        g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+        total['frame'] = meter(lambda: model.generate(None, n, steps=steps, generator=g,
+                                                      temperature=temperature))[1]
+    finally:
+        del model.step_backbone, model.sample_head
+    return {k: v / n for k, v in total.items()}
+
+
+def time_parts(model, n, steps=1, temperature=0.8, device='cpu'):
+    """Batch-1 cost per frame of an n-frame generation from nothing, measured two ways inside the
+    real generation loop (generation_parts): milliseconds of the backbone steps, the head calls
+    (CALM: `steps` head calls; RQ-Transformer: its Q depth steps; delay LM: its Q linear heads)
+    and the whole frame, whose remainder other_ms is the loop's own work (stacking, dequantising,
+    the delay pattern's bookkeeping); and the FLOPs of the same parts (count_flops), which do not
+    depend on the machine or its load."""
+    generation_parts(model, min(n, 4), steps, temperature, lambda fn: timed(fn, device))  # warm-up
+    ms = generation_parts(model, n, steps, temperature, lambda fn: timed(fn, device))
+    grads = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)   # the counter's module tracker would hook parameters' views
+    try:
+        fl = generation_parts(model, n, steps, temperature, count_flops)
+    finally:
+        for p, g in zip(model.parameters(), grads):
+            p.requires_grad_(g)
+    out = {f'{k}_ms': 1000 * ms[k] for k in ('backbone', 'head', 'frame')}
+    out['other_ms'] = out['frame_ms'] - out['backbone_ms'] - out['head_ms']
+    out.update({f'{k}_mflop': fl[k] / 1e6 for k in ('backbone', 'head', 'frame')})
+    out.update(backbone_calls=ms['backbone_calls'], head_calls=ms['head_calls'])
+    return out
 
 
 def table_speed(entries, sweep_cfg, args, frame_rate, device):
     """entries: {name: (model, steps, temperature)}; the first CALM entry is the reference. Every
-    number is the best of args.speed_rounds rounds, the models interleaved within a round (a shared
-    machine slows them alike). Adds the RQ-Transformer and delay LM at each Q of args.codec_levels,
-    untrained (speed does not depend on the weights), over 10 s. head_x / whole_x: cost relative to
-    the reference (the paper's 12.3x and 1.3x); h: the head's share of backbone + head."""
-    n, n10 = int(round(args.speed_seconds * frame_rate)), int(round(10 * frame_rate))
-    jobs = {k: (m, s, t, n) for k, (m, s, t) in entries.items()}
+    row generates the same args.speed_seconds from nothing (time_parts: ms and FLOPs per frame,
+    the parts timed inside the generation loop); each row is the round whose whole frame was
+    fastest of args.speed_rounds rounds, the models interleaved within a round (a shared machine
+    slows them alike), so its parts add up to its frame. Adds the RQ-Transformer and delay LM at
+    each Q of args.codec_levels, untrained (cost does not depend on the weights). head_x /
+    whole_x: cost relative to the reference (the paper's 12.3x and 1.3x), in ms and in FLOPs; h:
+    the head's share of backbone + head."""
+    n = int(round(args.speed_seconds * frame_rate))
+    jobs = dict(entries)
     for q in args.codec_levels:
         for kind in ('rq', 'delay'):
             cfg = dataclasses.replace(sweep_cfg, kind=kind, n_q=q, codebook_size=args.codebook_size)
-            jobs[f'{kind} Q={q} (untrained, 10 s)'] = (rq.build(cfg).to(device).eval(), 1, 0.8, n10)
+            jobs[f'{kind} Q={q} (untrained)'] = (rq.build(cfg).to(device).eval(), 1, 0.8)
     best = {}
     for r in range(args.speed_rounds):
-        for name, (m, s, t, frames) in jobs.items():
-            parts = time_parts(m, frames, s, t, device)
-            best[name] = {k: min(v, best.get(name, {}).get(k, math.inf)) for k, v in parts.items()}
+        for name, (m, s, t) in jobs.items():
+            parts = time_parts(m, n, s, t, device)
+            if parts['frame_ms'] < best.get(name, {}).get('frame_ms', math.inf):
+                best[name] = parts
         print(f'[speed] round {r + 1}/{args.speed_rounds} done', file=sys.stderr, flush=True)
     ref = best[next(k for k, (m, s, t) in entries.items() if m.multistep)]
     for b in best.values():
         b.update(h=b['head_ms'] / (b['head_ms'] + b['backbone_ms']),
-                 head_x=b['head_ms'] / ref['head_ms'], whole_x=b['frame_ms'] / ref['frame_ms'])
+                 head_x=b['head_ms'] / ref['head_ms'], whole_x=b['frame_ms'] / ref['frame_ms'],
+                 head_flop_x=b['head_mflop'] / ref['head_mflop'],
+                 whole_flop_x=b['frame_mflop'] / ref['frame_mflop'])
     return dict(rows=best, seconds=args.speed_seconds, rounds=args.speed_rounds,
                 threads=torch.get_num_threads())
 
@@ -550,13 +619,17 @@ def report_table(res):
                + table(cont['rows'], CONT_COLS))
     if 'speed' in res:
         s = res['speed']
-        out.append(f"== Speed, batch 1, ms per frame ({s['seconds']:g} s generations unless "
-                   f"marked; best of {s['rounds']} rounds; {s['threads']} threads) ==\n"
-                   + table(s['rows'], ['backbone_ms', 'head_ms', 'frame_ms', 'h', 'head_x',
-                                       'whole_x'])
-                   + '\nhead_x, whole_x: head and whole-generation cost relative to the first '
-                     'CALM row (paper: RQ head 12.3x, 30 s generation 1.3x); h = head / '
-                     '(backbone + head)')
+        out.append(f"== Cost per frame, batch 1 ({s['seconds']:g} s generated from nothing by "
+                   f"every row; the fastest of {s['rounds']} rounds; {s['threads']} threads) ==\n"
+                   + table(s['rows'], ['backbone_ms', 'head_ms', 'other_ms', 'frame_ms', 'h',
+                                       'head_x', 'whole_x'])
+                   + '\n' + table(s['rows'], ['backbone_mflop', 'head_mflop', 'frame_mflop',
+                                              'head_flop_x', 'whole_flop_x'])
+                   + '\nms: the parts timed inside the generation loop (backbone + head + other = '
+                     'frame); MFLOP: torch.utils.flop_counter (matmuls and attention, 2 per '
+                     'multiply-add). head_x, whole_x: head and whole-generation cost relative to '
+                     'the first CALM row (paper: RQ head 12.3x, 30 s generation 1.3x); h = head '
+                     '/ (backbone + head)')
     return '\n\n'.join(out)
 
 
@@ -582,12 +655,13 @@ def evaluate(run_dir, args, sections=('vae', 'continuation', 'speed')):
     if 'text' in sections and getattr(args, 'guidance_sweep', None):
         res['text'] = eval_text(vae, model, args, device)
     if 'speed' in sections and not args.skip_speed:
-        if model.multistep:
-            res['speed'] = eval_speed(vae, model, clips[0], args, device)
-        else:  # no head steps to sweep: backbone, head (all Q codes) and whole generation
-            temp = args.temperature[0]
-            temp = model.cfg.temperature if temp is None else temp
-            res['speed'] = time_parts(model, int(round(10 * vae.frame_rate)), 1, temp, device)
+        # a discrete LM has no head steps to sweep; every LM: backbone, head (CALM: one call; a
+        # discrete LM: all Q codes) and whole frame, timed and counted inside one generation
+        res['speed'] = eval_speed(vae, model, clips[0], args, device) if model.multistep else {}
+        temp = args.temperature[0]
+        temp = (calm.TEMPERATURE if model.multistep else model.cfg.temperature) if temp is None \
+            else temp
+        res['speed'].update(time_parts(model, int(round(10 * vae.frame_rate)), 1, temp, device))
     return res
 
 
@@ -645,7 +719,7 @@ def main(argv=None):
     p.add_argument('--codebook-size', type=int, default=256,
                    help='--table: codewords per level V of the codec rows')
     p.add_argument('--speed-seconds', type=float, default=30.0,
-                   help='--table: seconds generated per speed measurement')
+                   help='--table: seconds every speed row generates from nothing')
     p.add_argument('--speed-rounds', type=int, default=2, help='--table: speed rounds (best of)')
     args = p.parse_args(argv)
     args.steps = [int(s) for s in args.steps.split(',')]

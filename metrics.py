@@ -289,6 +289,22 @@ def detect_tempo_class(wav, sr):
 
 
 # --------------------------------------------------------------------------------------------------
+# A paired distance: a continuation against the clip's own true continuation
+
+def mel_distance(wav, ref, sr, floor_db=60.0):
+    """Mean absolute difference (dB) of the mel spectrograms of wav and ref over their common
+    length, each floored at floor_db under ref's loudest mel bin: what is inaudible next to the
+    reference (the empty bands between the toy's partials, 80-100 dB down) does not count, the
+    notes, their timing, timbre and loudness do. 0 for ref itself; paired, so it asks whether
+    this clip went on as it truly did (a set-level distance against other clips cannot)."""
+    n = min(len(wav), len(ref))
+    to_db = lambda w: 10 / math.log(10) * log_mel(np.asarray(w)[:n], sr, eps=1e-10)
+    a, b = to_db(wav), to_db(ref)
+    floor = b.max() - floor_db
+    return float(np.mean(np.abs(np.maximum(a, floor) - np.maximum(b, floor))))
+
+
+# --------------------------------------------------------------------------------------------------
 # Frechet distance on a fixed embedding (FAD-like, nothing from the model under test)
 
 def embed(wavs, sr, dim=32, context=4, seed=0):
@@ -372,9 +388,11 @@ def score_continuation(wav, clip, t0, t1, sr=data.SR, tol=0.1, detector=None):
     # note_pitch_accuracy per note (f0 over 30-75 % of the note's span); nan (note does not fit) =
     # wrong
     n_pitch = sum(note_pitch_accuracy(wav, [r], sr) == 1.0 for r in ref)
+    a = int(t0 * sr)
     return dict(n_ref=len(ref), n_pitch=int(n_pitch),
                 n_hit=hits, n_gen=len(gen), n_in_key=in_key,
-                timbre=None if detector is None else float(family == clip.meta['family']))
+                timbre=None if detector is None else float(family == clip.meta['family']),
+                mel_db=mel_distance(cont, clip.wav[a:int(t1 * sr)], sr))
 
 
 def summarise(counts, fd=None):
@@ -388,6 +406,7 @@ def summarise(counts, fd=None):
                n_notes=s['n_ref'], n_gen=s['n_gen'])
     timbres = [c['timbre'] for c in counts if c['timbre'] is not None]
     out['timbre'] = float(np.mean(timbres)) if timbres else None
+    out['mel_db'] = float(np.mean([c['mel_db'] for c in counts]))
     out['fd'] = fd
     return out
 

@@ -63,4 +63,5 @@ def continue_clip(vae, model, clip, p, c, steps, temperature, generator, device)
     ctx = getattr(getattr(model, 'cfg', None), 'context', p)
     kw = {} if temperature is None else {'temperature': temperature}
     new = model.generate(prompt[:, -ctx:], c, steps=steps, generator=generator, **kw)
-    return vae.decode(torch.cat([prompt, new], 1))[0].float().cpu().numpy()
+    # an RVQ codec's decoder reads the prompt's codewords (vae.VAE.quantise)
+    return vae.decode(torch.cat([vae.quantise(prompt), new], 1))[0].float().cpu().numpy()

@@ -20,8 +20,10 @@ vectors assigned to each codeword, dead codewords restarted on random inputs; th
 estimator and commitment loss (RVQ.forward) are what a codec trains its encoder with. Here the RVQ
 is FITTED ON THE FROZEN VAE's standardised latents (rq.fit, seconds): the discrete and continuous
 models then share the VAE's decoder and only the language model differs. The paper instead trained
-a separate RVQ codec (Mimi for speech, a 32-level VQ-VAE for music). Runs standalone: `python rq.py`
-prints parameter counts and a timing.
+a separate RVQ codec (Mimi for speech, a 32-level VQ-VAE for music); that setting is here too:
+vae.Config(bottleneck='rvq') trains the VAE with an RVQ in place of its Gaussian bottleneck, and
+an LM on it takes the codec's codebooks (DiscreteLM.take_codebooks) instead of fitting its own.
+Runs standalone: `python rq.py` prints parameter counts and a timing.
 """
 import math
 import time
@@ -332,13 +334,16 @@ class DepthTransformer(nn.Module):
 
 def sample_logits(logits, temperature=1.0, top_k=0, generator=None):
     """Codes [...] from logits [..., V]: softmax(logits / temperature), optionally restricted to the
-    top_k codes; temperature 0 takes the argmax."""
+    top_k codes; temperature 0 takes the argmax. top_k keeps exactly k codes, the indices topk
+    returns (a threshold at the k-th logit would also keep every code tied with it)."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
+        logits, idx = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+        probs = logits.softmax(-1).reshape(-1, logits.shape[-1])
+        pick = torch.multinomial(probs, 1, generator=generator)
+        return idx.reshape(-1, idx.shape[-1]).gather(1, pick).view(logits.shape[:-1])
     probs = logits.softmax(-1).reshape(-1, logits.shape[-1])
     return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
 
@@ -397,6 +402,22 @@ class DiscreteLM(nn.Module):
         if log is not None:
             seconds = time.time() - t0
             log({'stage': 'rvq', 'seconds': seconds, 'levels': stats}, fit_summary(stats, seconds))
+
+    @torch.no_grad()
+    def take_codebooks(self, codec_rvq, log=None):
+        """Use the first Q levels of an RVQ codec trained end to end (vae.Config.bottleneck =
+        'rvq') instead of fitting an RVQ on the latents: its latents are the codec's encoder
+        vectors, so self.rvq.encode gives exactly the codes the codec's decoder was trained on
+        (a level never looks at the levels after it)."""
+        Q, V = self.cfg.n_q, self.cfg.codebook_size
+        if Q > codec_rvq.n_q or V != codec_rvq.V:
+            raise ValueError(f'the codec has {codec_rvq.n_q} levels of {codec_rvq.V} codewords; '
+                             f'this LM wants {Q} of {V}')
+        self.rvq.codebooks.copy_(codec_rvq.codebooks[:Q])
+        if log is not None:
+            log({'stage': 'rvq', 'from_codec': True, 'levels': Q, 'codebook_size': V},
+                f"rvq: the VAE's RVQ codec, its first {Q} of {codec_rvq.n_q} levels x {V} "
+                'codewords')
 
     def describe(self):
         """One line for train.py's log."""
@@ -510,7 +531,7 @@ class RQTransformer(DiscreteLM):
     def held_out(self, x):
         """Teacher-forced held-out scores on x [B, S, D]: mean cross-entropy, and the MSE of the
         argmax codes' frame (temperature 0, level by level) against x, comparable with CALM's
-        val_mse."""
+        val_mse (train.validation's val_next_mse computes the same quantity through generate)."""
         codes = self.rvq.encode(x)
         z = self.backbone(codes)
         logits = self.depth(z.flatten(0, 1), codes.flatten(0, 1))
@@ -584,10 +605,11 @@ class DelayLM(DiscreteLM):
         d = delay(self.rvq.encode(x), V)[:, :S]
         logits = self.logits(d)
         ce = F.cross_entropy(logits.flatten(0, 2), d.flatten(), ignore_index=V)
-        pred = undelay(logits.argmax(-1))                # frames 0..S-Q, each level from its own
-                                                         # step
+        # frames 0..S-Q, each level from its own step: level q given the TRUE levels < q of its
+        # frame (teacher forcing), so not CALM's measure (train.validation's val_next_mse is)
+        pred = undelay(logits.argmax(-1))
         mse = ((self.rvq.decode(pred) - x[:, :pred.shape[1]]) ** 2).mean()
-        return {'val_ce': float(ce), 'val_mse': float(mse), 'val_var': float(x.var())}
+        return {'val_ce': float(ce), 'val_mse_true_lower': float(mse), 'val_var': float(x.var())}
 
 
 def build(cfg: Config):

@@ -122,7 +122,7 @@ def main(argv=None):
         new = model.generate(prompt if n_prompt else None, n_new, steps=args.steps, generator=gen,
                              top_k=args.top_k, **kwargs)
         t_gen = time.time() - t0
-        audio = vae.decode(torch.cat([prompt, new], dim=1))[0].float().cpu().numpy()
+        audio = vae.decode(torch.cat([vae.quantise(prompt), new], dim=1))[0].float().cpu().numpy()
         t_all = time.time() - t0
     if not np.isfinite(audio).all():
         raise ValueError('the model produced non-finite audio (is the checkpoint trained?)')

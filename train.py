@@ -114,6 +114,11 @@ def parse_args(argv=None):
                    help='the LM: calm (continuous latents), or a discrete baseline on RVQ codes of '
                         'the latents (rq.py, same backbone): rq = RQ-Transformer (depth '
                         'Transformer), delay = MusicGen delay pattern')
+    p.add_argument('--lr-shape', choices=['sct', 'cosine'],
+                   help="LM lr schedule: 'sct' = the cosine x sct_lr (0.1) from the step where "
+                        "the toy's consistency run starts its sCT phase (600 of 950), 'cosine' = "
+                        "the plain cosine. Default: 'sct' for consistency CALM runs and the "
+                        "discrete LMs, 'cosine' for TrigFlow CALM runs")
     p.add_argument('--levels', type=int,
                    help=f'--model rq/delay: RVQ levels Q (default {rq.Config.n_q})')
     p.add_argument('--codebook-size', type=int,
@@ -129,7 +134,9 @@ def parse_args(argv=None):
                    help='disable noise augmentation of the backbone input')
     p.epilog = ('Config overrides: --vae.FIELD=VALUE and --lm.FIELD=VALUE for any field of '
                 'vae.Config / calm.Config (rq.Config with --model rq/delay; e.g. '
-                '--lm.n_layers=2). Tuples take comma-separated values.')
+                '--lm.n_layers=2). Tuples take comma-separated values. A discrete codec trained '
+                'end to end: --vae.bottleneck=rvq --vae.rvq_levels=Q --vae.rvq_codebook=K, then '
+                '--model rq or delay on its codes (docs/discrete.md).')
     args, rest = p.parse_known_args(argv)
     args.overrides = {'vae': {}, 'lm': {}}
     for item in rest:
@@ -200,6 +207,7 @@ def recipe_reason(stage, args):
                 (('window', args.lm_window), ('lr', args.lm_lr), ('sct_lr', args.lm_sct_lr))
                 if v is not None]
         why += [f'--lm-seconds {args.lm_seconds:g}'] if args.lm_seconds is not None else []
+        why += [f'--lr-shape {args.lr_shape}'] if args.lr_shape else []
     why += [f'--{stage}.{k}={v}' for k, v in args.overrides[stage].items()]
     return f'{steps} steps x {batch} {what}: ' + ', '.join(why)
 
@@ -225,11 +233,15 @@ def record_run(args, stage, cfg, recipe, ddp, log, **extra):
 # One training loop for both stages
 
 def lr_schedule(recipe, steps, cfg):
-    """lr(step): linear warmup, cosine to 10% (nanoGPT's); x recipe['sct_lr'] in sCT after a
+    """lr(step): linear warmup, cosine to 10% (nanoGPT's); x recipe['sct_lr'] from step
+    recipe['sct_from'] on (None: never); without that key (a CALM run's default), in sCT after a
     TrigFlow phase."""
-    tuning = (getattr(cfg, 'head_loss', '') == 'consistency'
-              and getattr(cfg, 'diffusion_steps', 0) > 0)
-    sct_from = cfg.diffusion_steps if tuning else math.inf
+    if 'sct_from' in recipe:
+        sct_from = math.inf if recipe['sct_from'] is None else recipe['sct_from']
+    else:
+        tuning = (getattr(cfg, 'head_loss', '') == 'consistency'
+                  and getattr(cfg, 'diffusion_steps', 0) > 0)
+        sct_from = cfg.diffusion_steps if tuning else math.inf
 
     def lr_at(s):
         lr = recipe['lr'] * (recipe.get('sct_lr', 1.0) if s >= sct_from else 1.0)
@@ -416,11 +428,13 @@ def train_vae(args, clips, ddp, rank, log):
                             adversary=adversary)
     if finished:
         # Standardise the latents for the LM (as pocket-tts does): TrigFlow assumes a known data
-        # std sigma_d, so the LM reads (mu - mean) / std and sigma_d = 1.
-        with torch.no_grad():
-            mus = [model.posterior(torch.from_numpy(w)[None].to(args.device))[0][0]
-                   for w in corpus.stats_audio(clips, cfg.sample_rate)]
-        model.set_latent_stats(torch.cat(mus))
+        # std sigma_d, so the LM reads (mu - mean) / std and sigma_d = 1. An RVQ codec's latents
+        # stay as its codebooks quantise them (a discrete LM reads their codes, not the vectors).
+        if model.rvq is None:
+            with torch.no_grad():
+                mus = [model.posterior(torch.from_numpy(w)[None].to(args.device))[0][0]
+                       for w in corpus.stats_audio(clips, cfg.sample_rate)]
+            model.set_latent_stats(torch.cat(mus))
         if log.enabled:
             ck = torch.load(path, weights_only=False)
             ck['model'] = model.state_dict()
@@ -457,23 +471,56 @@ def lm_recipe(args, cfg):
     """(recipe, cfg) of the LM stage: RECIPES['lm'], GPU_LM on a CUDA device, then --lm-steps /
     --lm-batch / --lm-window / --lm-lr / --lm-sct-lr. A consistency run's TrigFlow phase
     (calm.Config.diffusion_steps) keeps its share of a longer/shorter run. recipe['window'], the
-    training window in frames, is cfg.context where the recipe does not set it."""
+    training window in frames, is cfg.context where the recipe does not set it. The lr schedule's
+    shape (--lr-shape, recipe['sct_from']): a discrete LM takes the consistency CALM run's (x sct_lr
+    from the step where that run's sCT phase starts), so every LM of a comparison is trained with
+    the same lr at every step."""
     base = RECIPES['lm']
     recipe = {**base, **(GPU_LM if args.device.startswith('cuda') else {}),
               **({'steps': args.lm_steps} if args.lm_steps else {}),
               **({'batch': args.lm_batch} if args.lm_batch else {})}
     flags = {'window': args.lm_window, 'lr': args.lm_lr, 'sct_lr': args.lm_sct_lr}
     recipe.update({k: v for k, v in flags.items() if v is not None})
+    share = lambda n: round(n * recipe['steps'] / base['steps'])
     if (recipe['steps'] != base['steps'] and getattr(cfg, 'diffusion_steps', 0)
             and 'diffusion_steps' not in args.overrides['lm']):
-        share = round(cfg.diffusion_steps * recipe['steps'] / base['steps'])
-        cfg = dataclasses.replace(cfg, diffusion_steps=share)
+        cfg = dataclasses.replace(cfg, diffusion_steps=share(cfg.diffusion_steps))
+    shape = getattr(args, 'lr_shape', None)
+    if shape == 'cosine':
+        recipe['sct_from'] = None
+    elif shape == 'sct' or args.model != 'calm':
+        # the step where the consistency CALM run of this preset and recipe starts its sCT phase
+        switch = (cfg.diffusion_steps if args.model == 'calm'
+                  else share(getattr(calm, args.preset.upper()).diffusion_steps))
+        recipe['sct_from'] = switch or None
     return recipe, cfg
 
 
 CALM_ONLY = {'head_loss': '--head-loss', 'head_batch_mul': '--head-batch-mul',
              'short_context': '--short-context', 'no_noise_aug': '--no-noise-aug',
              'lm_sct_lr': '--lm-sct-lr'}
+
+
+@torch.no_grad()
+def next_frames(model, x, every=8):
+    """The greedy (temperature 0) next frame of x [B, S, D] given its true past, at frames
+    s = every, 2 every, ... < S, as the LM's own generate makes it from the prompt x[:, :s]: a
+    discrete LM quantises the past and dequantises its frame, and the delay LM rolls its Q - 1
+    lagging levels forward, so no LM sees any part of frame s. Returns (positions, frames
+    [B, len(positions), D])."""
+    g = torch.Generator(x.device).manual_seed(0)   # the global RNG stays as it was: resume exact
+    pos = list(range(every, x.shape[1], every))
+    return pos, torch.stack([model.generate(x[:, :s], 1, temperature=0.0, generator=g)[:, 0]
+                             for s in pos], 1)
+
+
+def validation(model, x):
+    """Held-out stats: val_next_mse, the one measure computed the same way for every kind of LM:
+    the squared error of next_frames against the true latent frames (standardised units); then
+    the LM's own held_out scores (CALM and RQ val_mse: the same quantity, teacher-forced at every
+    frame; the delay LM's val_mse_true_lower: with the true lower levels of the frame)."""
+    pos, pred = next_frames(model, x)
+    return {'val_next_mse': float(((pred - x[:, pos]) ** 2).mean()), **model.held_out(x)}
 
 
 def lm_config(args, vae):
@@ -483,6 +530,10 @@ def lm_config(args, vae):
     cfg = dataclasses.replace(cfg, latent_dim=vae.cfg.latent_dim)
     if not args.data and 'n_text' not in args.overrides['lm']:
         cfg = dataclasses.replace(cfg, n_text=len(data.VOCAB))  # toy runs are text-conditioned
+    codec = vae.cfg if vae.rvq is not None else None   # an RVQ codec trained end to end
+    if codec is not None and args.model == 'calm':
+        raise SystemExit('error: this VAE has an RVQ bottleneck (--vae.bottleneck=rvq): train a '
+                         'discrete LM on its codes (--model rq or delay)')
     if args.model == 'calm':
         if args.levels is not None or args.codebook_size is not None:
             raise SystemExit('error: --levels / --codebook-size are for the discrete LMs '
@@ -498,6 +549,13 @@ def lm_config(args, vae):
             raise SystemExit(f'error: {", ".join(used)}: CALM-only flag(s), not for --model '
                              f'{args.model}')
         qv = {'n_q': args.levels, 'codebook_size': args.codebook_size}
+        if codec is not None:   # the codec's own codes: Q levels (or fewer) of its K codewords
+            qv = {'n_q': args.levels or codec.rvq_levels,
+                  'codebook_size': args.codebook_size or codec.rvq_codebook}
+            if qv['n_q'] > codec.rvq_levels or qv['codebook_size'] != codec.rvq_codebook:
+                raise SystemExit(f"error: the VAE's RVQ codec has {codec.rvq_levels} levels of "
+                                 f"{codec.rvq_codebook} codewords; --levels {qv['n_q']} / "
+                                 f"--codebook-size {qv['codebook_size']} do not fit")
         cfg = rq.config_like(cfg, kind=args.model,
                              **(rq.PAPER_DEPTH if args.preset == 'paper' else {}),
                              **{k: v for k, v in qv.items() if v is not None})
@@ -547,7 +605,10 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log, times=None):
     try:
         model = pipeline.KINDS[args.model](cfg)
         if not (args.resume and os.path.exists(ckpt_path)):   # a resumed run loads it instead
-            model.prepare(latents, args.seed, log)     # the discrete LMs fit their RVQ
+            if vae.rvq is not None:   # the codec's codebooks: the LM reads the codec's codes
+                model.take_codebooks(vae.rvq, log)
+            else:
+                model.prepare(latents, args.seed, log)     # the discrete LMs fit their RVQ
     except ValueError as e:
         raise SystemExit(f'error: {e}')
     model.to(args.device)
@@ -568,7 +629,7 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log, times=None):
                                               texts)
     return model, *train('lm', model, cfg, recipe, get_batch, ckpt_path, args, ddp, log,
                          extra={'vae': vae_path, 'kind': args.model},
-                         validate=lambda: model.held_out(val))
+                         validate=lambda: validation(model, val))
 
 
 def main(argv=None):

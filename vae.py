@@ -20,12 +20,14 @@ options the toy does not use.
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import calm
+import rq
 
 
 @dataclass
@@ -56,6 +58,16 @@ class Config:
                                      # reconstruction-only
     adv_weight: float = 0.1
     feat_weight: float = 1.0
+    # 'gaussian' (CALM's VAE) or 'rvq': the same encoder and decoder around a residual vector
+    # quantiser trained end to end, the discrete codec the paper's baselines read (Mimi, arXiv
+    # 2410.00037 §3.3; SoundStream arXiv 2107.03312 §3.3): straight-through estimator, commitment
+    # loss (rq.RVQ.forward), EMA codebooks initialised by k-means on the first batch
+    bottleneck: str = 'gaussian'
+    rvq_levels: int = 8          # Q codebooks ...
+    rvq_codebook: int = 64       # ... of K codewords: Q log2 K bits per frame
+    commit_weight: float = 1.0   # commitment loss weight (EnCodec arXiv 2210.13438 §3.2: 1)
+    rvq_decay: float = 0.99      # EMA decay of the codebooks (EnCodec, Mimi)
+    rvq_dead: float = 0.1        # restart a codeword used under this x the mean usage (Mimi)
 
 
 # Paper's speech VAE (Table 13): 24 kHz, ratios 6,5,4,4,4 -> hop 1920 -> 12.5 frames/s, 32 dims,
@@ -164,7 +176,9 @@ class VAE(nn.Module):
         for i, r in enumerate(reversed(cfg.ratios)):
             enc += res(chans[i]) + [nn.ELU(), CausalConv1d(chans[i], chans[i + 1], 2 * r, stride=r)]
         self.encoder = nn.Sequential(*enc, nn.ELU())
-        self.enc_bottleneck = Bottleneck(cfg, chans[-1], 2 * cfg.latent_dim)
+        # a mean and a log-variance per frame; with an RVQ bottleneck the vector to quantise
+        rvq_ = cfg.bottleneck == 'rvq'
+        self.enc_bottleneck = Bottleneck(cfg, chans[-1], (1 if rvq_ else 2) * cfg.latent_dim)
         # Decoder mirrors it: bottleneck Transformer, then per ratio (largest first): ELU,
         # transposed conv halving the channels (trimmed right: causal), residual units; ELU and conv
         # k7 to the output.
@@ -191,6 +205,11 @@ class VAE(nn.Module):
         # std, decode() inverts.
         self.register_buffer('latent_mean', torch.zeros(cfg.latent_dim))
         self.register_buffer('latent_std', torch.ones(cfg.latent_dim))
+        self.rvq = None
+        if rvq_:   # codebooks are buffers (EMA, not gradient); set on the first training batch
+            self.rvq = rq.RVQ(cfg.latent_dim, cfg.rvq_levels, cfg.rvq_codebook, cfg.rvq_decay,
+                              cfg.rvq_dead)
+            self.register_buffer('rvq_ready', torch.zeros((), dtype=torch.bool))
 
     def n_frames(self, n_samples):
         return -(-int(n_samples) // self.hop)
@@ -205,11 +224,13 @@ class VAE(nn.Module):
 
     def posterior(self, wav):
         """wav [B, T] -> raw (mu, logvar), each [B, S, D], S = ceil(T / hop) (right zero-padding).
-        """
+        With an RVQ bottleneck: (the encoder's vector before quantisation, None)."""
         T = wav.shape[-1]
         x = F.pad(wav, (0, self.n_frames(T) * self.hop - T))
         x = self.log_spectrogram(x) if self.cfg.stft_hop else x[:, None]
         h = self.enc_bottleneck(self.encoder(x))  # [B, 2D, S]
+        if self.rvq is not None:
+            return h.transpose(1, 2), None
         mu, logvar = h.transpose(1, 2).chunk(2, dim=-1)
         return mu, logvar.clamp(-30.0, 20.0)
 
@@ -282,8 +303,42 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, wav):
+        """wav [B, T] -> latents [B, S, D]: the standardised posterior mean; with an RVQ bottleneck
+        the encoder's vector BEFORE quantisation (unstandardised), so that an LM's copy of the
+        codebooks (rq.DiscreteLM.take_codebooks) reads exactly the codec's codes from it, and
+        decode(quantise(encode(wav))) is the codec's round trip."""
         mu, _ = self.posterior(wav)
         return (mu - self.latent_mean) / self.latent_std
+
+    @torch.no_grad()
+    def quantise(self, latents):
+        """What the decoder of this codec reads for encoded latents: the sum of their RVQ
+        codewords; for the Gaussian VAE the latents themselves."""
+        return latents if self.rvq is None else self.rvq.decode(self.rvq.encode(latents))
+
+    def rvq_bottleneck(self, x):
+        """Training (and validation) quantisation of encoder vectors x [B, S, D]: (x_q with the
+        straight-through gradient, codes, commitment loss) from rq.RVQ.forward, whose training
+        mode also takes an EMA step of the codebooks. The first training batch initialises them by
+        k-means, level by level on its residuals (EnCodec); dead-code restarts draw from a numpy
+        generator seeded by the torch RNG, which checkpoints carry (resume stays exact)."""
+        Q, K = self.cfg.rvq_levels, self.cfg.rvq_codebook
+        if self.training and not self.rvq_ready:
+            r = x.detach().reshape(-1, x.shape[-1]).float()
+            if len(r) < K:
+                raise ValueError(f'the RVQ bottleneck initialises {K} codewords by k-means on the '
+                                 f'first batch, which has {len(r)} frames: lower rvq_codebook')
+            rng = np.random.default_rng(0)
+            for q in range(Q):
+                self.rvq.init_level(q, r, rng, iters=10)
+                r = r - self.rvq.codebooks[q][rq.nearest(r, self.rvq.codebooks[q])]
+            self.rvq_ready.fill_(True)
+        rngs = None
+        if self.training:
+            seed = int(torch.randint(2 ** 62, ()))
+            rngs = [np.random.default_rng([seed, q]) for q in range(Q)]
+        with torch.autocast(x.device.type, enabled=False):
+            return self.rvq(x.float(), rngs)
 
     @torch.no_grad()
     def decode(self, latents):
@@ -303,16 +358,21 @@ class VAE(nn.Module):
         self.last = (target, output)."""
         cfg = self.cfg
         mu, logvar = self.posterior(wav)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # reparameterisation trick
-        l_kl = kl_divergence(mu, logvar)
+        if self.rvq is None:
+            z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # reparameterisation trick
+            l_kl = kl_divergence(mu, logvar)
+            reg, reg_stats = cfg.kl_weight * l_kl, {'kl': l_kl.item()}
+        else:   # the codec's bottleneck: the decoder reads the codes' codewords
+            z, codes, l_commit = self.rvq_bottleneck(mu)
+            reg, reg_stats = cfg.commit_weight * l_commit, {'commit': l_commit.item()}
         T, stats = wav.shape[-1], {}
         if cfg.stft_hop:  # spectral ends: a loss on the decoder's log-magnitudes, the waveform
                           # losses below if asked
             target = self.log_spectrogram(F.pad(wav, (0, self.n_frames(T) * self.hop - T)))
             logmag, d = self.spectral_out(z)
             l_spec = spectral_loss(logmag, target)
-            loss = cfg.spec_weight * l_spec + cfg.kl_weight * l_kl
-            stats = {'loss': loss.item(), 'spec': l_spec.item(), 'kl': l_kl.item()}
+            loss = cfg.spec_weight * l_spec + reg
+            stats = {'loss': loss.item(), 'spec': l_spec.item(), **reg_stats}
             if not (cfg.time_weight or cfg.freq_weight or cfg.discriminator):
                 return loss, stats
             # The waveform terms train the vocoder's magnitudes, or the learned head's phase branch
@@ -326,13 +386,13 @@ class VAE(nn.Module):
             wav = F.pad(wav, (self.delay, 0))[:, :T]
         else:
             wav_hat = self.decode_raw(z)[:, :T]
-            loss = cfg.kl_weight * l_kl
+            loss = reg
         l_time = (wav_hat - wav).abs().mean()
         l_freq = stft_loss(wav, wav_hat, cfg.stft_sizes)
         loss = loss + cfg.time_weight * l_time + cfg.freq_weight * l_freq
         self.last = (wav, wav_hat)  # for the adversarial terms, when a discriminator is trained
         return loss, {**stats, 'loss': loss.item(), 'l1': l_time.item(), 'stft': l_freq.item(),
-                      'kl': l_kl.item()}
+                      **reg_stats}
 
     loss = forward
 
@@ -348,6 +408,12 @@ def check_config(cfg):
     if cfg.phase == 'learned' and not (cfg.spec_weight and waveform_loss):
         raise ValueError("phase='learned' needs spec_weight (its magnitudes) and a loss on the "
                          'waveform (its phase): time_weight, freq_weight or discriminator')
+    if cfg.bottleneck not in ('gaussian', 'rvq'):
+        raise ValueError(f"vae.Config.bottleneck must be 'gaussian' or 'rvq', not "
+                         f'{cfg.bottleneck!r}')
+    if cfg.bottleneck == 'rvq' and (cfg.rvq_levels < 1 or cfg.rvq_codebook < 2):
+        raise ValueError(f'an RVQ bottleneck needs rvq_levels >= 1 and rvq_codebook >= 2, got '
+                         f'{cfg.rvq_levels} and {cfg.rvq_codebook}')
     if not 0 <= cfg.disc_start < 1:
         raise ValueError('vae.Config.disc_start is a fraction of the training steps in [0, 1), '
                          f'not {cfg.disc_start}')

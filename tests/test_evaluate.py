@@ -7,9 +7,11 @@ import pytest
 import soxr
 import torch
 
+import calm
 import data
 import evaluate as ev
 import metrics
+import rq
 
 SR = data.SR
 T0, T1 = 4.0, 8.0  # prompt boundary and clip end (s)
@@ -129,6 +131,9 @@ class ReshapeVAE(torch.nn.Module):
     def decode(self, lat):
         return lat.reshape(lat.shape[0], -1)
 
+    def quantise(self, lat):   # what the decoder reads of encoded latents (vae.VAE.quantise)
+        return lat
+
 
 class FakeLM(torch.nn.Module):
     """Returns the true continuation frames of the given clips (oracle) or zeros (silent)."""
@@ -202,7 +207,8 @@ def test_compare_table_from_fake_results():
 
 
 def test_bootstrap_intervals_pool_resampled_clips():
-    counts = [dict(n_ref=4, n_pitch=k % 5, n_hit=0, n_gen=5, n_in_key=k % 6, timbre=float(k % 2))
+    counts = [dict(n_ref=4, n_pitch=k % 5, n_hit=0, n_gen=5, n_in_key=k % 6, timbre=float(k % 2),
+                   mel_db=1.0)
               for k in range(40)]
     s, ci = metrics.summarise(counts), metrics.bootstrap_ci(counts)
     for k in ('note_acc', 'key', 'timbre'):
@@ -215,3 +221,71 @@ def test_bootstrap_intervals_pool_resampled_clips():
     # better on every clip has a higher bound at both ends
     better = metrics.bootstrap_ci([dict(c, n_pitch=c['n_pitch'] + 1) for c in counts])
     assert all(b > a for a, b in zip(ci['note_acc_ci'], better['note_acc_ci']))
+
+
+@pytest.mark.parametrize('rows', [1, 7])
+def test_flops_of_a_linear_layer_are_two_per_multiply_add(rows):
+    lin = torch.nn.Linear(24, 10)
+    y, flops = ev.count_flops(lambda: lin(torch.randn(rows, 24)))
+    assert y.shape == (rows, 10) and flops == 2 * 24 * 10 * rows
+    # attention (a fused kernel on CPU): QK^T and AV, 2 x 2 x heads x queries x keys x head dim
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8)
+    assert ev.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k))[1] \
+        == 2 * 2 * 2 * 1 * 5 * 8
+
+
+def tiny_lms():
+    torch.manual_seed(0)
+    c = calm.CALM(calm.Config(latent_dim=4, d_model=32, n_layers=2, n_heads=2, context=12,
+                              short_context=3, short_layers=1, head_width=32, head_blocks=1))
+    lms = {'calm': c}
+    for kind in ('rq', 'delay'):
+        m = rq.build(rq.Config(kind=kind, latent_dim=4, n_q=3, codebook_size=8, d_model=32,
+                               n_layers=2, n_heads=2, context=12, depth_d=16, depth_layers=1,
+                               depth_heads=2))
+        m.rvq.codebooks.normal_()
+        lms[kind] = m
+    return {k: m.eval() for k, m in lms.items()}
+
+
+def test_cost_parts_are_measured_inside_one_generation_and_add_up():
+    """time_parts: the backbone and head calls are timed and counted inside model.generate, so
+    backbone + head + the loop's own work = the frame; the FLOPs have known answers."""
+    lms, n = tiny_lms(), 10
+    parts = {k: ev.time_parts(m, n, 1, 0.8) for k, m in lms.items()}
+    for k, p in parts.items():
+        assert p['backbone_ms'] + p['head_ms'] + p['other_ms'] == pytest.approx(p['frame_ms'])
+        assert p['other_ms'] >= 0 and p['backbone_ms'] > 0 and p['head_ms'] > 0
+        assert p['frame_mflop'] == pytest.approx(p['backbone_mflop'] + p['head_mflop'])
+    Q, V, d = 3, 8, 32
+    # the delay LM: n + Q - 1 steps for n frames, each one Linear(d, Q V)
+    assert parts['delay']['backbone_calls'] == parts['delay']['head_calls'] == (n + Q - 1) / n
+    assert parts['delay']['head_mflop'] * 1e6 == pytest.approx(2 * d * Q * V * (n + Q - 1) / n)
+    assert parts['rq']['head_calls'] == parts['calm']['backbone_calls'] == 1
+    # CALM's head at 4 steps is 4 calls of the same network: 4x the FLOPs of one
+    four = ev.time_parts(lms['calm'], n, 4, 0.8)
+    assert four['head_mflop'] == pytest.approx(4 * parts['calm']['head_mflop'])
+    assert four['backbone_mflop'] == pytest.approx(parts['calm']['backbone_mflop'])
+    assert all(p.requires_grad for p in lms['calm'].parameters())   # left as it was
+
+
+def test_mel_distance_ranks_truth_then_a_perturbed_copy_then_noise(clips):
+    """metrics.mel_distance against the clip's own true continuation: the truth scores 0, sound
+    far under it (60 dB floor) almost nothing, a copy one semitone off or 0.25 s late more, white
+    noise most. Silence lies between (a paired distance counts a missing partial once and a wrong
+    one twice: it can score like a late copy)."""
+    rng = np.random.default_rng(0)
+    a, b = int(T0 * SR), int(T1 * SR)
+    for c in clips[:4]:
+        ref = c.wav[a:b]
+        d = lambda w: metrics.mel_distance(w, ref, SR)
+        peak = np.abs(ref).max()
+        faint = d(ref + 1e-4 * peak * rng.standard_normal(len(ref)))   # 80 dB down
+        lag = int(0.25 * SR)
+        semitone, late = d(transpose(c, 1).wav[a:b]), d(c.wav[a - lag:b - lag])
+        noise = d(0.1 * rng.standard_normal(len(ref)))
+        assert d(ref) == 0.0 and faint < 0.1 * min(semitone, late)
+        assert max(semitone, late) < noise and faint < d(np.zeros_like(ref)) < noise
+    # the continuation protocol carries it per clip and pools it as a mean
+    s = metrics.summarise([metrics.score_continuation(c.wav, c, T0, T1) for c in clips[:3]])
+    assert s['mel_db'] == 0.0

@@ -18,6 +18,7 @@ sys.path.insert(0, ROOT)
 from test_train import run, tiny_recipes, train_main  # noqa: E402
 
 import calm  # noqa: E402
+import data  # noqa: E402
 import pipeline  # noqa: E402
 import rq  # noqa: E402
 
@@ -184,6 +185,21 @@ def test_sampling_follows_the_softmax_and_top_k():
                                                   atol=0.015)
 
 
+@pytest.mark.parametrize('k', [1, 3])
+def test_top_k_keeps_exactly_k_codes_when_logits_tie(k):
+    """Ten tied logits (a threshold at the k-th would keep all ten): exactly k distinct codes are
+    ever sampled, the same k in every row (topk's indices), each about equally often."""
+    logits = torch.zeros(4000, 10)
+    logits[:, 7] = -1.0   # one code below the tie
+    g = torch.Generator().manual_seed(0)
+    codes = rq.sample_logits(logits, 1.0, top_k=k, generator=g)
+    assert codes.shape == (4000,) and len(codes.unique()) == k and (codes != 7).all()
+    freq = torch.bincount(codes, minlength=10)[codes.unique()] / 4000
+    assert torch.allclose(freq, torch.full((k,), 1 / k), atol=0.04)
+    lo = torch.randn(5, 3, 10, generator=g).round()   # batched logits with ties: shape kept
+    assert rq.sample_logits(lo, 0.7, top_k=k, generator=g).shape == (5, 3)
+
+
 @HP
 @given(st.integers(1, 3), st.integers(1, 9), st.integers(1, 5), st.integers(0, 10_000))
 def test_delay_pattern_round_trips(B, S, Q, seed):
@@ -300,7 +316,8 @@ def test_training_step_lowers_the_loss_and_reaches_the_backbone(kind):
         opt.step()
         first = first or stats['loss']
     assert stats['loss'] < 0.7 * first
-    assert set(m.held_out(batch)) == {'val_ce', 'val_mse', 'val_var'}
+    mse = 'val_mse' if kind == 'rq' else 'val_mse_true_lower'   # the delay LM's: named for what
+    assert set(m.held_out(batch)) == {'val_ce', mse, 'val_var'}   # it is
 
 
 def test_a_checkpoint_with_the_old_depth_block_keys_loads_the_same_model():
@@ -459,5 +476,85 @@ def test_evaluate_table_end_to_end(tiny_run, discrete_run):
     assert f'{out.name} {kind} T=0.5' in rows and '(real)' in rows
     speed = res['speed']['rows']
     assert speed[f'{tiny_run.name} calm steps=1']['head_x'] == 1.0
-    assert {f'{k} Q={q} (untrained, 10 s)' for k in ('rq', 'delay') for q in (1, 3)} <= set(speed)
-    assert all(np.isfinite(v) and v > 0 for r in speed.values() for k, v in r.items() if k != 'h')
+    assert {f'{k} Q={q} (untrained)' for k in ('rq', 'delay') for q in (1, 3)} <= set(speed)
+    assert all(np.isfinite(v) and v > 0 for r in speed.values() for k, v in r.items()
+               if k not in ('h', 'other_ms'))
+    for r in speed.values():   # the parts were timed inside the frame they add up to
+        assert r['other_ms'] >= 0 and r['frame_mflop'] == pytest.approx(r['backbone_mflop']
+                                                                        + r['head_mflop'])
+
+
+@pytest.mark.parametrize('kind', ['calm', 'rq', 'delay'])
+def test_one_validation_measure_sees_only_the_true_past(kind):
+    """train.validation's val_next_mse: every kind's greedy next frame from generate. Changing
+    frame s and everything after it leaves the prediction of frame s as it was (the delay LM's
+    teacher-forced val_mse_true_lower reads frame s's true lower levels: not this measure); for
+    CALM and RQ it equals their teacher-forced val_mse at the same frames."""
+    import train
+    if kind == 'calm':
+        cfg = calm.Config(latent_dim=4, d_model=32, n_layers=2, n_heads=2, context=12,
+                          short_context=0, head_width=32, head_blocks=1)
+        torch.manual_seed(0)
+        m = calm.CALM(cfg).eval()
+        with torch.no_grad():
+            for p in m.head.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    else:
+        cfg = tiny(kind)
+        m = randomized(cfg)
+    x = torch.randn(3, 12, 4, generator=torch.Generator().manual_seed(1))
+    pos, pred = train.next_frames(m, x, every=2)
+    assert pos == [2, 4, 6, 8, 10] and pred.shape == (3, 5, 4)
+    for i, s in enumerate(pos):
+        y = x.clone()
+        y[:, s:] = torch.randn(3, 12 - s, 4)
+        assert torch.allclose(train.next_frames(m, y, every=2)[1][:, i], pred[:, i], atol=1e-5)
+    stats = train.validation(m, x)
+    assert stats['val_next_mse'] > 0 and 'val_var' in stats
+    if kind == 'calm':
+        z = m.conditioning(x, x)
+        tf = m.sample_head(z.flatten(0, 1), 1, 0.0).view_as(x)
+    elif kind == 'rq':
+        z = m.backbone(m.rvq.encode(x))
+        tf = m.rvq.decode(m.sample_head(z.flatten(0, 1), temperature=0.0)).view_as(x)
+    else:
+        return
+    assert torch.allclose(tf[:, pos], pred, atol=1e-4)
+
+
+def test_discrete_lm_trains_on_an_end_to_end_rvq_codec(tmp_path):
+    """train.py --vae.bottleneck=rvq trains the codec with its RVQ (vae.py); --model rq on it
+    takes the codec's codebooks, so the LM's codes of the cached latents are the codec's own;
+    the run samples; CALM on it and codes that do not fit stop with one line."""
+    from test_train import TINY
+    vae_flags = [f for f in TINY if f.startswith('--vae.') or f == '--clips' or f == '6']
+    codec = tmp_path / 'codec'
+    mp = pytest.MonkeyPatch()
+    tiny_recipes(mp)
+    try:
+        train_main(['--toy', '--stage', 'vae', '--out', str(codec), '--vae-steps', '4',
+                    *vae_flags, '--vae.bottleneck=rvq', '--vae.rvq_levels=2',
+                    '--vae.rvq_codebook=4', '--log-every', '1'])
+        lm = tmp_path / 'rq'
+        lm_flags = [f for f in TINY_RQ if f not in ('--levels', '3', '--codebook-size', '16')]
+        train_main(['--stage', 'lm', '--vae-from', str(codec), '--out', str(lm), '--model', 'rq',
+                    '--lm-steps', '2', '--lm-clips', '6', *lm_flags])
+    finally:
+        mp.undo()
+    recs = [json.loads(line) for line in open(codec / 'log.jsonl')]
+    assert all('commit' in r and np.isfinite(r['loss']) for r in recs if r.get('stage') == 'vae')
+    vae, model = pipeline.load(str(lm))
+    assert (model.cfg.n_q, model.cfg.codebook_size) == (2, 4) and bool(vae.rvq_ready)
+    assert torch.equal(model.rvq.codebooks, vae.rvq.codebooks)
+    assert float(vae.latent_std.min()) == 1.0 == float(vae.latent_std.max())   # not standardised
+    clip = data.make_clip(data.clip_seed('heldout', 0), seconds=2.0)
+    x = vae.encode(torch.tensor(clip.wav[None]))
+    assert torch.equal(model.rvq.encode(x), vae.rvq.encode(x))   # the codec's codes
+    wav = pipeline.continue_clip(vae, model, clip, 4, 3, 1, 0.8, torch.Generator().manual_seed(0),
+                                 'cpu')
+    assert wav.shape == (7 * vae.hop,) and np.isfinite(wav).all()
+    for flags, msg in ((['--model', 'calm'], 'RVQ bottleneck'),
+                       (['--model', 'delay', '--codebook-size', '8'], 'do not fit')):
+        with pytest.raises(SystemExit, match=msg):
+            train_main(['--stage', 'lm', '--vae-from', str(codec), '--out', str(tmp_path / 'bad'),
+                        '--lm-steps', '1', '--clips', '6', *flags])

@@ -311,3 +311,37 @@ def test_a_checkpoint_from_before_time_scale_loads_with_100(tiny_run, tmp_path):
     with torch.no_grad():
         # same weights, other features
         assert not torch.allclose(old.head(x, t, z), new.head(x, t, z))
+
+
+def lrs(argv):
+    """Every step's lr of the LM stage train.py would run with these flags (no training)."""
+    args = train.parse_args(argv + ['--device', 'cpu'])
+    cfg = dataclasses.replace(train.calm.TOY, **({'head_loss': args.head_loss}
+                                                 if args.head_loss else {}))
+    if args.model != 'calm':
+        cfg = train.rq.config_like(cfg, kind=args.model)
+    recipe, cfg = train.lm_recipe(args, cfg)
+    at = train.lr_schedule(recipe, recipe['steps'], cfg)
+    return np.array([at(s) for s in range(recipe['steps'])])
+
+
+def test_every_lm_gets_the_consistency_runs_lr_schedule_by_default(monkeypatch):
+    # sct_lr 0.1 so that the switch shows (the toy's is 1: its sCT trains the head alone)
+    monkeypatch.setitem(train.RECIPES, 'lm', dict(train.RECIPES['lm'], sct_lr=0.1))
+    calm_lr = lrs([])
+    # the consistency run's shape, unchanged: cosine, x sct_lr from its sCT phase
+    base, n = train.RECIPES['lm'], train.calm.TOY.diffusion_steps
+    plain = lrs(['--lr-shape', 'cosine'])
+    assert np.allclose(calm_lr[:n], plain[:n])
+    assert np.allclose(calm_lr[n:], base['sct_lr'] * plain[n:])
+    assert (np.diff(plain[base['warmup']:]) <= 0).all() and plain[-1] > 0.1 * base['lr'] * 0.99
+    for model in ('rq', 'delay'):
+        assert np.array_equal(lrs(['--model', model]), calm_lr)
+        assert np.array_equal(lrs(['--model', model, '--lr-shape', 'cosine']), plain)
+    # a TrigFlow run keeps the plain cosine unless asked; a shorter run moves the switch with it
+    assert np.array_equal(lrs(['--head-loss', 'trigflow']), plain)
+    assert np.array_equal(lrs(['--head-loss', 'trigflow', '--lr-shape', 'sct']), calm_lr)
+    half = base['steps'] // 2
+    short_calm, short_rq = lrs(['--lm-steps', str(half)]), lrs(['--model', 'rq', '--lm-steps',
+                                                               str(half)])
+    assert np.array_equal(short_calm, short_rq) and short_calm[n // 2 - 1] > 5 * short_calm[n // 2]
