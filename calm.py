@@ -33,7 +33,7 @@ train.py's held-out val_mse shows progress instead. `python calm.py` counts and 
 """
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -653,7 +653,7 @@ if __name__ == '__main__':   # parameter counts, and the toy's steps timed on ra
     # the toy's two phases, then a toy with an LSD head (built after them: their draws unchanged)
     for phase, first in (('TrigFlow', 0), ('sCT', TOY.diffusion_steps), ('LSD', 0)):
         if phase == 'LSD':
-            m = models['flow-map jump(s)'] = CALM(Config(**{**TOY.__dict__, 'head_loss': 'lsd'}))
+            m = models['flow-map jump(s)'] = CALM(replace(TOY, head_loss='lsd'))
             opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
         best = math.inf
         for step in range(first, first + 3):
