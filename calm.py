@@ -10,7 +10,8 @@ Read it after data.py and vae.py, next to the paper; train.py trains it, sample.
 
 "paper" is the CALM paper, arXiv 2509.06926 (its Eq. 3: the training objective, with z_s as above
 and the noise-augmented inputs); "sCM §n" refers to Lu & Song, arXiv 2410.11081 (§3 TrigFlow and
-sCT, §4.1 architecture, §4.2 training objective tricks); "MAR" to Li et al., arXiv 2406.11838.
+sCT, §4.1 architecture, §4.2 training objective tricks); "MAR" to Li et al., arXiv 2406.11838;
+"LSD paper" to Boffi et al., arXiv 2505.18825 (Lagrangian self-distillation: flow_map).
 
 Consistency models, what the head is (sCM §2-§4). TrigFlow noises a frame x_0 along a path
 x_t = cos t x_0 + sin t z, z ~ N(0, sigma_d^2 I), from data at t = 0 to noise at t = pi/2; the
@@ -32,7 +33,7 @@ train.py's held-out val_mse shows progress instead. `python calm.py` counts and 
 """
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -50,7 +51,7 @@ class Config:
     short_layers: int = 2
     head_width: int = 256
     head_blocks: int = 3
-    head_loss: str = 'consistency'   # the head objective: 'trigflow' (diffusion) or 'consistency'
+    head_loss: str = 'consistency'   # 'trigflow' (diffusion), 'consistency' (sCT), 'lsd' (flow_map)
     head_batch_mul: int = 4       # M: each z_s reused M times with fresh (noise, t) (MAR; paper: 8)
     noise_aug: bool = True        # corrupt the backbone's inputs (paper Eq. 3; arXiv 2411.18447)
     noise_max: float = 1.0        # noise level k ~ U(0, noise_max) (paper Eq. 3: U(0, 1))
@@ -59,6 +60,8 @@ class Config:
     P_std: float = 1.4
     tangent_warmup: int = 1000    # steps over which r ramps 0 -> 1 (sCM §4.2 "tangent warmup")
     diffusion_steps: int = 0      # consistency: first train this many steps with the TrigFlow loss
+    lsd_frac: float = 0.25        # lsd: 1 head row in round(1 / lsd_frac) also carries the LSD term
+    lsd_weight: float = 1.0       # lsd: weight of the LSD term beside the diagonal's flow matching
     adaptive_weight: bool = True  # learned w(t) (sCM §4.2; paper Eq. 3 trains w jointly)
     t_eps: float = 1e-3           # clamp t into [t_eps, pi/2 - t_eps] for training
     time_scale: float = 10.0      # fastest time feature, rad per unit t (time_features)
@@ -235,11 +238,14 @@ class ResBlock(nn.Module):
 
 
 class Head(nn.Module):
-    def __init__(self, D, d_cond, w, n_blocks, n_freq=256, time_scale=10.0):
+    def __init__(self, D, d_cond, w, n_blocks, n_freq=256, time_scale=10.0, two_times=False):
         super().__init__()
         self.n_freq, self.time_scale = n_freq, time_scale
         self.inp = nn.Linear(D, w)
         self.time = nn.Sequential(nn.Linear(n_freq, w), nn.SiLU(), nn.Linear(w, w))
+        # two_times: the end time s of a flow map (flow_map); LSD heads only, the others unchanged
+        self.time_end = (nn.Sequential(nn.Linear(n_freq, w), nn.SiLU(), nn.Linear(w, w))
+                         if two_times else None)
         self.cond = nn.Linear(d_cond, w)
         self.blocks = nn.ModuleList([ResBlock(w) for _ in range(n_blocks)])
         self.ln_f = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
@@ -249,16 +255,20 @@ class Head(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        for m in self.time:
+        for m in [*self.time, *(self.time_end or [])]:
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
         for lin in [b.ada[-1] for b in self.blocks] + [self.ada_f[-1], self.out]:
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, x, t, z):
-        """x [N, D] = x_t / sigma_d, t [N], z [N, d_cond] -> F_theta [N, D]."""
-        c = self.time(time_features(t, self.n_freq, self.time_scale)) + self.cond(z)
+    def forward(self, x, t, z, s=None):
+        """x [N, D] = x_t / sigma_d, t [N], z [N, d_cond] -> F_theta [N, D]. A two-time head also
+        reads the end time s [N] (None: s = t, the diagonal, where F is the TrigFlow velocity)."""
+        tf = lambda u: time_features(u, self.n_freq, self.time_scale)
+        c = self.time(tf(t)) + self.cond(z)
+        if self.time_end is not None:   # added, as the time and condition embeddings are
+            c = c + self.time_end(tf(t if s is None else s))
         h = self.inp(x)
         for blk in self.blocks:
             h = blk(h, c)
@@ -346,6 +356,42 @@ def trigflow_sample(Fn, shape, steps=100, temperature=1.0, sigma_d=1.0, generato
     return x
 
 
+# Lagrangian self-distillation (LSD paper; docs/consistency.md): the head learns the flow map
+# X_{t->s} of the PF-ODE, x_t to x_s on its path, s <= t (the paper's X_{s,t}, in TrigFlow's angle).
+
+def flow_map(Fn, xt, t, s, sigma_d=1.0):
+    """X_{t->s}(x) = cos(t-s) x - sin(t-s) sigma_d F(x / sigma_d, t, s): trigflow_sample's DDIM
+    step with an F that also reads s. X_{t->t} = x and d/ds X at s = t is sigma_d F(x, t, t), so
+    the diagonal is the TrigFlow velocity; X_{t->0} is sCM's consistency function f(x_t, t)."""
+    d = (t - s)[:, None]
+    return d.cos() * xt - d.sin() * sigma_d * Fn(xt / sigma_d, t, s)
+
+
+def lsd_residual(Fn, xt, t, s, sigma_d=1.0):
+    """d/ds X_{t->s}(x) - sg[sigma_d F(X / sigma_d, s, s)] [N, D]: the map solves the PF-ODE in its
+    end time (the LSD paper's Lagrangian equation), its teacher the network's own diagonal. dF/ds
+    by one JVP in s: unlike sCT's tangent, never through F's Jacobian in x (docs/consistency.md)."""
+    d = (t - s)[:, None]
+    F, dF_ds = torch.func.jvp(lambda e: Fn(xt / sigma_d, t, e), (s,), (torch.ones_like(s),))
+    X = d.cos() * xt - d.sin() * sigma_d * F
+    dX_ds = d.sin() * xt + d.cos() * sigma_d * F - d.sin() * sigma_d * dF_ds   # d/ds flow_map
+    with torch.no_grad():
+        target = sigma_d * Fn(X / sigma_d, s, s)
+    return dX_ds - target
+
+
+def flow_map_sample(Fn, shape, steps=1, temperature=1.0, sigma_d=1.0, generator=None, times=None,
+                    device=None):
+    """Jumps x <- X_{t_i -> t_i+1}(x) on a grid uniform in the angle (pocket-tts: in its time) from
+    noise of variance temperature sigma_d^2; Fn(x_scaled, t, s) -> F. One draw: maps compose."""
+    times = times or [HALF_PI * (1 - i / steps) for i in range(steps + 1)]
+    x = math.sqrt(temperature) * sigma_d * torch.randn(shape, generator=generator, device=device)
+    full = lambda v: torch.full((shape[0],), v, device=device)
+    for t, s in zip(times[:-1], times[1:]):
+        x = flow_map(Fn, x, full(t), full(s), sigma_d)
+    return x
+
+
 def short_windows(K, n_layers):
     """Per-layer windows of T_short whose receptive field is exactly the last K frames: stacked
     windows reach sum(w_l - 1) + 1 positions, so K - 1 is split over the layers (K=10, 2 layers ->
@@ -372,7 +418,8 @@ class CALM(nn.Module):
         if cfg.short_context > 0:
             windows = short_windows(cfg.short_context, cfg.short_layers)
             self.short = Transformer(D, d, cfg.n_heads, windows, cfg.dropout)
-        self.head = Head(D, d, cfg.head_width, cfg.head_blocks, time_scale=cfg.time_scale)
+        self.head = Head(D, d, cfg.head_width, cfg.head_blocks, time_scale=cfg.time_scale,
+                         two_times=cfg.head_loss == 'lsd')
         # Text conditioning (our conditioner): one embedding per word, id n_text = padding = the
         # null condition (a zero row: the empty description). See CALM.condition.
         self.text = None
@@ -447,8 +494,9 @@ class CALM(nn.Module):
 
     def objective(self, z, x0, step=0):
         """The head's training loss at this step: z [N, d], x0 [N, D] -> (loss, stats): each row's
-        error under the objective cfg.head_loss names (trigflow_error, sct_error), weighed by w(t).
-        Each row repeated M times with its own (noise, t): the head batch multiplier (MAR §3.3)."""
+        error under the objective cfg.head_loss names (trigflow_error, sct_error), weighed by w(t);
+        LSD: the TrigFlow loss on the diagonal s = t, plus lsd_error. Each row repeated M times
+        with its own (noise, t): the head batch multiplier (MAR §3.3)."""
         cfg, sd = self.cfg, self.cfg.sigma_d
         M = cfg.head_batch_mul
         z, x0 = z.repeat_interleave(M, 0), x0.repeat_interleave(M, 0)
@@ -457,18 +505,22 @@ class CALM(nn.Module):
         xt, dxt = trigflow_interp(x0, noise, t)
         # A consistency run may start with diffusion_steps of the TrigFlow loss (docs/findings.md)
         tuning = cfg.head_loss == 'consistency' and step < cfg.diffusion_steps
-        if cfg.head_loss == 'trigflow' or tuning:
+        if cfg.head_loss in ('trigflow', 'lsd') or tuning:
             err, stats = self.trigflow_error(xt, dxt, t, z), {}
         elif cfg.head_loss == 'consistency':
             err, stats = self.sct_error(xt, dxt, t, z, step - cfg.diffusion_steps)
         else:
-            raise ValueError(f"head_loss must be 'trigflow' or 'consistency', not "
+            raise ValueError(f"head_loss must be 'trigflow', 'consistency' or 'lsd', not "
                              f"{cfg.head_loss!r}")
         stats['mse'] = err.mean().item()
         if self.weight_net is not None:                   # e^{w(t)} ||.||^2 / D - w(t)  (sCM §4.2)
             w = self.weight_net(time_features(t, 128, cfg.time_scale))[:, 0]
             err = w.exp() * err - w
         loss = err.mean()
+        if cfg.head_loss == 'lsd':
+            lsd = self.lsd_error(z, x0)
+            stats['lsd_mse'] = lsd.mean().item()
+            loss = loss + cfg.lsd_weight * lsd.mean()
         stats['loss'] = loss.item()
         return loss, stats
 
@@ -494,6 +546,18 @@ class CALM(nn.Module):
         zh = zd if cfg.sct_head_only else z
         err = ((self.head(xt / sd, t, zh) - F_minus - g_scaled) ** 2).mean(-1)
         return err, {'r': r, 'g_norm': g.norm(dim=-1).mean().item()}
+
+    def lsd_error(self, z, x0):
+        """||lsd_residual||^2 / D on 1 head row in round(1 / lsd_frac), with its own noise and times
+        s <= t uniform on the triangle, as the LSD paper draws them (pocket-tts's pairs and its
+        learnt weight on this term did worse on the map test: docs/consistency.md)."""
+        k, sd, eps = max(1, round(1 / self.cfg.lsd_frac)), self.cfg.sigma_d, self.cfg.t_eps
+        z, x0 = z[::k], x0[::k]
+        u = (HALF_PI * torch.rand(x0.shape[0], 2, device=x0.device)).clamp(eps, HALF_PI - eps)
+        t, s = u.sort(1, descending=True).values.unbind(1)
+        xt, _ = trigflow_interp(x0, sd * torch.randn_like(x0), t)
+        Fn = lambda a, b, e: self.head(a, b, z, e)
+        return (lsd_residual(Fn, xt, t, s, sd) ** 2).mean(-1)
 
     # --- generation: per-frame pieces, exposed so evaluators can time backbone vs head ---
     def new_state(self, B, device=None, text=None, guidance=None):
@@ -523,11 +587,14 @@ class CALM(nn.Module):
 
     @torch.no_grad()
     def sample_head(self, z, steps=1, temperature=1.0, generator=None, times=None):
-        """z [N, d] -> x [N, D]: consistency steps or ODE steps depending on cfg.head_loss."""
+        """z [N, d] -> x [N, D]: consistency steps, flow-map jumps or ODE steps by cfg.head_loss."""
         Fn = lambda x, t: self.head(x, t, z)
         shape, sd = (z.shape[0], self.cfg.latent_dim), self.cfg.sigma_d
         if self.cfg.head_loss == 'consistency':
             return consistency_sample(Fn, shape, steps, temperature, sd, generator, times, z.device)
+        if self.cfg.head_loss == 'lsd':
+            Fn2 = lambda x, t, s: self.head(x, t, z, s)
+            return flow_map_sample(Fn2, shape, steps, temperature, sd, generator, times, z.device)
         return trigflow_sample(Fn, shape, steps, temperature, sd, generator, z.device)
 
     def check_sampling(self, steps=1, top_k=None):
@@ -603,7 +670,12 @@ if __name__ == '__main__':   # parameter counts, and the toy's steps timed on ra
     x = torch.randn(32, TOY.context, TOY.latent_dim)   # the toy LM batch: 32 windows of 64 frames
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
     print(f'TOY: {n_params(m) / 1e6:.2f}M params, head {n_params(m.head) / 1e6:.2f}M')
-    for phase, first in (('TrigFlow', 0), ('sCT', TOY.diffusion_steps)):   # the toy's two phases
+    models = {'consistency step(s)': m}
+    # the toy's two phases, then a toy with an LSD head (built after them: their draws unchanged)
+    for phase, first in (('TrigFlow', 0), ('sCT', TOY.diffusion_steps), ('LSD', 0)):
+        if phase == 'LSD':
+            m = models['flow-map jump(s)'] = CALM(replace(TOY, head_loss='lsd'))
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
         best = math.inf
         for step in range(first, first + 3):
             t0 = time.time()
@@ -614,8 +686,9 @@ if __name__ == '__main__':   # parameter counts, and the toy's steps timed on ra
             best = min(best, time.time() - t0)
         print(f'  {phase} training step: {best:.2f} s (best of 3, {torch.get_num_threads()} '
               f'threads); stats {stats}')
-    for steps in (1, 4):
-        m.eval().generate(None, 10, steps=steps)   # warm-up
-        t0 = time.time()
-        m.generate(None, 100, steps=steps)
-        print(f'  generation, {steps} consistency step(s): {(time.time() - t0) * 10:.2f} ms/frame')
+    for what, m in models.items():
+        for steps in (1, 4):
+            m.eval().generate(None, 10, steps=steps)   # warm-up
+            t0 = time.time()
+            m.generate(None, 100, steps=steps)
+            print(f'  generation, {steps} {what}: {(time.time() - t0) * 10:.2f} ms/frame')

@@ -83,14 +83,15 @@ def density(mix, x):
 
 
 def train_head_alone(head_loss, sample_x0, D, n_iter, seed=0, batch=512, lr=2e-3, loss_fn=None,
-                     lr_scale=None, ema=0.0, **config):
+                     lr_scale=None, ema=0.0, prepare=None, **config):
     """calm's head (and its adaptive weight) trained alone on x_0 = sample_x0(batch) [batch, D], the
     conditioning z pure noise (x_0 does not depend on it): Adam, lr decaying linearly to 0,
     gradients clipped at 1 as train.py clips. Its own loop rather than train.train's: no backbone,
     no data pipeline, no checkpoints. The loss is CALM.objective unless loss_fn(model, z, x0, i)
-    replaces it (bench/map.py's variants); lr_scale(i) multiplies the lr; ema > 0 returns the
-    exponential moving average of the head's weights with that decay; config: more calm.Config
-    fields. Returns the model in eval mode."""
+    replaces it (bench/map.py's variants); prepare(model), called once, may change the model and
+    returns more parameters to train (bench/map.py's LSD variants); lr_scale(i) multiplies the lr;
+    ema > 0 returns the exponential moving average of the head's weights with that decay; config:
+    more calm.Config fields. Returns the model in eval mode."""
     torch.manual_seed(seed)
     cfg = calm.Config(**{**dict(latent_dim=D, d_model=8, n_layers=1, n_heads=1, context=4,
                                 short_context=0, head_width=64, head_blocks=2, head_loss=head_loss,
@@ -98,6 +99,7 @@ def train_head_alone(head_loss, sample_x0, D, n_iter, seed=0, batch=512, lr=2e-3
     m = calm.CALM(cfg)
     params = list(m.head.parameters())
     params += list(m.weight_net.parameters()) if m.weight_net is not None else []
+    params += list(prepare(m)) if prepare is not None else []
     opt = torch.optim.Adam(params, lr=lr)
     average = [q.detach().clone() for q in m.head.parameters()] if ema else None
     for i in range(n_iter):

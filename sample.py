@@ -53,8 +53,8 @@ def parse_args(argv=None):
     p.add_argument('--seconds', type=float, default=10.0,
                    help='seconds of continuation to generate (default 10)')
     p.add_argument('--steps', type=int, default=1,
-                   help='head steps per frame: consistency steps, or ODE steps for a TrigFlow head '
-                        '(default 1)')
+                   help='head steps per frame: consistency steps, flow-map jumps for an LSD '
+                        'head, or ODE steps for a TrigFlow head (default 1)')
     p.add_argument('--temperature', type=float, default=None,
                    help='Gaussian temperature: variance of the head noise; for a discrete LM the '
                         'softmax temperature of its codes (default 0.8 for both)')

@@ -10,7 +10,8 @@ Figures, in the order data flows (README.md, "How it works", walks through them)
   02_vae          the clip through the VAE: original vs reconstruction, and the latent frames
   03_trigflow     TrigFlow noising of one latent frame; on a 1-D two-mode toy (mixture.py), the
                   exact PF-ODE paths, the TrigFlow sampler, the consistency map (= ODE endpoint),
-                  the 1-step mean collapse, and the map a consistency head trained alone learns
+                  the 1-step mean collapse, and the map an sCT head and an LSD head trained
+                  alone learn
   04_temperature  one prompt continued at Gaussian temperatures 0, 0.5, 0.8, 1
   05_continuation prompt + continuation, and the transcribed notes against the clip's true ones
   06_training     the VAE and LM losses of the run (log.jsonl)
@@ -107,6 +108,7 @@ def sampler_paths(n, steps, seed):
 TWO_MODES_MEAN = (mixture.TWO_MODES[0] * mixture.TWO_MODES[1][:, 0]).sum().item()
 HEAD_ITERS = 3000   # figure 03 (d): sCT steps of the head trained alone (as tests/test_calm.py's
                     # map test)
+LSD_ITERS = 2000    # and the LSD head's (as the map test)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,7 +177,8 @@ def fig_vae(plt, vae, clip):
 def fig_trigflow(plt, lat, seed):
     """03: (a) TrigFlow noising of one latent frame; (b, c) on the 1-D two-mode toy, the exact
     PF-ODE paths, the TrigFlow sampler, the consistency map (= ODE endpoint) and the 1-step mean
-    collapse; (d) that map as a consistency head trained alone on the toy learns it."""
+    collapse; (d) that map as a consistency (sCT) head and an LSD flow-map head trained alone on the
+    toy learn it."""
     fig = plt.figure(figsize=(16, 8))
     gs = fig.add_gridspec(2, 4, width_ratios=[0.8, 3, 3, 3], height_ratios=[1, 1.4])
     fig.suptitle('03 TrigFlow: x_t = cos(t) x_0 + sin(t) z, data at t = 0, noise at t = pi/2; '
@@ -240,28 +243,33 @@ def fig_trigflow(plt, lat, seed):
     ax_z.set_title('noise z ~ N(0, 1)', fontsize=10)
     ax_z.set_xlabel('density')
     ax_z.set_ylabel('x')
-    # (d) the same map learnt: calm's head trained alone on the toy with the sCT loss, 1 call
-    m = mixture.train_head_alone('consistency', lambda n: mixture.sample(mixture.TWO_MODES, n), 1,
-                                 HEAD_ITERS, seed=seed)
+    # (d) the same map learnt: calm's head trained alone on the toy with the sCT loss, and with
+    # LSD (a flow map), each sampled in one call
+    x0_toy = lambda n: mixture.sample(mixture.TWO_MODES, n)
+    m = mixture.train_head_alone('consistency', x0_toy, 1, HEAD_ITERS, seed=seed)
+    m_lsd = mixture.train_head_alone('lsd', x0_toy, 1, LSD_ITERS, seed=seed)
     grid_T = torch.linspace(-2.5, 2.5, 201)[:, None]
     with torch.no_grad():
-        f1 = calm.consistency_fn(lambda x, t: m.head(x, t, torch.zeros(len(x), 8)), grid_T,
-                                 torch.full((len(grid_T),), math.pi / 2))
+        z0, t_T = torch.zeros(len(grid_T), 8), torch.full((len(grid_T),), math.pi / 2)
+        f1 = calm.consistency_fn(lambda x, t: m.head(x, t, z0), grid_T, t_T)
+        x_lsd = calm.flow_map(lambda x, t, s: m_lsd.head(x, t, z0, s), grid_T, t_T, 0 * t_T)
     ax = fig.add_subplot(gs[1, 3])
     ax.plot(grid_T[:, 0], mixture.ode_paths(mixture.TWO_MODES, grid_T)[1][-1, :, 0],
             color='tab:green', lw=3, alpha=0.6, label='exact map: PF-ODE end point')
+    ax.plot(grid_T[:, 0], x_lsd[:, 0], 'x', color='tab:orange', ms=4,
+            label=f'LSD head, 1 jump X(pi/2 -> 0) ({LSD_ITERS} training steps)')
     ax.plot(grid_T[:, 0], f1[:, 0], '.', color='tab:purple', ms=3,
-            label=f'trained head, 1 step ({HEAD_ITERS} sCT steps)')
+            label=f'sCT head, 1 step ({HEAD_ITERS} training steps)')
     ax.axhline(TWO_MODES_MEAN, color='tab:red', lw=1, ls=':', label='the mean')
     ax.set_xlabel('noise x_T')
     ax.set_ylabel('x_0 = f(x_T, pi/2)')
     ax.legend(fontsize=7, loc='upper left')
-    ax.set_title('(d) the consistency map, exact vs learnt', fontsize=10)
+    ax.set_title('(d) the consistency map, exact vs learnt (sCT, LSD)', fontsize=10)
     fig.text(0.01, 0.005,
              'Nothing is trained in (b) and (c): F is the exact velocity E[v_t | x_t] of the toy. '
              "In (d) calm's head is trained alone on the toy (mixture.train_head_alone, "
-             'CALM.objective with the sCT loss) and must reproduce the green map in one call, '
-             'keeping the order of the noises within each mode.',
+             'CALM.objective: sCT or LSD) and must reproduce the green map in one call, keeping '
+             'the order of the noises within each mode.',
              fontsize=8)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     return fig
@@ -394,8 +402,8 @@ def main(argv=None):
     print('[2/6] the VAE')
     fig, lat = fig_vae(plt, vae, short)
     save(fig, os.path.join(out, '02_vae.png'), written)
-    print(f'[3/6] TrigFlow and consistency (trains a 1-D head for {HEAD_ITERS} steps, about a '
-          'minute)')
+    print(f'[3/6] TrigFlow and consistency (trains 1-D heads: sCT for {HEAD_ITERS} steps, LSD for '
+          f'{LSD_ITERS}; a few minutes)')
     save(fig_trigflow(plt, lat, args.seed), os.path.join(out, '03_trigflow.png'), written)
     print('[4/6] temperature')
     save(fig_temperature(plt, vae, model, clip, n_new, args.seed),

@@ -126,7 +126,10 @@ def parse_args(argv=None):
                         f'{rq.Config.codebook_size})')
     # The paper's ablations (noise augmentation, short-context Transformer, head batch multiplier;
     # and the TrigFlow head) as flags; any other field via --lm.FIELD=VALUE.
-    p.add_argument('--head-loss', choices=['trigflow', 'consistency'])
+    p.add_argument('--head-loss', choices=['trigflow', 'consistency', 'lsd'],
+                   help='the head objective: consistency (sCT, the default), trigflow (diffusion, '
+                        'ODE sampling) or lsd (a flow map by Lagrangian self-distillation, as '
+                        'pocket-tts trains its head)')
     p.add_argument('--head-batch-mul', type=int, help='head batch multiplier M (1 disables it)')
     p.add_argument('--short-context', type=int,
                    help='frames K seen by the short-context Transformer (0 disables)')

@@ -229,11 +229,13 @@ def test_help_of_every_script():
         assert 'usage' in run(script, '--help').stdout
 
 
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
-    """An interrupted and resumed run ends with exactly the weights of an uninterrupted one."""
+@pytest.mark.parametrize('head', [[], ['--head-loss', 'lsd']], ids=['consistency', 'lsd'])
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch, head):
+    """An interrupted and resumed run ends with exactly the weights of an uninterrupted one (the
+    default head, and an LSD head)."""
     tiny_recipes(monkeypatch)
     full, cut = tmp_path / 'full', tmp_path / 'cut'
-    common = ['--toy', '--vae-steps', '3', '--lm-steps', '5', '--ckpt-every', '1', *TINY]
+    common = ['--toy', '--vae-steps', '3', '--lm-steps', '5', '--ckpt-every', '1', *head, *TINY]
     train_main(['--out', str(full), *common])
     # stops inside the VAE stage
     train_main(['--out', str(cut), '--stop-after', '2', *common])
@@ -246,6 +248,27 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
         assert a['step'] == b['step']
         for k in a['model']:
             assert torch.equal(a['model'][k], b['model'][k]), (name, k)
+
+
+def test_lsd_run_trains_and_samples_with_no_flag(tmp_path, monkeypatch):
+    """`train.py --head-loss lsd` logs both terms of its loss; sample.py reads the head loss from
+    the checkpoint and continues a prompt with the flow map, 1 or 4 jumps, with no flag."""
+    tiny_recipes(monkeypatch)
+    train_main(['--toy', '--out', str(tmp_path), '--vae-steps', '2', '--lm-steps', '3',
+                '--head-loss', 'lsd', *TINY])
+    recs = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+    lm = [r for r in recs if r['stage'] == 'lm' and 'lr' in r]   # the training steps
+    assert len(lm) == 3 and all(np.isfinite(r['lsd_mse']) and np.isfinite(r['mse']) for r in lm)
+    _, model = pipeline.load(str(tmp_path))
+    assert model.cfg.head_loss == 'lsd' and model.head.time_end is not None
+    prompt = tmp_path / 'prompt.wav'
+    sf.write(prompt, 0.1 * np.sin(2 * np.pi * 440 * np.arange(24000) / 24000), 24000)
+    for steps in ('1', '4'):
+        out = tmp_path / f'cont{steps}.wav'
+        run('sample.py', str(prompt), '--ckpt', str(tmp_path), '--seconds', '1', '--steps', steps,
+            '--out', str(out))
+        wav, _ = sf.read(out)
+        assert np.isfinite(wav).all() and np.abs(wav).max() > 0
 
 
 def test_ddp_replicas_stay_identical(tmp_path):
