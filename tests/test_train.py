@@ -2,6 +2,7 @@
 """
 import dataclasses
 import json
+import math
 import os
 import shutil
 import socket
@@ -104,6 +105,52 @@ def test_config_json_records_what_the_run_trained(tiny_run):
     assert run['args']['device'] == 'cpu' and run['world_size'] == 1
     assert '--vae-steps 4' in run['vae']['why'] and '--lm.d_model=32' in run['lm']['why']
     assert not os.path.exists(tiny_run / 'config.json.tmp')
+
+
+@pytest.mark.parametrize('objective, diffusion_steps', [('trigflow', 0), ('consistency', 0),
+                                                       ('consistency', 40)])
+def test_lr_schedule_warmup_cosine_and_floor(objective, diffusion_steps):
+    """nanoGPT's schedule: lr (s + 1) / warmup for the first `warmup` steps (never 0, reaching lr at
+    the last warmup step), then a cosine from lr down to a floor of 10% at the last step, never
+    below it after; a consistency run with a TrigFlow phase trains its sCT steps (from
+    diffusion_steps on) at sct_lr x that."""
+    recipe = dict(lr=2e-3, warmup=10, sct_lr=0.1)
+    cfg = train.calm.Config(head_loss=objective, diffusion_steps=diffusion_steps)
+    lr_at = train.lr_schedule(recipe, 100, cfg)
+    sct = lambda s: 0.1 if diffusion_steps and s >= diffusion_steps else 1.0
+    assert [lr_at(s) for s in range(10)] == pytest.approx([2e-4 * (s + 1) for s in range(10)])
+    assert lr_at(10) == pytest.approx(2e-3)
+    assert lr_at(55) == pytest.approx(sct(55) * 2e-3 * 0.55)              # half way: (1 + 0.1) / 2
+    assert lr_at(100) == pytest.approx(sct(100) * 2e-4)
+    assert lr_at(500) == pytest.approx(sct(500) * 2e-4)                   # past the end: the floor
+    after = [lr_at(s) / sct(s) for s in range(10, 101)]
+    assert all(a > b for a, b in zip(after, after[1:]))                   # decreasing
+    if diffusion_steps:
+        assert lr_at(40) == pytest.approx(0.1 * 2e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi / 3))))
+        assert lr_at(39) == pytest.approx(2e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * 29 / 90))))
+
+
+def test_the_optimizer_steps_at_the_scheduled_lr(tmp_path, monkeypatch):
+    """train.train sets every step's lr from the schedule before the optimizer steps (the logged lr
+    is computed apart, so it would not show a loop that forgot to set it)."""
+    seen = []
+    make = train.make_optimizer
+
+    def recording(stage, model, recipe):
+        opt = make(stage, model, recipe)
+        step = opt.step
+        opt.step = lambda: (seen.append([g['lr'] for g in opt.param_groups]), step())[1]
+        return opt
+    monkeypatch.setattr(train, 'make_optimizer', recording)
+    model = train.calm.CALM(train.calm.Config(latent_dim=2, d_model=8, n_layers=1, n_heads=1,
+                                              context=4, short_context=0, head_width=8,
+                                              head_blocks=1, head_loss='trigflow'))
+    recipe = dict(steps=12, batch=2, lr=1e-3, warmup=3, wd=0.0)
+    args = train.parse_args(['--out', str(tmp_path), '--log-every', '100'])
+    train.train('lm', model, model.cfg, recipe, lambda s: torch.randn(2, 4, 2),
+                str(tmp_path / 'c.pt'), args, False, train.Log(str(tmp_path), False))
+    lr_at = train.lr_schedule(recipe, 12, model.cfg)
+    assert seen == [[pytest.approx(lr_at(s))] * 2 for s in range(12)]
 
 
 def test_recipe_reason_names_the_device_and_the_flags():
