@@ -81,7 +81,8 @@ def parse_args(argv=None):
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--resume', action='store_true',
-                   help='continue the run in --out where it stopped')
+                   help='continue the run in --out where it stopped, with the same settings (a '
+                        'new step budget is allowed: RESUME_MAY_CHANGE)')
     p.add_argument('--vae-steps', type=int,
                    help=f"VAE training steps (toy: {RECIPES['vae']['steps']})")
     p.add_argument('--lm-steps', type=int,
@@ -235,9 +236,10 @@ def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra
     opt = make_optimizer(stage, model, recipe)
     step, steps = 0, recipe['steps']
     if args.resume and os.path.exists(ckpt_path):
-        step, steps = resume(ckpt_path, model, opt, adversary, device)
+        step, before = resume(ckpt_path, model, opt, adversary, device)
         if log.enabled:
-            print(f'{stage}: resuming from {ckpt_path} at step {step}/{steps}')
+            budget = f' (a new budget: it was {before})' if before != steps else ''
+            print(f'{stage}: resuming from {ckpt_path} at step {step}/{steps}{budget}')
     lr_at = lr_schedule(recipe, steps, cfg)
 
     def checkpoint():
@@ -436,10 +438,12 @@ def encode_all(vae, clips, n, cache, device, rank=0):
                                  names=[f'toy-train-{i}' for i in range(n)], verbose=rank == 0)
 
 
-def lm_recipe(args, cfg):
+def lm_recipe(args, cfg, resumed=None):
     """(recipe, cfg) of the LM stage: RECIPES['lm'], GPU_LM on a CUDA device, then --lm-steps /
     --lm-batch. A consistency run's TrigFlow phase (calm.Config.diffusion_steps) keeps its share of
-    a longer/shorter run."""
+    a longer/shorter run; resumed (the config of the checkpoint --resume continues): the phase it
+    trained with stays, whatever the new budget (a budget moves the end of a run, not its phases).
+    """
     base = RECIPES['lm']
     recipe = {**base, **(GPU_LM if args.device.startswith('cuda') else {}),
               **({'steps': args.lm_steps} if args.lm_steps else {}),
@@ -448,6 +452,9 @@ def lm_recipe(args, cfg):
             and 'diffusion_steps' not in args.overrides['lm']):
         share = round(cfg.diffusion_steps * recipe['steps'] / base['steps'])
         cfg = dataclasses.replace(cfg, diffusion_steps=share)
+    if (resumed and 'diffusion_steps' in resumed and hasattr(cfg, 'diffusion_steps')
+            and 'diffusion_steps' not in args.overrides['lm']):
+        cfg = dataclasses.replace(cfg, diffusion_steps=resumed['diffusion_steps'])
     return recipe, cfg
 
 
@@ -495,8 +502,8 @@ def lm_config(args, vae):
 
 
 def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
-    cfg = lm_config(args, vae)
-    recipe, cfg = lm_recipe(args, cfg)
+    ck = resumed(args, 'calm.pt')
+    recipe, cfg = lm_recipe(args, lm_config(args, vae), ck and ck['config'])
     vae_path = os.path.abspath(os.path.join(vae_dir, 'vae.pt'))
     record_run(args, 'lm', cfg, recipe, ddp, log, vae=vae_path, kind=args.model)
     # the VAE's clips are the first toy clips; the LM sees args.lm_clips of them
@@ -535,6 +542,97 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
                          validate=lambda: model.held_out(val))
 
 
+# --------------------------------------------------------------------------------------------------
+# Inputs, checked before anything is written
+
+# What `--resume` may change: the step budget (--vae-steps / --lm-steps; the lr schedule then runs
+# over the new total, and a consistency run keeps the TrigFlow phase it trained with, lm_recipe).
+# Any other difference between the command and the checkpoint it continues, in the LM's kind, in a
+# config field or in the recipe, is refused in one line before anything is written.
+RESUME_MAY_CHANGE = {'steps'}
+
+
+def read(path, what):
+    """pipeline.read_checkpoint, its one-line error as this script's exit."""
+    try:
+        return pipeline.read_checkpoint(path, what)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}')
+
+
+def resumed(args, name):
+    """The checkpoint `name` ('vae.pt' or 'calm.pt') in --out that --resume continues, or None."""
+    path = os.path.join(args.out, name)
+    if not (args.resume and os.path.exists(path)):
+        return None
+    return read(path, 'lm' if name == 'calm.pt' else 'vae')
+
+
+def differences(ck, cfg, recipe, **more):
+    """'field (checkpoint X, command Y)' for every config and recipe field, and every item of
+    `more` (name: (checkpoint's, command's)), in which a command differs from a checkpoint, but
+    those RESUME_MAY_CHANGE."""
+    pairs = {**{k: (ck['config'].get(k), v) for k, v in dataclasses.asdict(cfg).items()},
+             **{k: (ck['recipe'].get(k), v) for k, v in recipe.items()
+                if k not in RESUME_MAY_CHANGE},
+             **more}
+    same = lambda a, b: a == b or (isinstance(a, (list, tuple)) and list(a) == list(b))
+    return [f'{k} (checkpoint {a!r}, command {b!r})' for k, (a, b) in pairs.items()
+            if not same(a, b)]
+
+
+def check_inputs(args):
+    """Everything a run reads, checked before main writes anything (a failing command leaves no
+    run folder and no config.json behind, and never half-overwrites a run): the --data folder, the
+    VAE an LM stage reads (--vae-from), the LM flags, and with --resume that the command describes
+    the run its checkpoints hold."""
+    if args.data and not os.path.isdir(args.data):
+        raise SystemExit(f'error: --data: not a directory: {args.data}')
+    vae_dir = args.vae_from or args.out
+    vae_path = os.path.join(vae_dir, 'vae.pt')
+    stages = ('vae', 'lm') if args.stage == 'all' else (args.stage,)
+    vae_cfg = override(getattr(vae_lib, args.preset.upper()), args.overrides['vae'])
+    if 'vae' in stages and (ck := resumed(args, 'vae.pt')) is not None:
+        recipe = dict(RECIPES['vae'], **({'steps': args.vae_steps} if args.vae_steps else {}))
+        finished = {'steps': (ck['recipe']['steps'], recipe['steps'])} if ck.get('done') else {}
+        diff = differences(ck, vae_cfg, recipe, **finished)
+        if diff:
+            done = ' (a finished VAE: its latents are cached, so not even its budget)' if finished \
+                else ''
+            raise SystemExit(f"error: --resume: the command differs from {args.out}/vae.pt in "
+                             f"{'; '.join(diff)}; a resumed run may change its step budget "
+                             f"only{done}: repeat the run's command, or use another --out")
+    if 'lm' not in stages:
+        return
+    if args.stage == 'lm':
+        if not os.path.exists(vae_path):
+            raise SystemExit(f'error: no VAE at {vae_path}: train it first (--stage vae) or pass '
+                             '--vae-from RUN_DIR')
+        vk = read(vae_path, 'vae')
+        if not vk.get('done'):
+            raise SystemExit(f"error: the VAE at {vae_path} stopped at step {vk['step']}/"
+                             f"{vk['steps']}: finish it (--stage vae --resume) before an LM "
+                             'trains on its latents')
+        vae_cfg = vae_lib.Config(**vk['config'])
+    cfg = lm_config(args, argparse.Namespace(cfg=vae_cfg))   # the LM flags: one-line errors
+    ck, path = resumed(args, 'calm.pt'), os.path.join(args.out, 'calm.pt')
+    if ck is None:
+        return
+    kind = ck.get('kind', 'calm')
+    if kind != args.model:
+        raise SystemExit(f'error: --resume: {path} holds a {kind} LM, the command trains --model '
+                         f'{args.model}: repeat the run\'s command, or use another --out')
+    recipe, cfg = lm_recipe(args, cfg, ck['config'])
+    # the VAE the LM reads, where the command names one (a run folder may have moved since)
+    vae = ({'vae': (os.path.realpath(ck.get('vae', '')), os.path.realpath(vae_path))}
+           if args.vae_from else {})
+    diff = differences(ck, cfg, recipe, **vae)
+    if diff:
+        raise SystemExit(f"error: --resume: the command differs from {path} in {'; '.join(diff)};"
+                         " a resumed run may change its step budget only: repeat the run's "
+                         'command, or use another --out')
+
+
 def main(argv=None):
     args = parse_args(argv)
     ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
@@ -553,6 +651,7 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed + rank)  # the model's noise draws; the data is seeded per step
     np.random.seed(args.seed + rank)
+    check_inputs(args)   # before anything is written: a command that fails leaves no run folder
     os.makedirs(args.out, exist_ok=True)
     log = Log(args.out, rank == 0)
     t0 = time.time()
@@ -569,19 +668,19 @@ def main(argv=None):
     if args.stage in ('all', 'vae'):
         vae_done = False
         if args.resume and os.path.exists(vae_path):
-            vae_done = torch.load(vae_path, weights_only=False).get('done', False)
+            vae_done = read(vae_path, 'vae').get('done', False)
         if not vae_done:
             _, finished, stats = train_vae(args, clips, ddp, rank, log)
             summary['vae'] = stats
             if not finished:
                 return
     if args.stage in ('all', 'lm'):
-        if not os.path.exists(vae_path):
-            raise SystemExit(f'error: no VAE at {vae_path}: train it first (--stage vae) or pass '
-                             '--vae-from RUN_DIR')
         if ddp:  # rank 0 may have just written the VAE
             dist.barrier()
-        vae, _ = vae_lib.load(vae_path, args.device)
+        try:
+            vae, _ = pipeline.load_vae(vae_path, args.device)
+        except ValueError as e:
+            raise SystemExit(f'error: {e}')
         _, finished, stats = train_lm(args, vae, clips, vae_dir, ddp, rank, log)
         summary['lm'] = stats
     if log.enabled:
