@@ -375,9 +375,14 @@ def load_audio_set(args):
     return index
 
 
+def vae_recipe(args):
+    """The VAE stage's recipe: RECIPES['vae'] (the same on every device), then --vae-steps."""
+    return dict(RECIPES['vae'], **({'steps': args.vae_steps} if args.vae_steps else {}))
+
+
 def train_vae(args, clips, ddp, rank, log):
     cfg = override(getattr(vae_lib, args.preset.upper()), args.overrides['vae'])
-    recipe = dict(RECIPES['vae'], **({'steps': args.vae_steps} if args.vae_steps else {}))
+    recipe = vae_recipe(args)
     record_run(args, 'vae', cfg, recipe, ddp, log)
     torch.manual_seed(args.seed + rank)  # each stage seeds itself: a resume re-creates the init
     model = vae_lib.VAE(cfg).to(args.device)
@@ -588,12 +593,14 @@ def check_inputs(args):
     the run its checkpoints hold."""
     if args.data and not os.path.isdir(args.data):
         raise SystemExit(f'error: --data: not a directory: {args.data}')
+    if args.vae_from and args.stage != 'lm':
+        raise SystemExit('error: --vae-from takes the VAE of another run: use it with --stage lm')
     vae_dir = args.vae_from or args.out
     vae_path = os.path.join(vae_dir, 'vae.pt')
     stages = ('vae', 'lm') if args.stage == 'all' else (args.stage,)
     vae_cfg = override(getattr(vae_lib, args.preset.upper()), args.overrides['vae'])
     if 'vae' in stages and (ck := resumed(args, 'vae.pt')) is not None:
-        recipe = dict(RECIPES['vae'], **({'steps': args.vae_steps} if args.vae_steps else {}))
+        recipe = vae_recipe(args)
         finished = {'steps': (ck['recipe']['steps'], recipe['steps'])} if ck.get('done') else {}
         diff = differences(ck, vae_cfg, recipe, **finished)
         if diff:
@@ -614,14 +621,14 @@ def check_inputs(args):
                              f"{vk['steps']}: finish it (--stage vae --resume) before an LM "
                              'trains on its latents')
         vae_cfg = vae_lib.Config(**vk['config'])
-    cfg = lm_config(args, argparse.Namespace(cfg=vae_cfg))   # the LM flags: one-line errors
     ck, path = resumed(args, 'calm.pt'), os.path.join(args.out, 'calm.pt')
+    if ck is not None and ck.get('kind', 'calm') != args.model:   # before the flags of the kind
+        raise SystemExit(f"error: --resume: {path} holds a {ck.get('kind', 'calm')} LM, the "
+                         f"command trains --model {args.model}: repeat the run's command, or use "
+                         'another --out')
+    cfg = lm_config(args, argparse.Namespace(cfg=vae_cfg))   # the LM flags: one-line errors
     if ck is None:
         return
-    kind = ck.get('kind', 'calm')
-    if kind != args.model:
-        raise SystemExit(f'error: --resume: {path} holds a {kind} LM, the command trains --model '
-                         f'{args.model}: repeat the run\'s command, or use another --out')
     recipe, cfg = lm_recipe(args, cfg, ck['config'])
     # the VAE the LM reads, where the command names one (a run folder may have moved since)
     vae = ({'vae': (os.path.realpath(ck.get('vae', '')), os.path.realpath(vae_path))}

@@ -3,7 +3,7 @@ A mutation check of the test suite: deliberate bugs of the kinds a reimplementat
 off-by-one shift, a wrong sign, a missing sqrt, swapped cos and sin, a missing stop-gradient, a
 wrong axis, a mask or schedule gone wrong, a temperature ignored), each applied alone to a copy of
 the repository, where the tests named with it must fail. The score and every surviving mutant are
-in docs/tests.md. A tool to run after changing the tests or the method files, not part of CI.
+in docs/testing.md. A tool to run after changing the tests or the method files, not part of CI.
 
     python -m bench.mutants                      # all of them, 2 at a time (~1 h on 2 CPU cores)
     python -m bench.mutants --list               # names, and the tests each one runs
@@ -47,7 +47,8 @@ RQ = ('tests/test_rq.py', 'tests/test_learn.py')
 VAE = ('tests/test_vae.py',)
 TRAIN = ('tests/test_train.py', 'tests/test_learn.py')
 EVAL = ('tests/test_evaluate.py',)
-SAMPLE = ('tests/test_errors.py', 'tests/test_train.py', 'tests/test_cond.py')
+SAMPLE = ('tests/test_train.py', 'tests/test_errors.py', 'tests/test_cond.py')
+ERRORS = ('tests/test_errors.py',)
 
 MUTANTS = [
     # --- calm.py: the Transformer ---------------------------------------------------------------
@@ -245,6 +246,18 @@ MUTANTS = [
     Mutant('sample.main: the seed does not reach the generator', 'sample.py',
            'gen = torch.Generator(args.device).manual_seed(args.seed)',
            'gen = torch.Generator(args.device).manual_seed(0)', SAMPLE),
+    # --- errors that lose nothing ---------------------------------------------------------------
+    Mutant('train.main: inputs checked after the run folder is made', 'train.py',
+           '    check_inputs(args)   # before anything is written: a command that fails leaves no '
+           'run folder\n    os.makedirs(args.out, exist_ok=True)\n',
+           '    os.makedirs(args.out, exist_ok=True)\n    check_inputs(args)\n', ERRORS),
+    Mutant('train.differences: the recipe not compared on --resume', 'train.py',
+           "**{k: (ck['recipe'].get(k), v) for k, v in recipe.items()",
+           "**{k: (v, v) for k, v in recipe.items()", ERRORS),
+    Mutant('pipeline.read_checkpoint: vae.pt and calm.pt not told apart', 'pipeline.py',
+           'if holds != what:', 'if False:', ERRORS),
+    Mutant('sample.main: Ctrl-C drops the frames generated', 'sample.py',
+           '            new = torch.stack(frames, 1)\n', '            raise\n', ERRORS),
 ]
 
 

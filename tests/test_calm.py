@@ -290,8 +290,10 @@ def test_generate_equals_full_forward(head_loss):
         for p in m.head.parameters():
             p.mul_(0.3)   # keep the generated sequence bounded
     prompt = torch.randn(2, 3, 4)
-    gen = m.generate(prompt, 20, steps=2, temperature=0.0)
+    seen = []   # on_frame gets each new frame as it is made (sample.py keeps them on Ctrl-C)
+    gen = m.generate(prompt, 20, steps=2, temperature=0.0, on_frame=seen.append)
     assert gen.shape == (2, 20, 4) and torch.isfinite(gen).all()
+    assert torch.equal(torch.stack(seen, 1), gen)
     seq = torch.cat([prompt, gen], 1)
     with torch.no_grad():
         z = m.conditioning(seq, seq)[:, 3:]

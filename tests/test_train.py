@@ -45,6 +45,20 @@ def run(*args, check=True):
     return r
 
 
+def sample_in_process(run_dir, prompt, n_new, seed=0, **kw):
+    """What `python sample.py PROMPT --ckpt RUN_DIR --seed SEED` should write for n_new frames,
+    computed here from the library (its seeding; the prompt cut to whole frames, at most a
+    context): the audio, clipped to the wav's [-1, 1]."""
+    vae, model = pipeline.load(str(run_dir))
+    wav = data.load_audio(str(prompt), vae.cfg.sample_rate)
+    wav = wav[len(wav) - min(len(wav) // vae.hop, model.cfg.context) * vae.hop:]
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        z = vae.encode(torch.from_numpy(wav)[None])
+        new = model.generate(z, n_new, generator=torch.Generator().manual_seed(seed), **kw)
+        return np.clip(vae.decode(torch.cat([z, new], 1))[0].numpy(), -1, 1)
+
+
 def tiny_recipes(monkeypatch):
     monkeypatch.setitem(train.RECIPES, 'vae',
                         dict(train.RECIPES['vae'], batch=2, crop=0.25, warmup=2))
@@ -60,7 +74,15 @@ def test_pipeline_writes_loadable_checkpoints_and_logs(tiny_run):
     # held-out check at the end (ckpt-every 100)
     assert [r['step'] for r in records if 'val_mse' in r] == [4]
     assert all(np.isfinite(r['loss']) for r in records)
-    assert os.path.exists(tiny_run / 'latents.npy') and os.path.exists(tiny_run / 'latents.json')
+    # the latent cache the LM trained on is the saved VAE's encoding of the clips (toy clip 0 is
+    # the first source)
+    meta = json.load(open(tiny_run / 'latents.json'))
+    lat = np.load(tiny_run / 'latents.npy', mmap_mode='r')
+    a, n = meta['starts'][0], meta['lengths'][0]
+    wav = data.make_clip(data.clip_seed('train', 0), train.TOY_CLIPS['seconds']).wav
+    with torch.no_grad():
+        z = vae.encode(torch.from_numpy(wav)[None])[0].numpy()
+    assert z.shape == (n, 8) and np.abs(lat[a:a + n] - z).max() < 1e-4
     # the VAE checkpoint carries the latent statistics the LM was trained with
     assert not torch.allclose(vae.latent_std, torch.ones_like(vae.latent_std))
 
@@ -190,14 +212,18 @@ def test_sample_end_to_end(tiny_run, tmp_path):
     t = np.arange(int(0.5 * 44100)) / 44100
     sf.write(prompt, np.stack([0.3 * np.sin(2 * np.pi * 440 * t)] * 2, 1), 44100)
     out = tmp_path / 'cont.wav'
-    r = run('sample.py', str(prompt), '--ckpt', str(tiny_run), '--seconds', '1', '--out', str(out))
+    r = run('sample.py', str(prompt), '--ckpt', str(tiny_run), '--seconds', '1', '--out', str(out),
+            '--seed', '3', '--temperature', '0.5')
     assert 'real-time factor' in r.stdout
     wav, sr = sf.read(out)
     vae, _ = pipeline.load(str(tiny_run))
     assert sr == vae.cfg.sample_rate
     n_prompt = int(0.5 * sr) // vae.hop
     assert len(wav) == (n_prompt + round(1 * vae.frame_rate)) * vae.hop
-    assert np.isfinite(wav).all() and np.abs(wav).max() > 0
+    # the prompt as the VAE reconstructs it, then the model's continuation with that seed and
+    # temperature (up to the wav's 16 bits): the script feeds the library what it should
+    ref = sample_in_process(tiny_run, prompt, round(1 * vae.frame_rate), seed=3, temperature=0.5)
+    assert np.abs(wav - ref).max() < 1e-3 and np.abs(wav[n_prompt * vae.hop:]).max() > 1e-3
 
 
 def test_data_prompt_then_sample(tiny_run, tmp_path):
@@ -247,7 +273,7 @@ def test_sample_never_overwrites_the_prompt(tiny_run, tmp_path):
     assert r.returncode != 0 and prompt.read_bytes() == before
 
 
-def test_help_of_every_script():
+def test_smoke_help_of_every_script():
     for script in ('train.py', 'sample.py', 'data.py'):
         assert 'usage' in run(script, '--help').stdout
 
