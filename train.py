@@ -375,14 +375,17 @@ def load_audio_set(args):
     return index
 
 
-def vae_recipe(args):
-    """The VAE stage's recipe: RECIPES['vae'] (the same on every device), then --vae-steps."""
-    return dict(RECIPES['vae'], **({'steps': args.vae_steps} if args.vae_steps else {}))
+def vae_recipe(args, resumed=None):
+    """The VAE stage's recipe: RECIPES['vae'] (the same on every device), then --vae-steps; a run
+    --resume continues (resumed: its checkpoint) keeps its own budget unless --vae-steps is given.
+    """
+    steps = args.vae_steps or (resumed and resumed['steps'])
+    return dict(RECIPES['vae'], **({'steps': steps} if steps else {}))
 
 
 def train_vae(args, clips, ddp, rank, log):
     cfg = override(getattr(vae_lib, args.preset.upper()), args.overrides['vae'])
-    recipe = vae_recipe(args)
+    recipe = vae_recipe(args, resumed(args, 'vae.pt'))
     record_run(args, 'vae', cfg, recipe, ddp, log)
     torch.manual_seed(args.seed + rank)  # each stage seeds itself: a resume re-creates the init
     model = vae_lib.VAE(cfg).to(args.device)
@@ -446,20 +449,22 @@ def encode_all(vae, clips, n, cache, device, rank=0):
 def lm_recipe(args, cfg, resumed=None):
     """(recipe, cfg) of the LM stage: RECIPES['lm'], GPU_LM on a CUDA device, then --lm-steps /
     --lm-batch. A consistency run's TrigFlow phase (calm.Config.diffusion_steps) keeps its share of
-    a longer/shorter run; resumed (the config of the checkpoint --resume continues): the phase it
-    trained with stays, whatever the new budget (a budget moves the end of a run, not its phases).
+    a longer/shorter run. resumed: the checkpoint --resume continues, which keeps its own budget
+    unless --lm-steps is given, and the TrigFlow phase it trained with whatever the budget (a budget
+    moves the end of a run, not its phases).
     """
     base = RECIPES['lm']
+    steps = args.lm_steps or (resumed and resumed['steps'])
     recipe = {**base, **(GPU_LM if args.device.startswith('cuda') else {}),
-              **({'steps': args.lm_steps} if args.lm_steps else {}),
+              **({'steps': steps} if steps else {}),
               **({'batch': args.lm_batch} if args.lm_batch else {})}
     if (recipe['steps'] != base['steps'] and getattr(cfg, 'diffusion_steps', 0)
             and 'diffusion_steps' not in args.overrides['lm']):
         share = round(cfg.diffusion_steps * recipe['steps'] / base['steps'])
         cfg = dataclasses.replace(cfg, diffusion_steps=share)
-    if (resumed and 'diffusion_steps' in resumed and hasattr(cfg, 'diffusion_steps')
+    if (resumed and 'diffusion_steps' in resumed['config'] and hasattr(cfg, 'diffusion_steps')
             and 'diffusion_steps' not in args.overrides['lm']):
-        cfg = dataclasses.replace(cfg, diffusion_steps=resumed['diffusion_steps'])
+        cfg = dataclasses.replace(cfg, diffusion_steps=resumed['config']['diffusion_steps'])
     return recipe, cfg
 
 
@@ -508,7 +513,7 @@ def lm_config(args, vae):
 
 def train_lm(args, vae, clips, vae_dir, ddp, rank, log):
     ck = resumed(args, 'calm.pt')
-    recipe, cfg = lm_recipe(args, lm_config(args, vae), ck and ck['config'])
+    recipe, cfg = lm_recipe(args, lm_config(args, vae), ck)
     vae_path = os.path.abspath(os.path.join(vae_dir, 'vae.pt'))
     record_run(args, 'lm', cfg, recipe, ddp, log, vae=vae_path, kind=args.model)
     # the VAE's clips are the first toy clips; the LM sees args.lm_clips of them
@@ -600,7 +605,7 @@ def check_inputs(args):
     stages = ('vae', 'lm') if args.stage == 'all' else (args.stage,)
     vae_cfg = override(getattr(vae_lib, args.preset.upper()), args.overrides['vae'])
     if 'vae' in stages and (ck := resumed(args, 'vae.pt')) is not None:
-        recipe = vae_recipe(args)
+        recipe = vae_recipe(args, ck)
         finished = {'steps': (ck['recipe']['steps'], recipe['steps'])} if ck.get('done') else {}
         diff = differences(ck, vae_cfg, recipe, **finished)
         if diff:
@@ -629,7 +634,7 @@ def check_inputs(args):
     cfg = lm_config(args, argparse.Namespace(cfg=vae_cfg))   # the LM flags: one-line errors
     if ck is None:
         return
-    recipe, cfg = lm_recipe(args, cfg, ck['config'])
+    recipe, cfg = lm_recipe(args, cfg, ck)
     # the VAE the LM reads, where the command names one (a run folder may have moved since)
     vae = ({'vae': (os.path.realpath(ck.get('vae', '')), os.path.realpath(vae_path))}
            if args.vae_from else {})

@@ -128,10 +128,19 @@ def test_resume_with_another_config_names_the_fields_and_writes_nothing(resumabl
     assert files(run_dir) == before
 
 
-def test_resume_may_change_the_lm_step_budget(resumable):
+def test_resume_may_change_the_lm_step_budget_and_keeps_it_without_the_flag(resumable):
     run_dir, argv = resumable
-    train.check_inputs(train.parse_args(argv + ['--lm-steps', '6']))   # no SystemExit
-    assert train.RESUME_MAY_CHANGE == {'steps'}
+    args = train.parse_args(argv + ['--lm-steps', '6'])
+    train.check_inputs(args)   # no SystemExit
+    ck = pipeline.read_checkpoint(str(run_dir / 'calm.pt'), 'lm')
+    cfg = train.lm_config(args, pipeline.load(str(run_dir))[0])
+    assert train.lm_recipe(args, cfg, ck)[0]['steps'] == 6
+    # without --lm-steps / --vae-steps: the run's own budgets (4 steps), not the defaults
+    args = train.parse_args([a for a in argv if a not in ('--lm-steps', '--vae-steps', '4')])
+    train.check_inputs(args)
+    assert train.lm_recipe(args, cfg, ck)[0]['steps'] == ck['steps'] == 4
+    vk = pipeline.read_checkpoint(str(run_dir / 'vae.pt'), 'vae')
+    assert train.vae_recipe(args, vk)['steps'] == 4 != train.RECIPES['vae']['steps']
 
 
 # --- sample.py: progress, and Ctrl-C keeps what was generated -------------------------------------
