@@ -48,7 +48,7 @@ def run(*args, check=True):
 def sample_in_process(run_dir, prompt, n_new, seed=0, **kw):
     """What `python sample.py PROMPT --ckpt RUN_DIR --seed SEED` should write for n_new frames,
     computed here from the library (its seeding; the prompt cut to whole frames, at most a
-    context): the audio, clipped to the wav's [-1, 1]."""
+    context): (the audio clipped to the wav's [-1, 1], the latents [1, P + n_new, D] decoded)."""
     vae, model = pipeline.load(str(run_dir))
     wav = data.load_audio(str(prompt), vae.cfg.sample_rate)
     wav = wav[len(wav) - min(len(wav) // vae.hop, model.cfg.context) * vae.hop:]
@@ -56,7 +56,28 @@ def sample_in_process(run_dir, prompt, n_new, seed=0, **kw):
     with torch.inference_mode():
         z = vae.encode(torch.from_numpy(wav)[None])
         new = model.generate(z, n_new, generator=torch.Generator().manual_seed(seed), **kw)
-        return np.clip(vae.decode(torch.cat([z, new], 1))[0].numpy(), -1, 1)
+        z = torch.cat([z, new], 1)
+        return np.clip(vae.decode(z)[0].numpy(), -1, 1), z
+
+
+def sample_latents(monkeypatch, argv):
+    """sample.main(argv) in this process: the latents it hands the VAE decoder (a VAE trained for
+    a few steps barely hears its latents, so its audio alone cannot tell two continuations apart).
+    """
+    import sample
+    seen, load = [], pipeline.load
+
+    def load_and_watch(*args, **kwargs):
+        vae, model = load(*args, **kwargs)
+        decode = vae.decode
+        monkeypatch.setattr(vae, 'decode', lambda z: (seen.append(z.clone()), decode(z))[1])
+        return vae, model
+    monkeypatch.setattr(pipeline, 'load', load_and_watch)
+    try:
+        sample.main(argv)
+    finally:   # sample.main sets it process-wide; hypothesis needs subnormals
+        torch.set_flush_denormal(False)
+    return seen[0]
 
 
 def tiny_recipes(monkeypatch):
@@ -207,23 +228,31 @@ def test_lm_recipe_takes_the_gpu_budget_on_cuda_and_flags_win():
     assert train.lm_recipe(args, train.override(toy, args.overrides['lm']))[1].diffusion_steps == 7
 
 
-def test_sample_end_to_end(tiny_run, tmp_path):
+def test_sample_end_to_end(tiny_run, tmp_path, monkeypatch):
     prompt = tmp_path / 'prompt.flac'  # another format and rate than the model's, and stereo
     t = np.arange(int(0.5 * 44100)) / 44100
     sf.write(prompt, np.stack([0.3 * np.sin(2 * np.pi * 440 * t)] * 2, 1), 44100)
     out = tmp_path / 'cont.wav'
-    r = run('sample.py', str(prompt), '--ckpt', str(tiny_run), '--seconds', '1', '--out', str(out),
-            '--seed', '3', '--temperature', '0.5')
+    argv = [str(prompt), '--ckpt', str(tiny_run), '--seconds', '1', '--seed', '3',
+            '--temperature', '0.5']
+    r = run('sample.py', *argv, '--out', str(out))
     assert 'real-time factor' in r.stdout
     wav, sr = sf.read(out)
     vae, _ = pipeline.load(str(tiny_run))
     assert sr == vae.cfg.sample_rate
-    n_prompt = int(0.5 * sr) // vae.hop
-    assert len(wav) == (n_prompt + round(1 * vae.frame_rate)) * vae.hop
+    n_prompt, n_new = int(0.5 * sr) // vae.hop, round(1 * vae.frame_rate)
+    assert len(wav) == (n_prompt + n_new) * vae.hop
     # the prompt as the VAE reconstructs it, then the model's continuation with that seed and
-    # temperature (up to the wav's 16 bits): the script feeds the library what it should
-    ref = sample_in_process(tiny_run, prompt, round(1 * vae.frame_rate), seed=3, temperature=0.5)
-    assert np.abs(wav - ref).max() < 1e-3 and np.abs(wav[n_prompt * vae.hop:]).max() > 1e-3
+    # temperature: the script feeds the library what it should (the wav up to its 16 bits; the
+    # latents exactly)
+    ref, z = sample_in_process(tiny_run, prompt, n_new, seed=3, temperature=0.5)
+    assert np.abs(wav - ref).max() < 1e-4
+    seen = sample_latents(monkeypatch, [*argv, '--out', str(tmp_path / 'again.wav')])
+    assert seen.shape == (1, n_prompt + n_new, vae.cfg.latent_dim)
+    assert torch.allclose(seen, z, atol=1e-5)
+    for other in (dict(seed=4, temperature=0.5), dict(seed=3, temperature=0.8)):
+        assert not torch.allclose(seen, sample_in_process(tiny_run, prompt, n_new, **other)[1],
+                                  atol=1e-3), other
 
 
 def test_data_prompt_then_sample(tiny_run, tmp_path):
