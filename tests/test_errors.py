@@ -155,7 +155,9 @@ def test_sample_ctrl_c_writes_the_frames_generated_so_far(tiny_run, tmp_path):
     p = subprocess.Popen([sys.executable, 'sample.py', str(prompt), '--ckpt', str(tiny_run),
                           '--seconds', '100000', '--out', str(out)], cwd=ROOT, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env=dict(os.environ, OMP_NUM_THREADS='1'))
+                         env=dict(os.environ, OMP_NUM_THREADS='1'),
+                         # a shell's background job ignores SIGINT, and so would its children
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         progress = p.stderr.readline()      # blocks until the first progress line
         assert progress.startswith('generating: ') and 'ETA' in progress, progress
