@@ -604,13 +604,14 @@ class CALM(nn.Module):
 
     @torch.inference_mode()
     def generate(self, prompt=None, n_frames=100, steps=1, temperature=TEMPERATURE, generator=None,
-                 text=None, guidance=None, top_k=None):
+                 text=None, guidance=None, top_k=None, on_frame=None):
         """prompt [B, P, D] or None -> [B, n_frames, D] new frames, streamed with the KV caches.
         temperature 0.8: the paper's best for speech continuation (its Gaussian temperature: noise
         std sqrt(tau); pocket-tts uses 0.7); 1.0 samples the model's own distribution. text [B, L]
         word ids (None: the null condition); guidance: the latent CFG strength alpha (None: no
         guidance, conditional branch only). Only the head draws noise, one [B, D] draw per step
-        whatever the mode, so a seed gives the same noises guided or not."""
+        whatever the mode, so a seed gives the same noises guided or not. on_frame(x): called with
+        each new frame [B, D] (sample.py: progress, and the audio so far if interrupted)."""
         self.check_sampling(steps, top_k)
         B = prompt.shape[0] if prompt is not None else (1 if text is None else text.shape[0])
         device = next(self.parameters()).device
@@ -624,6 +625,8 @@ class CALM(nn.Module):
         for _ in range(n_frames):
             x = self.sample_head(self.step_backbone(x, state), steps, temperature, generator)
             out.append(x)
+            if on_frame is not None:
+                on_frame(x)
         return torch.stack(out, dim=1)
 
     # --- training and its report: what train.py needs from every LM ---

@@ -747,4 +747,8 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:   # bad input (no or a wrong checkpoint): one line
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(1)

@@ -32,25 +32,67 @@ def build(kind, config):
     return KINDS[kind](rq.Config(**config))
 
 
+def read_checkpoint(path, what, device='cpu'):
+    """The dict train.py saved at path, checked to be what the caller reads it as: 'vae' (vae.pt)
+    or 'lm' (calm.pt, a language model of any kind). A missing, empty, damaged or swapped file is a
+    ValueError of one line (entry points print it), not a traceback from deep inside torch."""
+    if not os.path.isfile(path):
+        raise ValueError(f'no checkpoint {path}: train one with `python train.py --toy` or pass '
+                         '--ckpt RUN_DIR')
+    try:
+        ck = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:   # torch.load raises many types: EOFError, UnpicklingError, ...
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f'{path} is not a readable checkpoint ({reason})') from None
+    config = ck.get('config') if isinstance(ck, dict) else None
+    if not (isinstance(config, dict) and 'model' in ck):
+        raise ValueError(f'{path} is not a checkpoint written by train.py')
+    holds = 'vae' if 'ratios' in config else 'lm'   # only the VAE's config has conv ratios
+    if holds != what:
+        names = {'vae': 'the VAE (vae.pt)', 'lm': 'a language model (calm.pt)'}
+        raise ValueError(f'{path} holds {names[holds]}, not {names[what]}: are vae.pt and calm.pt '
+                         'swapped?')
+    if what == 'lm' and ck.get('kind', 'calm') not in KINDS:
+        raise ValueError(f"{path} holds an LM of unknown kind {ck['kind']!r} (known: "
+                         f"{', '.join(KINDS)})")
+    return ck
+
+
+def load_weights(model, ck, path):
+    """model.load_state_dict(ck['model']), one line if the weights do not fit the config."""
+    try:
+        model.load_state_dict(ck['model'])
+    except RuntimeError as e:
+        raise ValueError(f'{path}: the weights do not fit the model its config describes '
+                         f'({str(e).splitlines()[0]})') from None
+
+
+def load_vae(path, device='cpu'):
+    """(VAE in eval mode, checkpoint dict) from a vae.pt, checked (read_checkpoint)."""
+    vk = read_checkpoint(path, 'vae', device)
+    try:
+        vae = vae_lib.VAE(vae_lib.Config(**vk['config']))
+    except TypeError as e:   # a field this version of vae.Config does not have
+        raise ValueError(f'{path}: its config does not fit vae.Config ({e})') from None
+    load_weights(vae, vk, path)
+    return vae.to(device).eval(), vk
+
+
 def load(run_dir, device='cpu'):
     """(vae, model) from a run folder written by train.py, both in eval mode. The configs travel in
     the checkpoints, so no flag has to repeat them. A run trained with --vae-from finds its VAE
     through the path stored in calm.pt. calm.pt holds the run's LM: CALM, or a discrete baseline
-    (ck['kind'], rq.py)."""
-    def read(path):
-        if not os.path.isfile(path):
-            raise ValueError(f'no checkpoint {path}: train one with `python train.py --toy` or '
-                             'pass --ckpt RUN_DIR')
-        return torch.load(path, map_location=device, weights_only=False)
-
-    ck = read(os.path.join(run_dir, 'calm.pt'))
-    model = build(ck.get('kind', 'calm'), ck['config'])
-    model.load_state_dict(ck['model'])
+    (ck['kind'], rq.py). A missing or wrong checkpoint is a ValueError of one line."""
+    path = os.path.join(run_dir, 'calm.pt')
+    ck = read_checkpoint(path, 'lm', device)
+    try:
+        model = build(ck.get('kind', 'calm'), ck['config'])
+    except TypeError as e:
+        raise ValueError(f'{path}: its config does not fit its kind of LM ({e})') from None
+    load_weights(model, ck, path)
     vae_path = os.path.join(run_dir, 'vae.pt')
-    vk = read(vae_path if os.path.isfile(vae_path) else ck.get('vae', vae_path))
-    vae = vae_lib.VAE(vae_lib.Config(**vk['config']))
-    vae.load_state_dict(vk['model'])
-    return vae.to(device).eval(), model.to(device).eval()
+    vae, _ = load_vae(vae_path if os.path.isfile(vae_path) else ck.get('vae', vae_path), device)
+    return vae, model.to(device).eval()
 
 
 @torch.inference_mode()

@@ -453,19 +453,21 @@ class DiscreteLM(nn.Module):
 
     @torch.inference_mode()
     def generate(self, prompt=None, n_frames=100, steps=1, temperature=None, generator=None,
-                 text=None, guidance=None, top_k=None):
+                 text=None, guidance=None, top_k=None, on_frame=None):
         """prompt [B, P, D] latents or None -> [B, n_frames, D]: the new frames' codes
         (generate_codes: the prompt is quantised and fed frame by frame, then codes are sampled
         frame by frame with the KV caches), dequantised to latents for the VAE decoder. The
         signature of calm.CALM.generate; steps must be 1. temperature / top_k: None = the config's
-        (0.8, all codes)."""
+        (0.8, all codes). on_frame(x): called with each new frame [B, D] once all its codes are
+        sampled."""
         self.check_sampling(steps, top_k)
         B = prompt.shape[0] if prompt is not None else (1 if text is None else text.shape[0])
         device = next(self.parameters()).device
         codes = self.generate_codes(None if prompt is None else self.rvq.encode(prompt), n_frames,
                                     self.cfg.temperature if temperature is None else temperature,
                                     self.cfg.top_k if top_k is None else top_k, generator,
-                                    self.new_state(B, device, text, guidance))
+                                    self.new_state(B, device, text, guidance),
+                                    on_frame and (lambda c: on_frame(self.rvq.decode(c))))
         return self.rvq.decode(codes)
 
 
@@ -512,9 +514,10 @@ class RQTransformer(DiscreteLM):
         return torch.stack(codes, -1)
 
     @torch.inference_mode()
-    def generate_codes(self, prompt_codes, n_frames, temperature, top_k, generator, state):
+    def generate_codes(self, prompt_codes, n_frames, temperature, top_k, generator, state,
+                       on_frame=None):
         """prompt_codes [B, P, Q] or None -> codes [B, n_frames, Q]: one backbone step per frame,
-        then the frame's Q codes from the depth Transformer."""
+        then the frame's Q codes from the depth Transformer (on_frame(codes [B, Q]) after each)."""
         prev = None
         if prompt_codes is not None:
             for p_codes in prompt_codes.unbind(1):
@@ -525,6 +528,8 @@ class RQTransformer(DiscreteLM):
             z = self.step_backbone(prev, state)
             prev = self.sample_head(z, temperature=temperature, generator=generator, top_k=top_k)
             out.append(prev)
+            if on_frame is not None:
+                on_frame(prev)
         return torch.stack(out, 1)
 
     @torch.no_grad()
@@ -574,11 +579,13 @@ class DelayLM(DiscreteLM):
         return sample_logits(logits, temperature, top_k, generator)
 
     @torch.inference_mode()
-    def generate_codes(self, prompt_codes, n_frames, temperature, top_k, generator, state):
+    def generate_codes(self, prompt_codes, n_frames, temperature, top_k, generator, state,
+                       on_frame=None):
         """prompt_codes [B, P, Q] or None -> codes [B, n_frames, Q] in n_frames + Q - 1 backbone
         steps (P more with a prompt): at step t level q belongs to frame t - q; codes of prompt
         frames are forced, later ones sampled (also those of frames past the end, which are then
-        dropped: the model never saw its 'no code' id at the end of a sequence)."""
+        dropped: the model never saw its 'no code' id at the end of a sequence). on_frame(codes
+        [B, Q]): called with each new frame at the step that samples its last level."""
         Q, V = self.cfg.n_q, self.cfg.codebook_size
         B, device = state['long']['kv'][0][0].shape[0], state['long']['kv'][0][0].device
         P = 0 if prompt_codes is None else prompt_codes.shape[1]
@@ -597,6 +604,9 @@ class DelayLM(DiscreteLM):
                 row = torch.where(frame[t] >= P, new, row)
             rows.append(row)
             prev = row
+            f = t - Q + 1             # the frame whose last level this step holds
+            if on_frame is not None and f >= P:
+                on_frame(torch.stack([rows[f + q][:, q] for q in range(Q)], -1))
         return undelay(torch.stack(rows, 1))[:, P:]
 
     @torch.no_grad()

@@ -10,7 +10,8 @@ is encoded by the VAE, continued frame by frame by the language model with its K
 backbone token and `--steps` head calls per 80 ms frame), and the whole latent sequence is
 decoded, so the output wav holds the prompt (as the VAE reconstructs it) followed by the
 continuation, with no seam. A prompt longer than the model's context keeps only its last
-context-length part.
+context-length part. A long generation prints its progress and the time left; Ctrl-C stops it and
+writes what was generated so far.
 
 Text (toy runs): `python sample.py --text "flute minor fast" --seconds 8` generates from nothing
 (-> out/flute_minor_fast.wav); with a prompt, the text steers the continuation. Words come from
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 import calm
+import corpus
 import data
 import pipeline
 
@@ -66,6 +68,27 @@ def parse_args(argv=None):
                                  '_>.wav)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     return p.parse_args(argv)
+
+
+class Progress:
+    """Frames generated so far, on stderr: silent for the first few seconds (a short continuation
+    prints nothing), then a line every few seconds with the rate and the time left."""
+
+    def __init__(self, total, frame_rate, first=3.0, every=5.0):
+        self.total, self.frame_rate, self.first, self.every = total, frame_rate, first, every
+        self.t0 = time.time()
+        self.next = self.t0 + first
+
+    def __call__(self, done):
+        now = time.time()
+        if now < self.next or done == self.total:
+            return
+        self.next = now + self.every
+        rate = done / (now - self.t0)
+        print(f'generating: {done}/{self.total} frames ({done / self.frame_rate:.1f} of '
+              f'{self.total / self.frame_rate:.1f} s) | {rate:.1f} frames/s | ETA '
+              f'{corpus.fmt_time((self.total - done) / rate)} (Ctrl-C keeps what is done)',
+              file=sys.stderr, flush=True)
 
 
 def main(argv=None):
@@ -118,9 +141,21 @@ def main(argv=None):
             prompt = vae.encode(torch.from_numpy(wav)[None].to(args.device))
         else:   # from nothing: the model starts at its learned start frame
             prompt = torch.zeros(1, 0, vae.cfg.latent_dim, device=args.device)
-        t0 = time.time()
-        new = model.generate(prompt if n_prompt else None, n_new, steps=args.steps, generator=gen,
-                             top_k=args.top_k, **kwargs)
+        t0, frames = time.time(), []
+        progress = Progress(n_new, vae.frame_rate)
+
+        def on_frame(x):   # each new frame: kept (an interruption writes them) and counted
+            frames.append(x)
+            progress(len(frames))
+        try:
+            new = model.generate(prompt if n_prompt else None, n_new, steps=args.steps,
+                                 generator=gen, top_k=args.top_k, on_frame=on_frame, **kwargs)
+        except KeyboardInterrupt:   # keep what was generated: the audio so far is written below
+            if not frames:
+                print('\ninterrupted before the first frame: nothing written', file=sys.stderr)
+                sys.exit(130)
+            new = torch.stack(frames, 1)
+        interrupted, n_new = len(frames) < n_new, len(frames)
         t_gen = time.time() - t0
         audio = vae.decode(torch.cat([vae.quantise(prompt), new], dim=1))[0].float().cpu().numpy()
         t_all = time.time() - t0
@@ -135,6 +170,10 @@ def main(argv=None):
     text = f' | text "{args.text}", guidance {args.guidance:g}' if ids is not None else ''
     print(f'wrote {out}: {n_prompt / vae.frame_rate:.1f} s prompt + {secs:.1f} s continuation '
           f'at {sr} Hz{text}')
+    if interrupted:
+        print(f'interrupted: the continuation stops after {secs:.1f} of the {args.seconds:g} s '
+              'asked for', file=sys.stderr)
+        sys.exit(130)
     per_frame = (f'{args.steps} head step(s)' if model.multistep
                  else f'{model.kind} LM, {model.cfg.n_q} codes per frame')
     print(f'generation {t_gen:.2f} s for {secs:.1f} s of audio: real-time factor '
@@ -148,5 +187,6 @@ if __name__ == '__main__':
     except (ValueError, OSError) as e:  # bad input: one clear line, no traceback
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:   # before or after generating: nothing half-written (write_wav)
+        print('\ninterrupted: nothing written', file=sys.stderr)
         sys.exit(130)

@@ -85,7 +85,8 @@ def parse_args(argv=None):
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--resume', action='store_true',
-                   help='continue the run in --out where it stopped')
+                   help='continue the run in --out where it stopped, with the same settings (a '
+                        'new step budget is allowed: RESUME_MAY_CHANGE)')
     p.add_argument('--vae-steps', type=int,
                    help=f"VAE training steps (toy: {RECIPES['vae']['steps']})")
     p.add_argument('--lm-steps', type=int,
@@ -266,9 +267,10 @@ def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra
     opt = make_optimizer(stage, model, recipe)
     step, steps = 0, recipe['steps']
     if args.resume and os.path.exists(ckpt_path):
-        step, steps = resume(ckpt_path, model, opt, adversary, device)
+        step, before = resume(ckpt_path, model, opt, adversary, device)
         if log.enabled:
-            print(f'{stage}: resuming from {ckpt_path} at step {step}/{steps}')
+            budget = f' (a new budget: it was {before})' if before != steps else ''
+            print(f'{stage}: resuming from {ckpt_path} at step {step}/{steps}{budget}')
     lr_at = lr_schedule(recipe, steps, cfg)
 
     def checkpoint():
@@ -404,9 +406,17 @@ def load_audio_set(args):
     return index
 
 
+def vae_recipe(args, resumed=None):
+    """The VAE stage's recipe: RECIPES['vae'] (the same on every device), then --vae-steps; a run
+    --resume continues (resumed: its checkpoint) keeps its own budget unless --vae-steps is given.
+    """
+    steps = args.vae_steps or (resumed and resumed['steps'])
+    return dict(RECIPES['vae'], **({'steps': steps} if steps else {}))
+
+
 def train_vae(args, clips, ddp, rank, log):
     cfg = override(getattr(vae_lib, args.preset.upper()), args.overrides['vae'])
-    recipe = dict(RECIPES['vae'], **({'steps': args.vae_steps} if args.vae_steps else {}))
+    recipe = vae_recipe(args, resumed(args, 'vae.pt'))
     record_run(args, 'vae', cfg, recipe, ddp, log)
     torch.manual_seed(args.seed + rank)  # each stage seeds itself: a resume re-creates the init
     model = vae_lib.VAE(cfg).to(args.device)
@@ -470,17 +480,20 @@ def encode_all(vae, clips, n, cache, device, rank=0, seconds=TOY_CLIPS['lm_secon
                                  batch=TOY_CLIPS['encode_batch'])
 
 
-def lm_recipe(args, cfg):
+def lm_recipe(args, cfg, resumed=None):
     """(recipe, cfg) of the LM stage: RECIPES['lm'], GPU_LM on a CUDA device, then --lm-steps /
     --lm-batch / --lm-window / --lm-lr / --lm-sct-lr. A consistency run's TrigFlow phase
     (calm.Config.diffusion_steps) keeps its share of a longer/shorter run. recipe['window'], the
     training window in frames, is cfg.context where the recipe does not set it. The lr schedule's
     shape (--lr-shape, recipe['sct_from']): a discrete LM takes the consistency CALM run's (x sct_lr
     from the step where that run's sCT phase starts), so every LM of a comparison is trained with
-    the same lr at every step."""
+    the same lr at every step. resumed: the checkpoint --resume continues, which keeps its own
+    budget unless --lm-steps is given, and the TrigFlow phase it trained with whatever the budget
+    (a budget moves the end of a run, not its phases)."""
     base = RECIPES['lm']
+    steps = args.lm_steps or (resumed and resumed['steps'])
     recipe = {**base, **(GPU_LM if args.device.startswith('cuda') else {}),
-              **({'steps': args.lm_steps} if args.lm_steps else {}),
+              **({'steps': steps} if steps else {}),
               **({'batch': args.lm_batch} if args.lm_batch else {})}
     flags = {'window': args.lm_window, 'lr': args.lm_lr, 'sct_lr': args.lm_sct_lr}
     recipe.update({k: v for k, v in flags.items() if v is not None})
@@ -488,6 +501,9 @@ def lm_recipe(args, cfg):
     if (recipe['steps'] != base['steps'] and getattr(cfg, 'diffusion_steps', 0)
             and 'diffusion_steps' not in args.overrides['lm']):
         cfg = dataclasses.replace(cfg, diffusion_steps=share(cfg.diffusion_steps))
+    if (resumed and 'diffusion_steps' in resumed['config'] and hasattr(cfg, 'diffusion_steps')
+            and 'diffusion_steps' not in args.overrides['lm']):
+        cfg = dataclasses.replace(cfg, diffusion_steps=resumed['config']['diffusion_steps'])
     shape = getattr(args, 'lr_shape', None)
     if shape == 'cosine':
         recipe['sct_from'] = None
@@ -578,8 +594,8 @@ def lm_config(args, vae):
 
 def train_lm(args, vae, clips, vae_dir, ddp, rank, log, times=None):
     """times (a dict), if given, gets the seconds spent rendering and encoding the LM's audio."""
-    cfg = lm_config(args, vae)
-    recipe, cfg = lm_recipe(args, cfg)
+    ck = resumed(args, 'calm.pt')
+    recipe, cfg = lm_recipe(args, lm_config(args, vae), ck)
     window = recipe.get('window', cfg.context)
     seconds = TOY_CLIPS['lm_seconds'] if args.lm_seconds is None else args.lm_seconds
     if args.lm_seconds is not None and (args.data or seconds <= 0):
@@ -635,6 +651,99 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log, times=None):
                          validate=lambda: validation(model, val))
 
 
+# --------------------------------------------------------------------------------------------------
+# Inputs, checked before anything is written
+
+# What `--resume` may change: the step budget (--vae-steps / --lm-steps; the lr schedule then runs
+# over the new total, and a consistency run keeps the TrigFlow phase it trained with, lm_recipe).
+# Any other difference between the command and the checkpoint it continues, in the LM's kind, in a
+# config field or in the recipe, is refused in one line before anything is written.
+RESUME_MAY_CHANGE = {'steps'}
+
+
+def read(path, what):
+    """pipeline.read_checkpoint, its one-line error as this script's exit."""
+    try:
+        return pipeline.read_checkpoint(path, what)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}')
+
+
+def resumed(args, name):
+    """The checkpoint `name` ('vae.pt' or 'calm.pt') in --out that --resume continues, or None."""
+    path = os.path.join(args.out, name)
+    if not (args.resume and os.path.exists(path)):
+        return None
+    return read(path, 'lm' if name == 'calm.pt' else 'vae')
+
+
+def differences(ck, cfg, recipe, **more):
+    """'field (checkpoint X, command Y)' for every config and recipe field, and every item of
+    `more` (name: (checkpoint's, command's)), in which a command differs from a checkpoint, but
+    those RESUME_MAY_CHANGE."""
+    pairs = {**{k: (ck['config'].get(k), v) for k, v in dataclasses.asdict(cfg).items()},
+             **{k: (ck['recipe'].get(k), v) for k, v in recipe.items()
+                if k not in RESUME_MAY_CHANGE},
+             **more}
+    same = lambda a, b: a == b or (isinstance(a, (list, tuple)) and list(a) == list(b))
+    return [f'{k} (checkpoint {a!r}, command {b!r})' for k, (a, b) in pairs.items()
+            if not same(a, b)]
+
+
+def check_inputs(args):
+    """Everything a run reads, checked before main writes anything (a failing command leaves no
+    run folder and no config.json behind, and never half-overwrites a run): the --data folder, the
+    VAE an LM stage reads (--vae-from), the LM flags, and with --resume that the command describes
+    the run its checkpoints hold."""
+    if args.data and not os.path.isdir(args.data):
+        raise SystemExit(f'error: --data: not a directory: {args.data}')
+    if args.vae_from and args.stage != 'lm':
+        raise SystemExit('error: --vae-from takes the VAE of another run: use it with --stage lm')
+    vae_dir = args.vae_from or args.out
+    vae_path = os.path.join(vae_dir, 'vae.pt')
+    stages = ('vae', 'lm') if args.stage == 'all' else (args.stage,)
+    vae_cfg = override(getattr(vae_lib, args.preset.upper()), args.overrides['vae'])
+    if 'vae' in stages and (ck := resumed(args, 'vae.pt')) is not None:
+        recipe = vae_recipe(args, ck)
+        finished = {'steps': (ck['recipe']['steps'], recipe['steps'])} if ck.get('done') else {}
+        diff = differences(ck, vae_cfg, recipe, **finished)
+        if diff:
+            done = ' (a finished VAE: its latents are cached, so not even its budget)' if finished \
+                else ''
+            raise SystemExit(f"error: --resume: the command differs from {args.out}/vae.pt in "
+                             f"{'; '.join(diff)}; a resumed run may change its step budget "
+                             f"only{done}: repeat the run's command, or use another --out")
+    if 'lm' not in stages:
+        return
+    if args.stage == 'lm':
+        if not os.path.exists(vae_path):
+            raise SystemExit(f'error: no VAE at {vae_path}: train it first (--stage vae) or pass '
+                             '--vae-from RUN_DIR')
+        vk = read(vae_path, 'vae')
+        if not vk.get('done'):
+            raise SystemExit(f"error: the VAE at {vae_path} stopped at step {vk['step']}/"
+                             f"{vk['steps']}: finish it (--stage vae --resume) before an LM "
+                             'trains on its latents')
+        vae_cfg = vae_lib.Config(**vk['config'])
+    ck, path = resumed(args, 'calm.pt'), os.path.join(args.out, 'calm.pt')
+    if ck is not None and ck.get('kind', 'calm') != args.model:   # before the flags of the kind
+        raise SystemExit(f"error: --resume: {path} holds a {ck.get('kind', 'calm')} LM, the "
+                         f"command trains --model {args.model}: repeat the run's command, or use "
+                         'another --out')
+    cfg = lm_config(args, argparse.Namespace(cfg=vae_cfg))   # the LM flags: one-line errors
+    if ck is None:
+        return
+    recipe, cfg = lm_recipe(args, cfg, ck)
+    # the VAE the LM reads, where the command names one (a run folder may have moved since)
+    vae = ({'vae': (os.path.realpath(ck.get('vae', '')), os.path.realpath(vae_path))}
+           if args.vae_from else {})
+    diff = differences(ck, cfg, recipe, **vae)
+    if diff:
+        raise SystemExit(f"error: --resume: the command differs from {path} in {'; '.join(diff)};"
+                         " a resumed run may change its step budget only: repeat the run's "
+                         'command, or use another --out')
+
+
 def main(argv=None):
     args = parse_args(argv)
     ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
@@ -653,6 +762,7 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed + rank)  # the model's noise draws; the data is seeded per step
     np.random.seed(args.seed + rank)
+    check_inputs(args)   # before anything is written: a command that fails leaves no run folder
     os.makedirs(args.out, exist_ok=True)
     log = Log(args.out, rank == 0)
     t0 = time.time()
@@ -669,7 +779,7 @@ def main(argv=None):
     if args.stage in ('all', 'vae'):
         vae_done = False
         if args.resume and os.path.exists(vae_path):
-            vae_done = torch.load(vae_path, weights_only=False).get('done', False)
+            vae_done = read(vae_path, 'vae').get('done', False)
         if not vae_done:
             t = time.time()
             _, finished, stats = train_vae(args, clips, ddp, rank, log)
@@ -677,12 +787,12 @@ def main(argv=None):
             if not finished:
                 return
     if args.stage in ('all', 'lm'):
-        if not os.path.exists(vae_path):
-            raise SystemExit(f'error: no VAE at {vae_path}: train it first (--stage vae) or pass '
-                             '--vae-from RUN_DIR')
         if ddp:  # rank 0 may have just written the VAE
             dist.barrier()
-        vae, _ = vae_lib.load(vae_path, args.device)
+        try:
+            vae, _ = pipeline.load_vae(vae_path, args.device)
+        except ValueError as e:
+            raise SystemExit(f'error: {e}')
         t = time.time()
         _, finished, stats = train_lm(args, vae, clips, vae_dir, ddp, rank, log, times)
         summary['lm'], times['lm'] = stats, time.time() - t - times.get('encode', 0)

@@ -234,6 +234,49 @@ def test_temperature_scales_variance_on_gaussian_target(mu, s, sigma_d, temp, ki
         assert abs(xt.var().item() / (temp * s ** 2) - 1) < tol
 
 
+class GaussianHead(torch.nn.Module):
+    """The exact F of a Gaussian target N(mu, s^2) in place of the head's network (z is ignored): a
+    sampler given it must draw N(mu, temperature s^2), whatever path reaches it."""
+    def __init__(self, mu, s, sigma_d, kind):
+        super().__init__()
+        self.Fn = gaussian_F(mu, s, sigma_d, kind)
+
+    def forward(self, x, t, z):
+        return self.Fn(x, t)
+
+
+@pytest.mark.parametrize('kind,steps', [('consistency', 1), ('consistency', 2), ('trigflow', 100)])
+def test_generate_honours_the_temperature(kind, steps):
+    """CALM.generate with the exact head of N(mu, s^2): 4000 sequences' new frames have mean mu and
+    variance temperature * s^2 (temperature 0: exactly mu), through sample_head and the sampler of
+    the model's objective."""
+    mu, s, sigma_d = 0.5, 0.8, 1.3
+    m = randomize(calm.CALM(tiny(head_loss=kind, sigma_d=sigma_d)))
+    m.head = GaussianHead(mu, s, sigma_d, kind)
+    prompt = torch.randn(4000, 2, 4)
+    for temp in (0.0, 0.3, 1.0):
+        x = m.generate(prompt, 2, steps=steps, temperature=temp,
+                       generator=torch.Generator().manual_seed(0))
+        if temp == 0:
+            assert torch.allclose(x, torch.full_like(x, mu), atol=1e-4)
+            continue
+        assert abs(x.mean().item() - mu) < 0.03
+        assert abs(x.var().item() / (temp * s ** 2) - 1) < 0.1, (temp, x.var().item())
+
+
+@pytest.mark.parametrize('kind', ['consistency', 'trigflow'])
+def test_held_out_scores_the_temperature_zero_prediction(kind):
+    """held_out predicts every frame with one head step at temperature 0: with the exact head of
+    N(mu, s^2) that is mu, so val_mse is the mean squared distance of the frames to mu."""
+    mu = -0.7
+    m = randomize(calm.CALM(tiny(head_loss=kind)))
+    m.head = GaussianHead(mu, 0.5, 1.0, kind)
+    x = torch.randn(3, 10, 4)
+    scores = m.held_out(x)
+    assert scores['val_mse'] == pytest.approx(((x - mu) ** 2).mean().item(), rel=1e-5)
+    assert scores['val_var'] == pytest.approx(x.var().item())
+
+
 # --- backbone, KV cache, short context ------------------------------------------------------------
 
 @HP
@@ -265,6 +308,30 @@ def test_short_context_sees_only_K_frames(j, K, seed):
         assert not torch.allclose(za[:, s], zb[:, s])
 
 
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 1000), st.integers(1, 200), st.sampled_from([2, 8, 16]))
+def test_rope_is_a_rotation_and_scores_depend_on_relative_position(seed, shift, hd):
+    """RoPE (Su et al., arXiv 2104.09864): each pair (x_2i, x_2i+1), as a complex number, is turned
+    by pos * 10000^(-2i/hd); so norms are kept, position 0 is the identity, and the attention score
+    of q at i and k at j depends on i - j only (queries and keys; values are not turned)."""
+    g = torch.Generator().manual_seed(seed)
+    attn = calm.Attention(2 * hd, 2, window=8)
+    h = torch.randn(1, 6, 2 * hd, generator=g)
+    pos = torch.randint(0, 50, (6,), generator=g)
+    q, k, v = attn.split(h, pos)
+    q2, k2, v2 = attn.split(h, pos + shift)
+    assert torch.allclose(q @ k.transpose(-1, -2), q2 @ k2.transpose(-1, -2), atol=1e-4)
+    assert torch.equal(v, v2)
+    assert torch.allclose(q.norm(dim=-1), q2.norm(dim=-1), atol=1e-5)
+    x = torch.randn(1, 1, 6, hd, generator=g, dtype=torch.float64)
+    theta = pos[:, None].double() * 10000.0 ** (-torch.arange(0, hd, 2).double() / hd)
+    turned = torch.view_as_complex(x.view(1, 1, 6, hd // 2, 2).contiguous()) * torch.polar(
+        torch.ones_like(theta), theta)
+    assert torch.allclose(calm.rope(x, pos, attn.inv_freq.double()),
+                          torch.view_as_real(turned).flatten(-2), atol=1e-6)
+    assert torch.equal(calm.rope(x, torch.zeros(6, dtype=torch.long), attn.inv_freq.double()), x)
+
+
 @pytest.mark.parametrize('S', [7, 12, 30])   # below, at, and well past cfg.context (rolling cache)
 @pytest.mark.parametrize('K', [0, 3])
 def test_kv_cache_steps_equal_full_forward(S, K):
@@ -289,8 +356,10 @@ def test_generate_equals_full_forward(head_loss):
         for p in m.head.parameters():
             p.mul_(0.3)   # keep the generated sequence bounded
     prompt = torch.randn(2, 3, 4)
-    gen = m.generate(prompt, 20, steps=2, temperature=0.0)
+    seen = []   # on_frame gets each new frame as it is made (sample.py keeps them on Ctrl-C)
+    gen = m.generate(prompt, 20, steps=2, temperature=0.0, on_frame=seen.append)
     assert gen.shape == (2, 20, 4) and torch.isfinite(gen).all()
+    assert torch.equal(torch.stack(seen, 1), gen)
     seq = torch.cat([prompt, gen], 1)
     with torch.no_grad():
         z = m.conditioning(seq, seq)[:, 3:]
@@ -303,27 +372,33 @@ def test_generate_equals_full_forward(head_loss):
 
 @pytest.mark.parametrize('head_loss', ['consistency', 'trigflow', 'lsd'])
 @pytest.mark.parametrize('M', [1, 3])
-def test_head_batch_multiplier_repeats_conditioning_M_times(head_loss, M):
+def test_head_batch_multiplier_pairs_each_row_with_its_own_frame(head_loss, M):
+    """The head batch multiplier (MAR §3.3) repeats each frame's (z_s, x_s) M times with fresh
+    (noise, t): every row of the head's loss must pair z_s with the x_0 of the same frame s. The
+    loss sees x_t and dx_t/dt, from which x_0 = cos t x_t - sin t dx_t/dt exactly."""
     m = calm.CALM(tiny(head_loss=head_loss, head_batch_mul=M)).train()
-    calls = []
-    m.head.register_forward_hook(lambda mod, inp, out: calls.append(inp))
     x = torch.randn(2, 5, 4)
-    z_seen = []
+    seen = {}
     orig = m.conditioning
-    m.conditioning = lambda a, b: (z_seen.append(orig(a, b)), z_seen[-1])[1]
+    m.conditioning = lambda a, b: seen.setdefault('z_s', orig(a, b))
+    for name in ('trigflow_error', 'sct_error'):
+        error = getattr(m, name)
+        setattr(m, name, lambda xt, dxt, t, z, *s, error=error: (
+            seen.update(xt=xt, dxt=dxt, t=t, z=z), error(xt, dxt, t, z, *s))[1])
     loss, stats = m(x, step=3)
     assert torch.isfinite(loss)
-    # the call that carries gradients on every row (sCT: after its JVPs; LSD: the diagonal)
-    _, t, z = [c for c in calls if len(c) == 3 and c[2].requires_grad][-1]
-    z0 = z_seen[0].reshape(10, -1)
+    z_frames, x_frames = seen['z_s'].reshape(10, -1), x.reshape(10, 4)
+    t, z = seen['t'][:, None], seen['z']
     assert z.shape[0] == 10 * M
-    assert torch.equal(z, z0.repeat_interleave(M, 0))       # each row exactly M times, in a block
-    if head_loss == 'lsd':   # its JVP runs on 1 row in round(1 / lsd_frac) = 4 of those
-        _, t_l, z_l, s_l = next(c for c in calls if len(c) == 4)
-        assert torch.equal(z_l, z0.repeat_interleave(M, 0)[::4]) and (s_l <= t_l).all()
+    x0 = t.cos() * seen['xt'] - t.sin() * seen['dxt']
+    frame = torch.cdist(x0, x_frames).argmin(1)               # which frame each row's x_0 is
+    assert torch.allclose(x0, x_frames[frame], atol=1e-5)
+    assert torch.equal(torch.bincount(frame, minlength=10), torch.full((10,), M))
+    assert torch.equal(z, z_frames[frame])                    # ... and its z_s is that frame's
+    if M > 1:   # independent time draws within a frame's rows
+        assert (seen['t'][frame == 0].std() > 0) and (seen['t'][frame == 9].std() > 0)
+    if head_loss == 'lsd':
         assert 'lsd_mse' in stats
-    if M > 1:   # independent time draws within a block
-        assert (t.view(10, M).std(1) > 0).all()
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
 
@@ -364,6 +439,21 @@ def test_noise_level_is_bounded_by_noise_max():
     m.cfg.noise_max = 0.0
     y = torch.randn(2, 5, 4)
     assert torch.equal(m.noise_augment(y), y)
+
+
+def test_noise_augmentation_keeps_the_variance_with_one_level_per_frame():
+    """x~ = sqrt(k) eps + sqrt(1 - k) x (paper Eq. 3) keeps unit variance for every k, and k is
+    drawn per frame: within one sequence, frames get different levels. On D = 2048 dims per frame,
+    Var(x~) = 1 and the correlation of x~ with x is sqrt(1 - k)."""
+    torch.manual_seed(0)
+    m = calm.CALM(tiny())
+    x = torch.randn(4, 50, 2048)
+    y = m.noise_augment(x)
+    assert ((y.var(-1) - 1).abs() < 0.1).all()
+    corr = (x * y).mean(-1) / (x.std(-1) * y.std(-1))
+    k = 1 - corr ** 2                                         # one estimate per frame, +- 0.05
+    assert (k > -0.1).all() and (k < 1.1).all()
+    assert (k.max(1).values - k.min(1).values > 0.6).all()    # spread within every sequence
 
 
 @HP

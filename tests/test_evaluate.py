@@ -1,6 +1,7 @@
 """evaluate.py: the scores are right on inputs whose answer is known (no model needed, no timed
 asserts)."""
 import argparse
+import os
 
 import numpy as np
 import pytest
@@ -177,33 +178,102 @@ def test_continuation_pipeline_oracle_and_silent(clips, prompt_seconds):
     assert 'calm steps=1 T=default' in text and 'other clip' in text and 'note_acc_ci' in text
 
 
-def test_speed_section_runs():
+class Clock:
+    """A stand-in for time.perf_counter that advances only when a fake model says it worked."""
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+class TimedLM(FakeLM):
+    """Generation costs backbone_ms per frame plus head_ms per head step and frame, on the clock."""
+    backbone_ms, head_ms = 7.0, 0.5
+
+    def __init__(self, clip, clock):
+        super().__init__([clip], oracle=False)
+        self.clock = clock
+
+    def generate(self, prompt, n_frames, steps=1, **kw):
+        self.clock.now += n_frames * (self.backbone_ms + steps * self.head_ms) / 1000
+        return super().generate(prompt, n_frames, steps, **kw)
+
+
+class TimedVAE(ReshapeVAE):
+    def __init__(self, clock):
+        super().__init__()
+        self.clock = clock
+
+    def decode(self, lat):
+        self.clock.now += 0.3
+        return super().decode(lat)
+
+
+def test_speed_section_splits_backbone_and_head(monkeypatch):
+    """eval_speed on a model whose costs are known, timed by a clock that only its work advances:
+    the per-step head cost is the slope over 1 and 100 steps, the backbone the rest, real-time
+    factors are ms per frame x frames per second, and VAE decoding of 10 s is timed alone."""
+    clock = Clock()
+    monkeypatch.setattr(ev, 'time', argparse.Namespace(perf_counter=clock.perf_counter))
     args = argparse.Namespace(prompt_seconds=1.0, temperature=[None])
     c = data.make_clip(data.clip_seed('heldout', 0), seconds=2.0)
-    out = ev.eval_speed(ReshapeVAE(), FakeLM([c], oracle=False), c, args, 'cpu')
-    for k in ('ms_per_frame_steps1', 'ms_per_frame_steps100', 'head_ms_per_step',
-              'backbone_ms_per_frame', 'rtf_steps1', 'ms_per_frame_30s_steps1', 'vae_decode_rtf'):
-        assert np.isfinite(out[k])
+    out = ev.eval_speed(TimedVAE(clock), TimedLM(c, clock), c, args, 'cpu')
+    b, h, fr = TimedLM.backbone_ms, TimedLM.head_ms, ReshapeVAE.frame_rate
+    for s in (1, 4, 100):
+        assert out[f'ms_per_frame_steps{s}'] == pytest.approx(b + s * h)
+        assert out[f'rtf_steps{s}'] == pytest.approx((b + s * h) / 1000 * fr)
+    assert out['head_ms_per_step'] == pytest.approx(h)
+    assert out['backbone_ms_per_frame'] == pytest.approx(b)
+    assert out['ms_per_frame_30s_steps1'] == pytest.approx(b + h)
+    assert out['vae_decode_rtf'] == pytest.approx(0.3 / 10)
 
 
-def test_compare_table_from_fake_results():
-    def fake(names, acc):
-        rows = {'real': dict(note_acc=1.0), 'vae': dict(note_acc=0.9),
-                'other clip': dict(note_acc=0.1)}
-        rows.update({n: dict(note_acc=acc, fd=1.0) for n in names})
+def test_compare_runs_each_variant_and_tables_its_own_rows(tmp_path, monkeypatch):
+    """--compare trains every ablation with its own flags at the same budget and VAE (train.py in a
+    subprocess, skipped where a run exists), evaluates the TrigFlow run at --trigflow-steps and the
+    default model at every temperature, and the table carries each variant's own numbers, with the
+    reference rows of the first."""
+    commands, evaluated = [], {}
+    monkeypatch.setattr(ev.subprocess, 'run', lambda cmd, check: commands.append(cmd))
+    (tmp_path / 'trigflow').mkdir()
+    (tmp_path / 'trigflow' / 'calm.pt').write_bytes(b'')            # exists: not retrained
+
+    def fake_evaluate(run_dir, a, sections):
+        name = os.path.basename(run_dir)
+        evaluated[name] = (a.steps, a.temperature, sections)
+        k = list(ev.VARIANTS).index(name)
+        rows = {'real': dict(note_acc=1.0 + k), 'vae': dict(note_acc=0.9 + k),
+                'other clip': dict(note_acc=0.1 + k)}
+        for steps in a.steps:
+            for t in a.temperature:
+                rows[f'calm steps={steps} T={ev.tlabel(t)}'] = dict(note_acc=k + t / 10 + steps)
         return {'continuation': {'settings': {}, 'rows': rows}}
-    results = {'consistency': fake(['calm steps=4 T=0.7', 'calm steps=4 T=1'], 0.6),
-               'trigflow': fake(['calm steps=100 T=0.7'], 0.7),
-               'short_context_10': fake(['calm steps=4 T=0.7'], 0.2)}
-    rows = ev.compare_rows(results, [0.7, 1.0])
-    assert list(rows) == ['consistency steps=4 T=0.7', 'consistency steps=4 T=1',
-                          'trigflow steps=100 T=0.7',
-                          'short_context_10 steps=4 T=0.7', '(real)', '(vae)', '(other clip)']
-    assert rows['short_context_10 steps=4 T=0.7']['note_acc'] == 0.2
-    text = ev.table(rows, ev.CONT_COLS)
-    assert 'trigflow steps=100 T=0.7' in text and '0.700' in text
-    assert set(ev.VARIANTS) == {'consistency', 'trigflow', 'no_noise_aug', 'short_context_10',
-                                'head_batch_mul_1'}
+    monkeypatch.setattr(ev, 'evaluate', fake_evaluate)
+    args = argparse.Namespace(temperature=[None], compare_dir=str(tmp_path), retrain=False,
+                              vae_from='out/v', lm_steps=77, seed=3, device='cpu', steps=[1, 4],
+                              trigflow_steps=50)
+    res, text = ev.run_compare(args)
+    trained = {os.path.basename(c[c.index('--out') + 1]): c for c in commands}
+    assert set(trained) == set(ev.VARIANTS) - {'trigflow'}
+    for name, cmd in trained.items():
+        assert cmd[1:8] == ['train.py', '--stage', 'lm', '--vae-from', 'out/v', '--out',
+                            str(tmp_path / name)]
+        assert cmd[cmd.index('--lm-steps') + 1] == '77' and cmd[cmd.index('--seed') + 1] == '3'
+        assert cmd[-len(ev.VARIANTS[name]):] == ev.VARIANTS[name]
+    assert evaluated['trigflow'] == ([50], [ev.SWEEP[0]], ('continuation',))
+    assert evaluated['consistency'] == ([1, 4], ev.SWEEP, ('continuation',))
+    assert evaluated['no_noise_aug'] == ([1, 4], [ev.SWEEP[0]], ('continuation',))
+    rows = res['table']
+    for name in ev.VARIANTS:
+        k = list(ev.VARIANTS).index(name)
+        temps = ev.SWEEP if name == 'consistency' else ev.SWEEP[:1]
+        steps = [50] if name == 'trigflow' else [1, 4]
+        mine = {key: r for key, r in rows.items() if key.startswith(name + ' ')}
+        assert mine == {f'{name} steps={s} T={ev.tlabel(t)}': dict(note_acc=k + t / 10 + s)
+                        for s in steps for t in temps}
+    assert rows['(real)'] == dict(note_acc=1.0) and rows['(other clip)'] == dict(note_acc=0.1)
+    assert 'trigflow steps=50 T=0.7' in text and '77 LM steps each' in text
 
 
 def test_bootstrap_intervals_pool_resampled_clips():

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from test_train import run, tiny_recipes, train_main  # noqa: E402
+from test_train import run, sample_in_process, tiny_recipes, train_main  # noqa: E402
 
 import calm  # noqa: E402
 import data  # noqa: E402
@@ -141,6 +141,32 @@ def test_unused_codes_are_restarted_on_input_vectors():
     assert rvq.cluster_size[0, 3] == pytest.approx(200 / 4, rel=1e-4)
 
 
+def distortion(x, codebook):
+    return float(((x - codebook[rq.nearest(x, codebook)]) ** 2).sum(1).mean())
+
+
+def test_kmeans_lowers_the_distortion_from_its_own_initialisation():
+    """Lloyd's iterations from the V random rows k-means starts from (the same rows for any number
+    of iterations: the first draw of the same generator) never raise the mean squared distance to
+    the nearest centroid, and 30 of them lower it well below the start; and rq.fit's k-means (its
+    default iterations, no EMA step) ends far below that start too."""
+    x = torch.randn(3000, 4, generator=torch.Generator().manual_seed(0)) * torch.tensor(
+        [3.0, 1.0, 0.5, 0.2])
+    d = [distortion(x, rq.kmeans(x, 16, iters, np.random.default_rng(1))[0])
+         for iters in (0, 1, 2, 5, 30)]
+    assert all(b <= a + 1e-6 for a, b in zip(d, d[1:])), d
+    assert d[-1] < 0.7 * d[0], d
+    start = rq.kmeans(x, 16, 0, np.random.default_rng(1))[0]
+    assert torch.equal(start, x[torch.from_numpy(np.random.default_rng(1).choice(3000, 16,
+                                                                                 replace=False))])
+    cfg = tiny(n_q=1, codebook_size=16, rvq_steps=0, rvq_init_frames=3000)
+    assert cfg.rvq_kmeans_iters == rq.Config.rvq_kmeans_iters
+    rvq = rq.RVQ(4, 1, 16)
+    rq.fit(rvq, x, cfg, seed=0, log=None)
+    init = x[torch.from_numpy(np.random.default_rng([0, 1, 0]).choice(3000, 16, replace=False))]
+    assert distortion(x, rvq.codebooks[0]) < 0.7 * distortion(x, init)
+
+
 def test_fit_is_deterministic_and_nested_across_levels():
     x = torch.randn(3000, 4, generator=torch.Generator().manual_seed(1))
     fits = {}
@@ -198,6 +224,19 @@ def test_top_k_keeps_exactly_k_codes_when_logits_tie(k):
     assert torch.allclose(freq, torch.full((k,), 1 / k), atol=0.04)
     lo = torch.randn(5, 3, 10, generator=g).round()   # batched logits with ties: shape kept
     assert rq.sample_logits(lo, 0.7, top_k=k, generator=g).shape == (5, 3)
+
+
+def test_delay_pattern_exact_example():
+    """MusicGen's delay pattern (arXiv 2306.05284 §2.2) on 3 frames a, b, c of Q = 3 levels: step t
+    holds code q of frame t - q, '-' (the pad id 9) where there is none."""
+    codes = torch.tensor([[[1, 2, 3], [4, 5, 6], [7, 8, 0]]])      # frames a = 1 2 3, b, c
+    _ = 9
+    assert rq.delay(codes, 9).tolist() == [[[1, _, _],
+                                            [4, 2, _],
+                                            [7, 5, 3],
+                                            [_, 8, 6],
+                                            [_, _, 0]]]
+    assert torch.equal(rq.undelay(rq.delay(codes, 9)), codes)
 
 
 @HP
@@ -279,14 +318,43 @@ def test_generation_at_temperature_zero_is_the_argmax_of_the_full_forward(kind):
                         assert torch.equal(best[:, f + q, q], new[:, f - P, q]), (f, q)
 
 
+def level0_logits(m, z):
+    """The logits of a frame's first code given z [N, d] (both LMs: its level-0 distribution)."""
+    if m.kind == 'rq':
+        return m.depth.step(z, None, 0, m.depth.new_cache(z.shape[0]))
+    return m.heads(z).view(z.shape[0], m.cfg.n_q, -1)[:, 0]
+
+
+@pytest.mark.parametrize('kind', ['rq', 'delay'])
+def test_sample_head_and_generate_honour_the_temperature(kind):
+    """sample_head draws a frame's first code from softmax(logits / temperature): 20000 draws from
+    one z follow it at temperatures 0.5 and 2 (two different distributions), and temperature 0 is
+    the argmax; generate passes its temperature down (0: the greedy codes of the full forward)."""
+    cfg = tiny(kind)
+    m = randomized(cfg)
+    z = m.step_backbone(None, m.new_state(1)).expand(20000, -1)
+    logits = level0_logits(m, z[:1])[0]
+    g = torch.Generator().manual_seed(0)
+    for temp in (0.5, 2.0):
+        codes = m.sample_head(z, temperature=temp, generator=g)[:, 0]
+        freq = torch.bincount(codes, minlength=cfg.codebook_size) / len(codes)
+        assert torch.allclose(freq, (logits / temp).softmax(-1), atol=0.015), (temp, freq)
+    assert (m.sample_head(z[:5], temperature=0.0)[:, 0] == logits.argmax()).all()
+    prompt = torch.randn(2, 4, cfg.latent_dim, generator=g)
+    greedy = m.generate_codes(m.rvq.encode(prompt), 5, 0.0, 0, None, m.new_state(2))
+    assert torch.equal(m.generate(prompt, 5, temperature=0.0), m.rvq.decode(greedy))
+
+
 @pytest.mark.parametrize('kind', ['rq', 'delay'])
 def test_generate_returns_dequantised_latents_and_checks_its_arguments(kind):
     cfg = tiny(kind, n_text=3)
     m = randomized(cfg)
     prompt = torch.randn(2, 5, cfg.latent_dim)
     g = torch.Generator().manual_seed(0)
-    out = m.generate(prompt, 6, generator=g)
+    seen = []   # on_frame gets each new frame once all its codes are sampled
+    out = m.generate(prompt, 6, generator=g, on_frame=seen.append)
     assert out.shape == (2, 6, cfg.latent_dim)
+    assert torch.equal(torch.stack(seen, 1), out)
     # every new frame is a sum of one codeword per level
     g0 = torch.Generator().manual_seed(0)
     codes = m.generate_codes(m.rvq.encode(prompt), 6, cfg.temperature, 0, g0, m.new_state(2))
@@ -392,7 +460,9 @@ def test_discrete_run_writes_a_checkpoint_that_sample_continues(discrete_run, tm
     assert f'{kind} LM' in r.stdout
     wav, sr = sf.read(tmp_path / 'o.wav')
     assert len(wav) == (12000 // vae.hop + round(vae.frame_rate)) * vae.hop
-    assert np.isfinite(wav).all()
+    # the continuation the library makes with the same seed, temperature and top-k
+    ref = sample_in_process(out, prompt, round(vae.frame_rate), temperature=1.0, top_k=4)[0]
+    assert np.abs(wav - ref).max() < 1e-4
     # a CALM-only flag on a discrete checkpoint: one line, nothing written
     r = run('sample.py', str(prompt), '--ckpt', str(out), '--steps', '4', '--out',
             str(tmp_path / 'x.wav'), check=False)

@@ -24,7 +24,8 @@ def png_size(path):
     return struct.unpack('>II', head[16:24])
 
 
-def test_tour_writes_every_figure(tiny_run, tmp_path, monkeypatch):
+def test_smoke_tour_writes_every_figure(tiny_run, tmp_path, monkeypatch):
+    """A smoke test: the figures are written and drawn (their content is checked by eye)."""
     pytest.importorskip('matplotlib', reason='tour.py needs matplotlib (optional)')
     import tour
     # figure 03 (d) trains two heads for minutes: here they need only be drawn (the map test

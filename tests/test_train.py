@@ -2,6 +2,7 @@
 """
 import dataclasses
 import json
+import math
 import os
 import shutil
 import socket
@@ -44,6 +45,41 @@ def run(*args, check=True):
     return r
 
 
+def sample_in_process(run_dir, prompt, n_new, seed=0, **kw):
+    """What `python sample.py PROMPT --ckpt RUN_DIR --seed SEED` should write for n_new frames,
+    computed here from the library (its seeding; the prompt cut to whole frames, at most a
+    context): (the audio clipped to the wav's [-1, 1], the latents [1, P + n_new, D] decoded)."""
+    vae, model = pipeline.load(str(run_dir))
+    wav = data.load_audio(str(prompt), vae.cfg.sample_rate)
+    wav = wav[len(wav) - min(len(wav) // vae.hop, model.cfg.context) * vae.hop:]
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        z = vae.encode(torch.from_numpy(wav)[None])
+        new = model.generate(z, n_new, generator=torch.Generator().manual_seed(seed), **kw)
+        z = torch.cat([z, new], 1)
+        return np.clip(vae.decode(z)[0].numpy(), -1, 1), z
+
+
+def sample_latents(monkeypatch, argv):
+    """sample.main(argv) in this process: the latents it hands the VAE decoder (a VAE trained for
+    a few steps barely hears its latents, so its audio alone cannot tell two continuations apart).
+    """
+    import sample
+    seen, load = [], pipeline.load
+
+    def load_and_watch(*args, **kwargs):
+        vae, model = load(*args, **kwargs)
+        decode = vae.decode
+        monkeypatch.setattr(vae, 'decode', lambda z: (seen.append(z.clone()), decode(z))[1])
+        return vae, model
+    monkeypatch.setattr(pipeline, 'load', load_and_watch)
+    try:
+        sample.main(argv)
+    finally:   # sample.main sets it process-wide; hypothesis needs subnormals
+        torch.set_flush_denormal(False)
+    return seen[0]
+
+
 def tiny_recipes(monkeypatch):
     monkeypatch.setitem(train.RECIPES, 'vae',
                         dict(train.RECIPES['vae'], batch=2, crop=0.25, warmup=2))
@@ -61,7 +97,15 @@ def test_pipeline_writes_loadable_checkpoints_and_logs(tiny_run):
     # held-out check at the end (ckpt-every 100)
     assert [r['step'] for r in records if 'val_mse' in r] == [4]
     assert all(np.isfinite(r['loss']) for r in records)
-    assert os.path.exists(tiny_run / 'latents.npy') and os.path.exists(tiny_run / 'latents.json')
+    # the latent cache the LM trained on is the saved VAE's encoding of the clips (toy clip 0 is
+    # the first source)
+    meta = json.load(open(tiny_run / 'latents.json'))
+    lat = np.load(tiny_run / 'latents.npy', mmap_mode='r')
+    a, n = meta['starts'][0], meta['lengths'][0]
+    wav = data.make_clip(data.clip_seed('train', 0), train.TOY_CLIPS['seconds']).wav
+    with torch.no_grad():
+        z = vae.encode(torch.from_numpy(wav)[None])[0].numpy()
+    assert z.shape == (n, 8) and np.abs(lat[a:a + n] - z).max() < 1e-4
     # the VAE checkpoint carries the latent statistics the LM was trained with
     assert not torch.allclose(vae.latent_std, torch.ones_like(vae.latent_std))
 
@@ -107,6 +151,52 @@ def test_config_json_records_what_the_run_trained(tiny_run):
     assert run['args']['device'] == 'cpu' and run['world_size'] == 1
     assert '--vae-steps 4' in run['vae']['why'] and '--lm.d_model=32' in run['lm']['why']
     assert not os.path.exists(tiny_run / 'config.json.tmp')
+
+
+@pytest.mark.parametrize('objective, diffusion_steps', [('trigflow', 0), ('consistency', 0),
+                                                       ('consistency', 40)])
+def test_lr_schedule_warmup_cosine_and_floor(objective, diffusion_steps):
+    """nanoGPT's schedule: lr (s + 1) / warmup for the first `warmup` steps (never 0, reaching lr at
+    the last warmup step), then a cosine from lr down to a floor of 10% at the last step, never
+    below it after; a consistency run with a TrigFlow phase trains its sCT steps (from
+    diffusion_steps on) at sct_lr x that."""
+    recipe = dict(lr=2e-3, warmup=10, sct_lr=0.1)
+    cfg = train.calm.Config(head_loss=objective, diffusion_steps=diffusion_steps)
+    lr_at = train.lr_schedule(recipe, 100, cfg)
+    sct = lambda s: 0.1 if diffusion_steps and s >= diffusion_steps else 1.0
+    assert [lr_at(s) for s in range(10)] == pytest.approx([2e-4 * (s + 1) for s in range(10)])
+    assert lr_at(10) == pytest.approx(2e-3)
+    assert lr_at(55) == pytest.approx(sct(55) * 2e-3 * 0.55)              # half way: (1 + 0.1) / 2
+    assert lr_at(100) == pytest.approx(sct(100) * 2e-4)
+    assert lr_at(500) == pytest.approx(sct(500) * 2e-4)                   # past the end: the floor
+    after = [lr_at(s) / sct(s) for s in range(10, 101)]
+    assert all(a > b for a, b in zip(after, after[1:]))                   # decreasing
+    if diffusion_steps:
+        assert lr_at(40) == pytest.approx(0.1 * 2e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi / 3))))
+        assert lr_at(39) == pytest.approx(2e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * 29 / 90))))
+
+
+def test_the_optimizer_steps_at_the_scheduled_lr(tmp_path, monkeypatch):
+    """train.train sets every step's lr from the schedule before the optimizer steps (the logged lr
+    is computed apart, so it would not show a loop that forgot to set it)."""
+    seen = []
+    make = train.make_optimizer
+
+    def recording(stage, model, recipe):
+        opt = make(stage, model, recipe)
+        step = opt.step
+        opt.step = lambda: (seen.append([g['lr'] for g in opt.param_groups]), step())[1]
+        return opt
+    monkeypatch.setattr(train, 'make_optimizer', recording)
+    model = train.calm.CALM(train.calm.Config(latent_dim=2, d_model=8, n_layers=1, n_heads=1,
+                                              context=4, short_context=0, head_width=8,
+                                              head_blocks=1, head_loss='trigflow'))
+    recipe = dict(steps=12, batch=2, lr=1e-3, warmup=3, wd=0.0)
+    args = train.parse_args(['--out', str(tmp_path), '--log-every', '100'])
+    train.train('lm', model, model.cfg, recipe, lambda s: torch.randn(2, 4, 2),
+                str(tmp_path / 'c.pt'), args, False, train.Log(str(tmp_path), False))
+    lr_at = train.lr_schedule(recipe, 12, model.cfg)
+    assert seen == [[pytest.approx(lr_at(s))] * 2 for s in range(12)]
 
 
 def test_recipe_reason_names_the_device_and_the_flags():
@@ -162,19 +252,31 @@ def test_lm_window_longer_than_the_context(tiny_run, tmp_path, monkeypatch, caps
         assert not (tmp_path / 'x' / 'config.json').exists()   # checked before anything is written
 
 
-def test_sample_end_to_end(tiny_run, tmp_path):
+def test_sample_end_to_end(tiny_run, tmp_path, monkeypatch):
     prompt = tmp_path / 'prompt.flac'  # another format and rate than the model's, and stereo
     t = np.arange(int(0.5 * 44100)) / 44100
     sf.write(prompt, np.stack([0.3 * np.sin(2 * np.pi * 440 * t)] * 2, 1), 44100)
     out = tmp_path / 'cont.wav'
-    r = run('sample.py', str(prompt), '--ckpt', str(tiny_run), '--seconds', '1', '--out', str(out))
+    argv = [str(prompt), '--ckpt', str(tiny_run), '--seconds', '1', '--seed', '3',
+            '--temperature', '0.5']
+    r = run('sample.py', *argv, '--out', str(out))
     assert 'real-time factor' in r.stdout
     wav, sr = sf.read(out)
     vae, _ = pipeline.load(str(tiny_run))
     assert sr == vae.cfg.sample_rate
-    n_prompt = int(0.5 * sr) // vae.hop
-    assert len(wav) == (n_prompt + round(1 * vae.frame_rate)) * vae.hop
-    assert np.isfinite(wav).all() and np.abs(wav).max() > 0
+    n_prompt, n_new = int(0.5 * sr) // vae.hop, round(1 * vae.frame_rate)
+    assert len(wav) == (n_prompt + n_new) * vae.hop
+    # the prompt as the VAE reconstructs it, then the model's continuation with that seed and
+    # temperature: the script feeds the library what it should (the wav up to its 16 bits; the
+    # latents exactly)
+    ref, z = sample_in_process(tiny_run, prompt, n_new, seed=3, temperature=0.5)
+    assert np.abs(wav - ref).max() < 1e-4
+    seen = sample_latents(monkeypatch, [*argv, '--out', str(tmp_path / 'again.wav')])
+    assert seen.shape == (1, n_prompt + n_new, vae.cfg.latent_dim)
+    assert torch.allclose(seen, z, atol=1e-5)
+    for other in (dict(seed=4, temperature=0.5), dict(seed=3, temperature=0.8)):
+        assert not torch.allclose(seen, sample_in_process(tiny_run, prompt, n_new, **other)[1],
+                                  atol=1e-3), other
 
 
 def test_data_prompt_then_sample(tiny_run, tmp_path):
@@ -224,7 +326,7 @@ def test_sample_never_overwrites_the_prompt(tiny_run, tmp_path):
     assert r.returncode != 0 and prompt.read_bytes() == before
 
 
-def test_help_of_every_script():
+def test_smoke_help_of_every_script():
     for script in ('train.py', 'sample.py', 'data.py'):
         assert 'usage' in run(script, '--help').stdout
 
