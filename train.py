@@ -17,7 +17,6 @@ device), and records the resolved configs and recipes in <run>/config.json.
 """
 import argparse
 import dataclasses
-import json
 import math
 import os
 import time
@@ -32,6 +31,7 @@ import corpus
 import data
 import pipeline
 import rq
+import runs
 import vae as vae_lib
 
 # Training recipes (not model shape: that lives in vae.Config / calm.Config), sized for the toy on
@@ -170,23 +170,17 @@ def override(cfg, values):
     return dataclasses.replace(cfg, **changes)
 
 
-# --------------------------------------------------------------------------------------------------
-# Checkpoints and logs
+def or_exit(f, *args, **kwargs):
+    """f(*args, **kwargs), a library's one-line ValueError as this script's exit (no traceback)."""
+    try:
+        return f(*args, **kwargs)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}')
 
-class Log:
-    """Prints readable progress (loss, steps/s, ETA) and appends JSON lines to <run>/log.jsonl."""
 
-    def __init__(self, run_dir, enabled):
-        self.enabled = enabled
-        self.path = os.path.join(run_dir, 'log.jsonl')
-
-    def __call__(self, record, line=None):
-        if not self.enabled:
-            return
-        with open(self.path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
-        if line:
-            print(line, flush=True)
+def resumed(args, name):
+    """The checkpoint `name` ('vae.pt' or 'calm.pt') in --out that --resume continues, or None."""
+    return or_exit(runs.resumed, args.out, name, args.resume)
 
 
 def recipe_reason(stage, args):
@@ -214,23 +208,6 @@ def recipe_reason(stage, args):
         why += [f'--lr-shape {args.lr_shape}'] if args.lr_shape else []
     why += [f'--{stage}.{k}={v}' for k, v in args.overrides[stage].items()]
     return f'{steps} steps x {batch} {what}: ' + ', '.join(why)
-
-
-def record_run(args, stage, cfg, recipe, ddp, log, **extra):
-    """Write the stage's resolved config and recipe into <run>/config.json (with the resolved
-    arguments and the device): what a run did can be read back, not guessed from the command."""
-    if not log.enabled:
-        return
-    path = os.path.join(args.out, 'config.json')
-    run = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            run = json.load(f)
-    run.update(args=vars(args), world_size=dist.get_world_size() if ddp else 1,
-               torch=torch.__version__)
-    run[stage] = {'config': dataclasses.asdict(cfg), 'recipe': recipe,
-                  'why': recipe_reason(stage, args), **extra}
-    data.write_json(path, run, indent=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,21 +244,15 @@ def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra
     opt = make_optimizer(stage, model, recipe)
     step, steps = 0, recipe['steps']
     if args.resume and os.path.exists(ckpt_path):
-        step, before = resume(ckpt_path, model, opt, adversary, device)
+        step, before = runs.resume(ckpt_path, model, opt, adversary, device)
         if log.enabled:
             budget = f' (a new budget: it was {before})' if before != steps else ''
             print(f'{stage}: resuming from {ckpt_path} at step {step}/{steps}{budget}')
     lr_at = lr_schedule(recipe, steps, cfg)
 
-    def checkpoint():
+    def checkpoint():   # rank 0 writes
         if log.enabled:
-            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-            rng = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'cuda': cuda}
-            ck = {'config': dataclasses.asdict(cfg), 'model': model.state_dict(),
-                  'optimizer': opt.state_dict(), 'step': step, 'steps': steps, 'rng': rng,
-                  'recipe': recipe, **(extra or {}),
-                  **(adversary.state_dict() if adversary is not None else {})}
-            data.write_atomic(ckpt_path, lambda tmp: torch.save(ck, tmp))
+            runs.save(ckpt_path, cfg, model, opt, step, steps, recipe, extra, adversary)
 
     def held_out():
         model.eval()
@@ -348,7 +319,7 @@ def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra
         held_out()
     if ddp:  # the VAE-GAN's discriminator too
         disc = adversary.disc.parameters() if adversary else []
-        check_replicas(stage, [*model.parameters(), *disc], log)
+        runs.check_replicas(stage, [*model.parameters(), *disc], log)
     model.eval()
     return step >= steps, stats
 
@@ -360,31 +331,6 @@ def make_optimizer(stage, model, recipe):
     return torch.optim.AdamW([{'params': decay, 'weight_decay': recipe['wd']},
                               {'params': other, 'weight_decay': 0.0}],
                              lr=recipe['lr'], betas=(0.9, 0.95) if stage == 'lm' else (0.8, 0.99))
-
-
-def resume(ckpt_path, model, opt, adversary, device):
-    """Load weights, optimizer(s) and RNG state from a checkpoint; returns (step, steps)."""
-    ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-    model.load_state_dict(ck['model'])
-    opt.load_state_dict(ck['optimizer'])
-    torch.set_rng_state(ck['rng']['torch'])
-    np.random.set_state(ck['rng']['numpy'])
-    if ck['rng']['cuda'] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ck['rng']['cuda'])
-    if adversary is not None:
-        adversary.load_state_dict(ck)
-    return ck['step'], ck['steps']
-
-
-def check_replicas(stage, params, log):
-    """DDP: the replicas must hold identical weights (DDP all-reduces gradients); measure it."""
-    flat = torch.cat([p.detach().flatten() for p in params])
-    ref = flat.clone()
-    dist.broadcast(ref, 0)
-    diff = (flat - ref).abs().max()
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    log({'stage': stage, 'replica_max_abs_diff': float(diff)},
-        f'{stage}: replicas differ by at most {float(diff):.3g}')
 
 
 # --------------------------------------------------------------------------------------------------
@@ -417,7 +363,7 @@ def vae_recipe(args, resumed=None):
 def train_vae(args, clips, ddp, rank, log):
     cfg = override(getattr(vae_lib, args.preset.upper()), args.overrides['vae'])
     recipe = vae_recipe(args, resumed(args, 'vae.pt'))
-    record_run(args, 'vae', cfg, recipe, ddp, log)
+    runs.record_run(args, 'vae', cfg, recipe, ddp, log)
     torch.manual_seed(args.seed + rank)  # each stage seeds itself: a resume re-creates the init
     model = vae_lib.VAE(cfg).to(args.device)
     length = int(recipe['crop'] * cfg.sample_rate) // model.hop * model.hop
@@ -449,36 +395,12 @@ def train_vae(args, clips, ddp, rank, log):
                        for w in corpus.stats_audio(clips, cfg.sample_rate)]
             model.set_latent_stats(torch.cat(mus))
         if log.enabled:
-            ck = torch.load(path, weights_only=False)
-            ck['model'] = model.state_dict()
-            ck['done'] = True
-            data.write_atomic(path, lambda tmp: torch.save(ck, tmp))
+            runs.mark_done(path, model)
     return model, finished, stats
 
 
 # --------------------------------------------------------------------------------------------------
 # Stage 2: the language model on cached latents (paper Eq. 3)
-
-def encode_all(vae, clips, n, cache, device, rank=0, seconds=TOY_CLIPS['lm_seconds']):
-    """Encode the LM's training audio ONCE into the latent cache beside the VAE
-    (corpus.encode_latents: a memory-mapped array on disk, resumable, each DDP rank encoding its
-    share) and return it; the LM never re-encodes audio. Toy: n clips of `seconds`, rendered on the
-    fly past the VAE's own (so the LM sees far more clips than the VAE trained on without holding
-    their audio), cached as float32. --data: corpus.encode_index."""
-    if isinstance(clips, corpus.Index):
-        return corpus.encode_index(vae, clips, cache, device, verbose=rank == 0)
-    length = int(round(seconds * data.SR))  # data.make_clip's length
-
-    def read(i, start, count):   # toy clip i: one of the VAE's (of this length), or rendered now
-        if i < len(clips) and len(clips[i]) == length:
-            return clips[i][start:start + count]
-        return data.make_clip(data.clip_seed('train', i), seconds).wav[start:start + count]
-    # bucket=1: the clips all have one length (one input shape), and unpadded they keep their exact
-    # values
-    return corpus.encode_latents(vae, [length] * n, read, cache, device, np.float32, bucket=1,
-                                 names=[f'toy-train-{i}' for i in range(n)], verbose=rank == 0,
-                                 batch=TOY_CLIPS['encode_batch'])
-
 
 def lm_recipe(args, cfg, resumed=None):
     """(recipe, cfg) of the LM stage: RECIPES['lm'], GPU_LM on a CUDA device, then --lm-steps /
@@ -518,28 +440,6 @@ def lm_recipe(args, cfg, resumed=None):
 CALM_ONLY = {'head_loss': '--head-loss', 'head_batch_mul': '--head-batch-mul',
              'short_context': '--short-context', 'no_noise_aug': '--no-noise-aug',
              'lm_sct_lr': '--lm-sct-lr'}
-
-
-@torch.no_grad()
-def next_frames(model, x, every=8):
-    """The greedy (temperature 0) next frame of x [B, S, D] given its true past, at frames
-    s = every, 2 every, ... < S, as the LM's own generate makes it from the prompt x[:, :s]: a
-    discrete LM quantises the past and dequantises its frame, and the delay LM rolls its Q - 1
-    lagging levels forward, so no LM sees any part of frame s. Returns (positions, frames
-    [B, len(positions), D])."""
-    g = torch.Generator(x.device).manual_seed(0)   # the global RNG stays as it was: resume exact
-    pos = list(range(every, x.shape[1], every))
-    return pos, torch.stack([model.generate(x[:, :s], 1, temperature=0.0, generator=g)[:, 0]
-                             for s in pos], 1)
-
-
-def validation(model, x):
-    """Held-out stats: val_next_mse, the one measure computed the same way for every kind of LM:
-    the squared error of next_frames against the true latent frames (standardised units); then
-    the LM's own held_out scores (CALM and RQ val_mse: the same quantity, teacher-forced at every
-    frame; the delay LM's val_mse_true_lower: with the true lower levels of the frame)."""
-    pos, pred = next_frames(model, x)
-    return {'val_next_mse': float(((pred - x[:, pos]) ** 2).mean()), **model.held_out(x)}
 
 
 def lm_config(args, vae):
@@ -606,13 +506,13 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log, times=None):
                          f'({vae.n_frames(round(seconds * data.SR))} in {seconds:g} s; raise '
                          '--lm-seconds for longer windows)')
     vae_path = os.path.abspath(os.path.join(vae_dir, 'vae.pt'))
-    record_run(args, 'lm', cfg, recipe, ddp, log, vae=vae_path, kind=args.model)
+    runs.record_run(args, 'lm', cfg, recipe, ddp, log, vae=vae_path, kind=args.model)
     # the VAE's clips are the first toy clips; the LM sees args.lm_clips of them
     n = (len(clips) if args.data
          else args.lm_clips or TOY_CLIPS['lm_n'] * args.clips // TOY_CLIPS['n'])
     t_encode = time.time()
-    latents = encode_all(vae, clips, n, os.path.join(vae_dir, 'latents'), args.device, rank,
-                         seconds)
+    latents = corpus.encode_all(vae, clips, n, os.path.join(vae_dir, 'latents'), args.device,
+                                rank, seconds, TOY_CLIPS['encode_batch'])
     if times is not None:
         times['encode'] = time.time() - t_encode
     # Toy clip i of the cache is data.clip_seed('train', i): its description is a pure function of
@@ -648,47 +548,11 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log, times=None):
                                               texts)
     return model, *train('lm', model, cfg, recipe, get_batch, ckpt_path, args, ddp, log,
                          extra={'vae': vae_path, 'kind': args.model},
-                         validate=lambda: validation(model, val))
+                         validate=lambda: pipeline.validation(model, val))
 
 
 # --------------------------------------------------------------------------------------------------
 # Inputs, checked before anything is written
-
-# What `--resume` may change: the step budget (--vae-steps / --lm-steps; the lr schedule then runs
-# over the new total, and a consistency run keeps the TrigFlow phase it trained with, lm_recipe).
-# Any other difference between the command and the checkpoint it continues, in the LM's kind, in a
-# config field or in the recipe, is refused in one line before anything is written.
-RESUME_MAY_CHANGE = {'steps'}
-
-
-def read(path, what):
-    """pipeline.read_checkpoint, its one-line error as this script's exit."""
-    try:
-        return pipeline.read_checkpoint(path, what)
-    except ValueError as e:
-        raise SystemExit(f'error: {e}')
-
-
-def resumed(args, name):
-    """The checkpoint `name` ('vae.pt' or 'calm.pt') in --out that --resume continues, or None."""
-    path = os.path.join(args.out, name)
-    if not (args.resume and os.path.exists(path)):
-        return None
-    return read(path, 'lm' if name == 'calm.pt' else 'vae')
-
-
-def differences(ck, cfg, recipe, **more):
-    """'field (checkpoint X, command Y)' for every config and recipe field, and every item of
-    `more` (name: (checkpoint's, command's)), in which a command differs from a checkpoint, but
-    those RESUME_MAY_CHANGE."""
-    pairs = {**{k: (ck['config'].get(k), v) for k, v in dataclasses.asdict(cfg).items()},
-             **{k: (ck['recipe'].get(k), v) for k, v in recipe.items()
-                if k not in RESUME_MAY_CHANGE},
-             **more}
-    same = lambda a, b: a == b or (isinstance(a, (list, tuple)) and list(a) == list(b))
-    return [f'{k} (checkpoint {a!r}, command {b!r})' for k, (a, b) in pairs.items()
-            if not same(a, b)]
-
 
 def check_inputs(args):
     """Everything a run reads, checked before main writes anything (a failing command leaves no
@@ -706,30 +570,15 @@ def check_inputs(args):
     if 'vae' in stages and (ck := resumed(args, 'vae.pt')) is not None:
         recipe = vae_recipe(args, ck)
         finished = {'steps': (ck['recipe']['steps'], recipe['steps'])} if ck.get('done') else {}
-        diff = differences(ck, vae_cfg, recipe, **finished)
-        if diff:
-            done = ' (a finished VAE: its latents are cached, so not even its budget)' if finished \
-                else ''
-            raise SystemExit(f"error: --resume: the command differs from {args.out}/vae.pt in "
-                             f"{'; '.join(diff)}; a resumed run may change its step budget "
-                             f"only{done}: repeat the run's command, or use another --out")
+        done = ' (a finished VAE: its latents are cached, so not even its budget)' if finished \
+            else ''
+        or_exit(runs.check_resume, f'{args.out}/vae.pt', ck, vae_cfg, recipe, done, **finished)
     if 'lm' not in stages:
         return
     if args.stage == 'lm':
-        if not os.path.exists(vae_path):
-            raise SystemExit(f'error: no VAE at {vae_path}: train it first (--stage vae) or pass '
-                             '--vae-from RUN_DIR')
-        vk = read(vae_path, 'vae')
-        if not vk.get('done'):
-            raise SystemExit(f"error: the VAE at {vae_path} stopped at step {vk['step']}/"
-                             f"{vk['steps']}: finish it (--stage vae --resume) before an LM "
-                             'trains on its latents')
-        vae_cfg = vae_lib.Config(**vk['config'])
-    ck, path = resumed(args, 'calm.pt'), os.path.join(args.out, 'calm.pt')
-    if ck is not None and ck.get('kind', 'calm') != args.model:   # before the flags of the kind
-        raise SystemExit(f"error: --resume: {path} holds a {ck.get('kind', 'calm')} LM, the "
-                         f"command trains --model {args.model}: repeat the run's command, or use "
-                         'another --out')
+        vae_cfg = vae_lib.Config(**or_exit(runs.finished_vae, vae_path)['config'])
+    # the kind of LM the checkpoint holds is checked before the flags of the command's kind
+    ck = or_exit(runs.resumed, args.out, 'calm.pt', args.resume, kind=args.model)
     cfg = lm_config(args, argparse.Namespace(cfg=vae_cfg))   # the LM flags: one-line errors
     if ck is None:
         return
@@ -737,11 +586,7 @@ def check_inputs(args):
     # the VAE the LM reads, where the command names one (a run folder may have moved since)
     vae = ({'vae': (os.path.realpath(ck.get('vae', '')), os.path.realpath(vae_path))}
            if args.vae_from else {})
-    diff = differences(ck, cfg, recipe, **vae)
-    if diff:
-        raise SystemExit(f"error: --resume: the command differs from {path} in {'; '.join(diff)};"
-                         " a resumed run may change its step budget only: repeat the run's "
-                         'command, or use another --out')
+    or_exit(runs.check_resume, os.path.join(args.out, 'calm.pt'), ck, cfg, recipe, **vae)
 
 
 def main(argv=None):
@@ -764,7 +609,7 @@ def main(argv=None):
     np.random.seed(args.seed + rank)
     check_inputs(args)   # before anything is written: a command that fails leaves no run folder
     os.makedirs(args.out, exist_ok=True)
-    log = Log(args.out, rank == 0)
+    log = runs.Log(args.out, rank == 0)
     t0 = time.time()
     if log.enabled:
         procs = f'DDP x{dist.get_world_size()}' if ddp else '1 process'
@@ -777,10 +622,7 @@ def main(argv=None):
     vae_dir = args.vae_from or args.out
     vae_path = os.path.join(vae_dir, 'vae.pt')
     if args.stage in ('all', 'vae'):
-        vae_done = False
-        if args.resume and os.path.exists(vae_path):
-            vae_done = read(vae_path, 'vae').get('done', False)
-        if not vae_done:
+        if not (resumed(args, 'vae.pt') or {}).get('done', False):
             t = time.time()
             _, finished, stats = train_vae(args, clips, ddp, rank, log)
             summary['vae'], times['vae'] = stats, time.time() - t
@@ -789,10 +631,7 @@ def main(argv=None):
     if args.stage in ('all', 'lm'):
         if ddp:  # rank 0 may have just written the VAE
             dist.barrier()
-        try:
-            vae, _ = pipeline.load_vae(vae_path, args.device)
-        except ValueError as e:
-            raise SystemExit(f'error: {e}')
+        vae, _ = or_exit(pipeline.load_vae, vae_path, args.device)
         t = time.time()
         _, finished, stats = train_lm(args, vae, clips, vae_dir, ddp, rank, log, times)
         summary['lm'], times['lm'] = stats, time.time() - t - times.get('encode', 0)
