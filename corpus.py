@@ -160,6 +160,19 @@ def shared_index(root, cache_path):
                             # hang
 
 
+def audio_index(root, cache_path):
+    """shared_index of a --data folder, which must hold readable audio (else a one-line ValueError).
+    """
+    try:
+        index = shared_index(root, cache_path)
+    except ValueError as e:
+        raise ValueError(f'--data: {e}') from None
+    if not len(index):
+        exts = '/'.join(e[1:] for e in AUDIO_EXTS)
+        raise ValueError(f'no readable {exts} files under {root}')
+    return index
+
+
 def stats_audio(clips, sr, n=256, seconds=8.0):
     """The audio whose posterior means set the VAE's latent statistics (train.py): the first n toy
     clips (a list of arrays), or the first `seconds` of n files spread evenly over an Index, read

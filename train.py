@@ -9,11 +9,10 @@ it is the one training loop of calm (train), and the two stages that feed it (tr
     torchrun --nproc_per_node=2 train.py --toy   # DistributedDataParallel (gloo: CPU, nccl: GPU)
 
 Data flows one way (paper Eq. 2-3): wav -> VAE encoder -> latents (encoded ONCE and cached,
-standardised so that sigma_d = 1) -> CALM backbone + head. Checkpoints carry config, optimizer,
-step and RNG state and are written atomically; `--resume` continues exactly where a run stopped:
-the batch of step s is a pure function of (seed, s), and the RNG of the model's noises is saved
-with the weights. A run prints which recipe each stage takes and why (the LM's depends on the
-device), and records the resolved configs and recipes in <run>/config.json.
+standardised so that sigma_d = 1) -> CALM backbone + head. `--resume` continues exactly where a run
+stopped: the batch of step s is a pure function of (seed, s), and a checkpoint (runs.py) holds the
+RNG of the model's noises. A run prints which recipe each stage takes and why (the LM's depends on
+the device), and records the resolved configs and recipes in <run>/config.json.
 """
 import argparse
 import dataclasses
@@ -34,24 +33,20 @@ import rq
 import runs
 import vae as vae_lib
 
-# Training recipes (not model shape: that lives in vae.Config / calm.Config), sized for the toy on
-# 2 CPU cores (README.md, "Quick start").
+# Training recipes (model shapes: vae.Config / calm.Config), sized for the toy on 2 CPU cores.
 RECIPES = {
     'vae': dict(steps=1500, batch=16, crop=1.0, lr=2e-3, warmup=50, wd=0.0),
     'lm': dict(steps=4000, batch=32, lr=4e-3, warmup=50, wd=0.01, sct_lr=1.0),
 }
-# sct_lr: a consistency run's sCT phase after its TrigFlow phase (steps >=
-# calm.Config.diffusion_steps > 0) trains at this fraction of the schedule's lr. The toy's sCT
-# loss trains the head alone (calm.TOY.sct_head_only), so it cannot undo what the backbone learnt
-# and keeps the full lr (docs/toy.md; with sCT reaching the backbone, 0.1: docs/findings.md).
-# Toy training sets: the VAE trains on 512 clips x 8 s (~68 min of audio); the LM on the latents of
-# 4096 clips (~9 h), enough to learn to continue a motif rather than memorise the training motifs
-# (docs/findings.md, "Why does the LM train on 4096 clips?").
+# sct_lr: the lr fraction of a consistency run's sCT phase (steps >= calm.Config.diffusion_steps
+# > 0). The toy's sCT trains the head alone (calm.TOY.sct_head_only), so it keeps the full lr
+# (docs/toy.md; with sCT reaching the backbone, 0.1: docs/findings.md).
+# Toy training sets: the VAE's 512 clips x 8 s (~68 min); the LM's latents of 4096 clips (~9 h),
+# enough to continue a motif rather than memorise them (docs/findings.md). encode_batch: LM clips
+# per vae.encode call; a batch rounds differently (~4e-5), so a toy run's numbers change with it.
 TOY_CLIPS = dict(n=512, lm_n=4096, seconds=8.0, lm_seconds=8.0, encode_batch=32)
-# encode_batch: LM clips per vae.encode call (corpus.encode_latents); a batch rounds differently
-# from one clip at a time (~4e-5 in the latents), so a toy run's numbers change with it.
-# On a CUDA device the LM stage trains 9000 steps of 128 windows, 9x the windows of the CPU recipe:
-# the budget that continuing the motif needs (docs/findings.md, "What does a GPU budget learn?").
+# On a CUDA device the LM trains 9000 steps of 128 windows, 9x the windows of the CPU recipe: the
+# budget that continuing the motif needs (docs/findings.md, "What does a GPU budget learn?").
 GPU_LM = dict(steps=9000, batch=128)
 
 
@@ -86,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--resume', action='store_true',
                    help='continue the run in --out where it stopped, with the same settings (a '
-                        'new step budget is allowed: RESUME_MAY_CHANGE)')
+                        'new step budget is allowed: runs.RESUME_MAY_CHANGE)')
     p.add_argument('--vae-steps', type=int,
                    help=f"VAE training steps (toy: {RECIPES['vae']['steps']})")
     p.add_argument('--lm-steps', type=int,
@@ -125,8 +120,7 @@ def parse_args(argv=None):
     p.add_argument('--codebook-size', type=int,
                    help=f'--model rq/delay: codewords per level V (default '
                         f'{rq.Config.codebook_size})')
-    # The paper's ablations (noise augmentation, short-context Transformer, head batch multiplier;
-    # and the TrigFlow head) as flags; any other field via --lm.FIELD=VALUE.
+    # The paper's ablations (and the TrigFlow head) as flags; any other field via --lm.FIELD=VALUE.
     p.add_argument('--head-loss', choices=['trigflow', 'consistency', 'lsd'],
                    help='the head objective: consistency (sCT, the default), trigflow (diffusion, '
                         'ODE sampling) or lsd (a flow map by Lagrangian self-distillation, as '
@@ -184,9 +178,8 @@ def resumed(args, name):
 
 
 def recipe_reason(stage, args):
-    """One line: the recipe a stage trains with, the defaults it comes from and the flags that
-    changed them. The LM's defaults depend on the device (GPU_LM on CUDA), so this is printed at the
-    start of every run."""
+    """One line: the recipe a stage trains with, the defaults it comes from (the LM's: by device)
+    and the flags that changed them; printed at the start of every run."""
     if stage == 'vae':
         r = RECIPES['vae']
         steps, batch, what = args.vae_steps or r['steps'], r['batch'], 'crops'
@@ -337,25 +330,16 @@ def make_optimizer(stage, model, recipe):
 # Stage 1: the VAE (paper Eq. 2, the VAE-GAN loss, without the adversarial terms in the toy)
 
 def load_audio_set(args):
-    """The training audio: the toy clips as a list of float32 arrays at data.SR, or for --data a
-    corpus.Index of the user's files (their headers only; the audio stays on disk). The index is
-    cached in the run folder; under DDP rank 0 builds it and the other ranks read it."""
+    """The training audio: the toy clips (float32 arrays at data.SR), or for --data a corpus.Index
+    of the user's files (headers only, cached in the run folder; the audio stays on disk)."""
     if not args.data:
         return [c.wav for c in data.toy_clips('train', args.clips, TOY_CLIPS['seconds'])]
-    try:
-        index = corpus.shared_index(args.data, os.path.join(args.out, 'index.json'))
-    except ValueError as e:
-        raise SystemExit(f'error: --data: {e}')
-    if not len(index):
-        exts = '/'.join(e[1:] for e in corpus.AUDIO_EXTS)
-        raise SystemExit(f'error: no readable {exts} files under {args.data}')
-    return index
+    return or_exit(corpus.audio_index, args.data, os.path.join(args.out, 'index.json'))
 
 
 def vae_recipe(args, resumed=None):
-    """The VAE stage's recipe: RECIPES['vae'] (the same on every device), then --vae-steps; a run
-    --resume continues (resumed: its checkpoint) keeps its own budget unless --vae-steps is given.
-    """
+    """RECIPES['vae'] (the same on every device), then --vae-steps; a run --resume continues
+    (resumed: its checkpoint) keeps its own budget unless --vae-steps is given."""
     steps = args.vae_steps or (resumed and resumed['steps'])
     return dict(RECIPES['vae'], **({'steps': steps} if steps else {}))
 
@@ -386,9 +370,8 @@ def train_vae(args, clips, ddp, rank, log):
     finished, stats = train('vae', model, cfg, recipe, get_batch, path, args, ddp, log,
                             adversary=adversary)
     if finished:
-        # Standardise the latents for the LM (as pocket-tts does): TrigFlow assumes a known data
-        # std sigma_d, so the LM reads (mu - mean) / std and sigma_d = 1. An RVQ codec's latents
-        # stay as its codebooks quantise them (a discrete LM reads their codes, not the vectors).
+        # Standardise the latents for the LM (as pocket-tts does): TrigFlow assumes a known sigma_d,
+        # so the LM reads (mu - mean) / std, sigma_d = 1. An RVQ codec's LM reads its codes instead.
         if model.rvq is None:
             with torch.no_grad():
                 mus = [model.posterior(torch.from_numpy(w)[None].to(args.device))[0][0]
@@ -403,15 +386,12 @@ def train_vae(args, clips, ddp, rank, log):
 # Stage 2: the language model on cached latents (paper Eq. 3)
 
 def lm_recipe(args, cfg, resumed=None):
-    """(recipe, cfg) of the LM stage: RECIPES['lm'], GPU_LM on a CUDA device, then --lm-steps /
-    --lm-batch / --lm-window / --lm-lr / --lm-sct-lr. A consistency run's TrigFlow phase
-    (calm.Config.diffusion_steps) keeps its share of a longer/shorter run. recipe['window'], the
-    training window in frames, is cfg.context where the recipe does not set it. The lr schedule's
-    shape (--lr-shape, recipe['sct_from']): a discrete LM takes the consistency CALM run's (x sct_lr
-    from the step where that run's sCT phase starts), so every LM of a comparison is trained with
-    the same lr at every step. resumed: the checkpoint --resume continues, which keeps its own
-    budget unless --lm-steps is given, and the TrigFlow phase it trained with whatever the budget
-    (a budget moves the end of a run, not its phases)."""
+    """(recipe, cfg) of the LM stage: RECIPES['lm'], GPU_LM on a CUDA device, then the --lm-*
+    flags. A consistency run's TrigFlow phase (calm.Config.diffusion_steps) keeps its share of a
+    longer/shorter run; recipe['window'] (frames) defaults to cfg.context. The lr shape
+    (--lr-shape, recipe['sct_from']): a discrete LM takes the consistency CALM run's, so every LM of
+    a comparison has the same lr at every step. resumed: the checkpoint --resume continues; it keeps
+    its budget unless --lm-steps is given, and its TrigFlow phase whatever the budget."""
     base = RECIPES['lm']
     steps = args.lm_steps or (resumed and resumed['steps'])
     recipe = {**base, **(GPU_LM if args.device.startswith('cuda') else {}),
@@ -445,8 +425,7 @@ CALM_ONLY = {'head_loss': '--head-loss', 'head_batch_mul': '--head-batch-mul',
 def lm_config(args, vae):
     """calm.Config of the LM, or with --model rq/delay an rq.Config with the same backbone
     (rq.config_like): the flags of one kind of LM are checked here, once."""
-    cfg = getattr(calm, args.preset.upper())
-    cfg = dataclasses.replace(cfg, latent_dim=vae.cfg.latent_dim)
+    cfg = dataclasses.replace(getattr(calm, args.preset.upper()), latent_dim=vae.cfg.latent_dim)
     if not args.data and 'n_text' not in args.overrides['lm']:
         cfg = dataclasses.replace(cfg, n_text=len(data.VOCAB))  # toy runs are text-conditioned
     codec = vae.cfg if vae.rvq is not None else None   # an RVQ codec trained end to end
@@ -485,10 +464,7 @@ def lm_config(args, vae):
     if cfg.n_text and cfg.n_text != len(data.VOCAB):
         raise SystemExit(f'error: --lm.n_text must be 0 or {len(data.VOCAB)} (the toy vocabulary)')
     if args.model != 'calm':
-        try:
-            rq.check(cfg)
-        except ValueError as e:
-            raise SystemExit(f'error: {e}')
+        or_exit(rq.check, cfg)
     return cfg
 
 
@@ -515,8 +491,7 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log, times=None):
                                 rank, seconds, TOY_CLIPS['encode_batch'])
     if times is not None:
         times['encode'] = time.time() - t_encode
-    # Toy clip i of the cache is data.clip_seed('train', i): its description is a pure function of
-    # i, kept beside the latents as word ids (no audio re-rendered).
+    # the descriptions of toy clips data.clip_seed('train', i), as word ids (no audio rendered)
     texts = ([data.tokenize(data.clip_description(data.clip_seed('train', i)))
               for i in range(len(latents))] if cfg.n_text else None)
     torch.manual_seed(args.seed + rank)
@@ -555,24 +530,18 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log, times=None):
 # Inputs, checked before anything is written
 
 def check_inputs(args):
-    """Everything a run reads, checked before main writes anything (a failing command leaves no
-    run folder and no config.json behind, and never half-overwrites a run): the --data folder, the
-    VAE an LM stage reads (--vae-from), the LM flags, and with --resume that the command describes
-    the run its checkpoints hold."""
+    """Everything a run reads, checked before main writes anything (a failing command leaves no run
+    folder behind and never half-overwrites one): --data, the VAE an LM stage reads, the LM flags,
+    and with --resume that the command describes the run its checkpoints hold."""
     if args.data and not os.path.isdir(args.data):
         raise SystemExit(f'error: --data: not a directory: {args.data}')
     if args.vae_from and args.stage != 'lm':
         raise SystemExit('error: --vae-from takes the VAE of another run: use it with --stage lm')
-    vae_dir = args.vae_from or args.out
-    vae_path = os.path.join(vae_dir, 'vae.pt')
+    vae_path = os.path.join(args.vae_from or args.out, 'vae.pt')
     stages = ('vae', 'lm') if args.stage == 'all' else (args.stage,)
     vae_cfg = override(getattr(vae_lib, args.preset.upper()), args.overrides['vae'])
     if 'vae' in stages and (ck := resumed(args, 'vae.pt')) is not None:
-        recipe = vae_recipe(args, ck)
-        finished = {'steps': (ck['recipe']['steps'], recipe['steps'])} if ck.get('done') else {}
-        done = ' (a finished VAE: its latents are cached, so not even its budget)' if finished \
-            else ''
-        or_exit(runs.check_resume, f'{args.out}/vae.pt', ck, vae_cfg, recipe, done, **finished)
+        or_exit(runs.check_resume, f'{args.out}/vae.pt', ck, vae_cfg, vae_recipe(args, ck))
     if 'lm' not in stages:
         return
     if args.stage == 'lm':
@@ -591,20 +560,7 @@ def check_inputs(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
-    rank = 0
-    if ddp:  # launched by torchrun
-        dist.init_process_group('nccl' if args.device.startswith('cuda') else 'gloo')
-        rank = dist.get_rank()
-        if args.device.startswith('cuda'):
-            args.device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
-            torch.cuda.set_device(args.device)
-    # CPU: flush denormal floats to zero: small weights/activations late in training otherwise fall
-    # into the denormal range, and each step got ~6x slower (the toy VAE: 0.28 -> 1.6 s/step).
-    torch.set_flush_denormal(True)
-    if args.device.startswith('cuda'):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    ddp, rank = runs.setup(args)
     torch.manual_seed(args.seed + rank)  # the model's noise draws; the data is seeded per step
     np.random.seed(args.seed + rank)
     check_inputs(args)   # before anything is written: a command that fails leaves no run folder
@@ -620,7 +576,6 @@ def main(argv=None):
     clips = load_audio_set(args)
     summary, times = {}, {'audio': time.time() - t0}   # seconds per stage, printed at the end
     vae_dir = args.vae_from or args.out
-    vae_path = os.path.join(vae_dir, 'vae.pt')
     if args.stage in ('all', 'vae'):
         if not (resumed(args, 'vae.pt') or {}).get('done', False):
             t = time.time()
@@ -631,19 +586,11 @@ def main(argv=None):
     if args.stage in ('all', 'lm'):
         if ddp:  # rank 0 may have just written the VAE
             dist.barrier()
-        vae, _ = or_exit(pipeline.load_vae, vae_path, args.device)
+        vae, _ = or_exit(pipeline.load_vae, os.path.join(vae_dir, 'vae.pt'), args.device)
         t = time.time()
         _, finished, stats = train_lm(args, vae, clips, vae_dir, ddp, rank, log, times)
         summary['lm'], times['lm'] = stats, time.time() - t - times.get('encode', 0)
-    if log.enabled:
-        names = {'audio': 'audio index' if args.data else 'VAE clips', 'vae': 'VAE',
-                 'encode': 'LM clips encoded', 'lm': 'LM'}
-        print(f'\ndone in {corpus.fmt_time(time.time() - t0)} ('
-              + ', '.join(f'{names[k]} {corpus.fmt_time(v)}' for k, v in times.items()) + ')')
-        for stage, stats in summary.items():
-            print(f'  {stage}: final ' + ', '.join(f'{k} {v:.4g}' for k, v in stats.items()))
-        print(f'  checkpoints in {args.out}/ (try: python data.py prompt out/prompt.wav; '
-              f'python sample.py out/prompt.wav --ckpt {args.out})')
+    log.report(args.out, time.time() - t0, times, summary, args.data)
     if ddp:  # leave together: a rank whose peer tore down gloo already can abort at exit
         dist.barrier()
         dist.destroy_process_group()
