@@ -8,7 +8,8 @@ folder, and continue a toy clip with them, the way data flows in calm:
     wav = continue_clip(vae, lm, clip, p, c)  # the clip's first p frames, then c generated ones
 
 sample.py does the same inline for your own prompt; evaluate.py and tour.py use these. The kind of
-LM a run holds is resolved here, once, into an object with calm.CALM's interface (KINDS).
+LM a run holds is resolved here, once, into an object with calm.CALM's interface (KINDS), and
+validation scores every kind the same way on held-out frames (train.py logs it).
 """
 import os
 

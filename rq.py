@@ -392,7 +392,7 @@ class DiscreteLM(nn.Module):
 
     def prepare(self, latents, seed=0, log=None):
         """Fit the RVQ on the run's cached latents (corpus.LatentCache) before the LM trains, as
-        train.py does; log(record, line) as train.Log. Deterministic, so every DDP rank fits the
+        train.py does; log(record, line) as runs.Log. Deterministic, so every DDP rank fits the
         same codebooks."""
         frames = latents.frames()
         check(self.cfg, len(frames))
@@ -536,7 +536,7 @@ class RQTransformer(DiscreteLM):
     def held_out(self, x):
         """Teacher-forced held-out scores on x [B, S, D]: mean cross-entropy, and the MSE of the
         argmax codes' frame (temperature 0, level by level) against x, comparable with CALM's
-        val_mse (train.validation's val_next_mse computes the same quantity through generate)."""
+        val_mse (pipeline.validation's val_next_mse computes the same quantity through generate)."""
         codes = self.rvq.encode(x)
         z = self.backbone(codes)
         logits = self.depth(z.flatten(0, 1), codes.flatten(0, 1))
@@ -616,7 +616,7 @@ class DelayLM(DiscreteLM):
         logits = self.logits(d)
         ce = F.cross_entropy(logits.flatten(0, 2), d.flatten(), ignore_index=V)
         # frames 0..S-Q, each level from its own step: level q given the TRUE levels < q of its
-        # frame (teacher forcing), so not CALM's measure (train.validation's val_next_mse is)
+        # frame (teacher forcing), so not CALM's measure (pipeline.validation's val_next_mse is)
         pred = undelay(logits.argmax(-1))
         mse = ((self.rvq.decode(pred) - x[:, :pred.shape[1]]) ** 2).mean()
         return {'val_ce': float(ce), 'val_mse_true_lower': float(mse), 'val_var': float(x.var())}
