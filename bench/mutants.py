@@ -55,25 +55,25 @@ SAMPLE = ('tests/test_train.py', 'tests/test_errors.py', 'tests/test_cond.py')
 ERRORS = ('tests/test_errors.py',)
 
 MUTANTS = [
-    # --- calm.py: the Transformer ---------------------------------------------------------------
-    Mutant('calm.rope: cos and sin swapped', 'calm.py',
+    # --- transformer.py, and calm.py's short-context windows ------------------------------------
+    Mutant('transformer.rope: cos and sin swapped', 'transformer.py',
            'torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos)',
            'torch.stack((x1 * sin - x2 * cos, x1 * cos + x2 * sin)', CALM),
-    Mutant('calm.rope: one sign wrong (not a rotation)', 'calm.py',
+    Mutant('transformer.rope: one sign wrong (not a rotation)', 'transformer.py',
            'torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos)',
            'torch.stack((x1 * cos + x2 * sin, x1 * sin + x2 * cos)', CALM),
-    Mutant('calm.Attention: RoPE frequencies over every dim, not pairs', 'calm.py',
+    Mutant('transformer.Attention: RoPE frequencies over every dim, not pairs', 'transformer.py',
            '10000 ** (torch.arange(0, self.hd, 2).float() / self.hd)',
            '10000 ** (torch.arange(0, self.hd // 2).float() / self.hd)', CALM),
-    Mutant('calm.Attention: band mask one position too wide', 'calm.py',
+    Mutant('transformer.Attention: band mask one position too wide', 'transformer.py',
            '(i[None, :] > i[:, None] - self.window)', '(i[None, :] >= i[:, None] - self.window)',
            CALM),
-    Mutant('calm.Attention.step: ring-buffer slot off by one', 'calm.py',
+    Mutant('transformer.Attention.step: ring-buffer slot off by one', 'transformer.py',
            'slot = pos % self.window', 'slot = (pos + 1) % self.window', CALM),
-    Mutant('calm.Transformer: inputs not shifted (x_s reads itself)', 'calm.py',
+    Mutant('transformer.Transformer: inputs not shifted (x_s reads itself)', 'transformer.py',
            'h = torch.cat([self.start.expand(B, 1, -1), self.inp(x[:, :-1])], dim=1)',
            'h = self.inp(x)', CALM),
-    Mutant('calm.Transformer.step: position never advances', 'calm.py',
+    Mutant('transformer.Transformer.step: position never advances', 'transformer.py',
            "cache['pos'] += 1", "cache['pos'] += 0", CALM),
     Mutant('calm.short_windows: receptive field one frame too long', 'calm.py',
            'return [1 + e for e in extra][::-1]', 'return [2 + e for e in extra][::-1]', CALM),

@@ -389,8 +389,8 @@ def test_training_step_lowers_the_loss_and_reaches_the_backbone(kind):
 
 
 def test_a_checkpoint_with_the_old_depth_block_keys_loads_the_same_model():
-    """Before the depth Transformer was made of calm.Block, each of its blocks held qkv and proj at
-    its top level: such a state dict loads into the same model (same tensors, same logits)."""
+    """Before the depth Transformer was made of transformer.Block, each of its blocks held qkv and
+    proj at its top level: such a state dict loads into the same model (same tensors and logits)."""
     cfg = tiny()
     m = randomized(cfg)
     old = {k.replace('.attn.', '.') if k.startswith('depth.blocks.') else k: v
