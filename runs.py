@@ -52,9 +52,10 @@ class Log:
               f'python sample.py out/prompt.wav --ckpt {out})')
 
 
-def record_run(args, stage, cfg, recipe, ddp, log, **extra):
-    """Write the stage's resolved config and recipe into <run>/config.json (with the resolved
-    arguments and the device): what a run did can be read back, not guessed from the command."""
+def record_run(args, stage, cfg, recipe, why, ddp, log, **extra):
+    """Write the stage's resolved config and recipe, and why (train.recipe_reason), into
+    <run>/config.json (with the resolved arguments and the device): what a run did can be read
+    back, not guessed from the command."""
     if not log.enabled:
         return
     path = os.path.join(args.out, 'config.json')
@@ -64,8 +65,7 @@ def record_run(args, stage, cfg, recipe, ddp, log, **extra):
             run = json.load(f)
     run.update(args=vars(args), world_size=dist.get_world_size() if ddp else 1,
                torch=torch.__version__)
-    run[stage] = {'config': dataclasses.asdict(cfg), 'recipe': recipe,
-                  'device': args.device, **extra}
+    run[stage] = {'config': dataclasses.asdict(cfg), 'recipe': recipe, 'why': why, **extra}
     data.write_json(path, run, indent=1)
 
 

@@ -11,8 +11,7 @@ it is the one training loop of calm (train), and the two stages that feed it (tr
 Data flows one way (paper Eq. 2-3): wav -> VAE encoder -> latents (encoded ONCE and cached,
 standardised so that sigma_d = 1) -> CALM backbone + head. `--resume` continues exactly where a run
 stopped: the batch of step s is a pure function of (seed, s), and a checkpoint (runs.py) holds the
-RNG of the model's noises. A run prints which recipe each stage takes and why (the LM's depends on
-the device), and records the resolved configs and recipes in <run>/config.json.
+RNG of the model's noises. Each stage's recipe is printed with why, and kept in <run>/config.json.
 """
 import argparse
 import dataclasses
@@ -347,7 +346,7 @@ def vae_recipe(args, resumed=None):
 def train_vae(args, clips, ddp, rank, log):
     cfg = override(getattr(vae_lib, args.preset.upper()), args.overrides['vae'])
     recipe = vae_recipe(args, resumed(args, 'vae.pt'))
-    runs.record_run(args, 'vae', cfg, recipe, ddp, log)
+    runs.record_run(args, 'vae', cfg, recipe, recipe_reason('vae', args), ddp, log)
     torch.manual_seed(args.seed + rank)  # each stage seeds itself: a resume re-creates the init
     model = vae_lib.VAE(cfg).to(args.device)
     length = int(recipe['crop'] * cfg.sample_rate) // model.hop * model.hop
@@ -482,7 +481,8 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log, times=None):
                          f'({vae.n_frames(round(seconds * data.SR))} in {seconds:g} s; raise '
                          '--lm-seconds for longer windows)')
     vae_path = os.path.abspath(os.path.join(vae_dir, 'vae.pt'))
-    runs.record_run(args, 'lm', cfg, recipe, ddp, log, vae=vae_path, kind=args.model)
+    runs.record_run(args, 'lm', cfg, recipe, recipe_reason('lm', args), ddp, log,
+                    vae=vae_path, kind=args.model)
     # the VAE's clips are the first toy clips; the LM sees args.lm_clips of them
     n = (len(clips) if args.data
          else args.lm_clips or TOY_CLIPS['lm_n'] * args.clips // TOY_CLIPS['n'])
