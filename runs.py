@@ -1,8 +1,9 @@
 """
-The run folder train.py writes: its log (log.jsonl), its resolved configs (config.json), its
-checkpoints (vae.pt, calm.pt: weights, optimizer, step, recipe and RNG state, written atomically so
-that an interruption loses nothing, and resumed exactly), and the check that a `--resume` command
-describes the run its checkpoints hold. Errors are ValueErrors of one line (train.py prints them).
+A run of train.py and the folder it writes: the process (torchrun's DDP group, float settings), the
+log (log.jsonl, and the report at the end), the resolved configs (config.json), the checkpoints
+(vae.pt, calm.pt: weights, optimizer, step, recipe and RNG state, written atomically so that an
+interruption loses nothing, and resumed exactly), and the check that a `--resume` command describes
+the run its checkpoints hold. Errors are ValueErrors of one line (train.py prints them).
 """
 import dataclasses
 import json
