@@ -548,7 +548,8 @@ def check_inputs(args):
         vae_cfg = vae_lib.Config(**or_exit(runs.finished_vae, vae_path)['config'])
     # the kind of LM the checkpoint holds is checked before the flags of the command's kind
     ck = or_exit(runs.resumed, args.out, 'calm.pt', args.resume, kind=args.model)
-    cfg = lm_config(args, argparse.Namespace(cfg=vae_cfg))   # the LM flags: one-line errors
+    codec = True if vae_cfg.bottleneck == 'rvq' else None   # lm_config reads vae.rvq, vae.cfg
+    cfg = lm_config(args, argparse.Namespace(cfg=vae_cfg, rvq=codec))   # the LM flags
     if ck is None:
         return
     recipe, cfg = lm_recipe(args, cfg, ck)
