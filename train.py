@@ -37,9 +37,8 @@ RECIPES = {
     'vae': dict(steps=1500, batch=16, crop=1.0, lr=2e-3, warmup=50, wd=0.0),
     'lm': dict(steps=4000, batch=32, lr=4e-3, warmup=50, wd=0.01, sct_lr=1.0),
 }
-# sct_lr: the lr fraction of a consistency run's sCT phase (steps >= calm.Config.diffusion_steps
-# > 0). The toy's sCT trains the head alone (calm.TOY.sct_head_only), so it keeps the full lr
-# (docs/toy.md; with sCT reaching the backbone, 0.1: docs/findings.md).
+# sct_lr: the lr fraction of a consistency run's sCT phase; the toy's sCT trains the head alone
+# (calm.TOY.sct_head_only), so it keeps the full lr (docs/toy.md; else 0.1: docs/findings.md).
 # Toy training sets: the VAE's 512 clips x 8 s (~68 min); the LM's latents of 4096 clips (~9 h),
 # enough to continue a motif rather than memorise them (docs/findings.md). encode_batch: LM clips
 # per vae.encode call; a batch rounds differently (~4e-5), so a toy run's numbers change with it.
