@@ -1,6 +1,7 @@
 """
 CALM: Continuous Audio Language Model (Rouard et al., arXiv 2509.06926), minimal and readable.
 Read it after data.py and vae.py, next to the paper; train.py trains it, sample.py samples it.
+T_long and T_short are transformer.py's causal Transformer (RoPE, ring-buffer KV cache).
 
     x_1..x_S  continuous VAE latents (standardised, so sigma_d = 1)
     z_long_s  = T_long(noisy x_<s)               causal Transformer, long context     (paper Eq. 3)
