@@ -1,6 +1,7 @@
 """
 CALM: Continuous Audio Language Model (Rouard et al., arXiv 2509.06926), minimal and readable.
 Read it after data.py and vae.py, next to the paper; train.py trains it, sample.py samples it.
+T_long and T_short are transformer.py's causal Transformer (RoPE, ring-buffer KV cache).
 
     x_1..x_S  continuous VAE latents (standardised, so sigma_d = 1)
     z_long_s  = T_long(noisy x_<s)               causal Transformer, long context     (paper Eq. 3)
@@ -16,19 +17,16 @@ sCT, §4.1 architecture, §4.2 training objective tricks); "MAR" to Li et al., a
 Consistency models, what the head is (sCM §2-§4). TrigFlow noises a frame x_0 along a path
 x_t = cos t x_0 + sin t z, z ~ N(0, sigma_d^2 I), from data at t = 0 to noise at t = pi/2; the
 probability-flow ODE (PF-ODE) dx_t/dt = E[cos t z - sin t x_0 | x_t] moves every noise back to one
-frame. F, the head's output F(x_t / sigma_d, t, z_s), predicts that velocity (in units of sigma_d):
-a diffusion head is trained so (trigflow_error) and samples by integrating the ODE in many steps
-(trigflow_sample). A consistency model uses the same F in f(x_t, t) = cos t x_t - sin t sigma_d F,
-which must send every point of a PF-ODE path to the path's start (f(x, 0) = x by construction, and
-df/dt = 0 along the path): then one call maps noise to a frame (consistency_sample). sCT trains for
-df/dt = 0 directly. Its loss ||F - F^- - g||^2, with F^- = F under stop-gradient and g = cos t
-df^-/dt (sct_tangent), is a device: at F = F^- its gradient is -2 g dF/dtheta, so each step moves F
-along g, sCM's continuous-time consistency gradient; its value says nothing. The velocity of the
-path through x_t is unknown, so g uses dx_t/dt = cos t z - sin t x_0 of the (x_0, z) that made x_t,
-an unbiased one-sample estimate of it. g's size varies by orders of magnitude with t and x_t, so it
-is divided by a norm (+ 0.1) to bound each step (sCM §4.2; sct_error says which). The adaptive
-weight w(t) (sCM §4.2) turns each row's error e into e^w(t) e - w(t), whose minimum, at w = -log e,
-is 1 + log e: every t weighs the same, and as the normalised g keeps e small the loss is negative;
+frame. The head's output F(x_t / sigma_d, t, z_s) predicts that velocity (in units of sigma_d): a
+diffusion head is trained so (trigflow_error) and integrates the ODE in many steps
+(trigflow_sample). A consistency model sends every point of a path to its start with the same F,
+f(x_t, t) = cos t x_t - sin t sigma_d F (f(x, 0) = x, and df/dt = 0 along the path): one call maps
+noise to a frame (consistency_sample). sCT trains df/dt = 0 directly: its loss ||F - F^- - g||^2,
+F^- = F under stop-gradient, g = cos t df^-/dt (sct_tangent), has the gradient -2 g dF/dtheta at
+F = F^- (sCM's continuous-time consistency gradient); its value says nothing. g uses the dx_t/dt of
+the (x_0, z) that made x_t, a one-sample estimate, divided by a norm (+ 0.1) to bound each step
+(sCM §4.2; sct_error). The adaptive weight w(t) turns each row's error e into e^w(t) e - w(t),
+minimal (1 + log e) at w = -log e: every t weighs the same, and the loss is negative as e is small;
 train.py's held-out val_mse shows progress instead. `python calm.py` counts and times.
 """
 import math
@@ -37,7 +35,8 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+import transformer
 
 
 @dataclass
@@ -79,10 +78,9 @@ class Config:
 PAPER = Config(latent_dim=128, d_model=1536, n_layers=48, n_heads=24, context=750, short_context=10,
                short_layers=4, head_width=1536, head_blocks=6, head_batch_mul=8,
                tangent_warmup=10000)
-# TOY: sized for 2 CPU cores by time to quality (docs/toy.md): most of a step goes to the backbone,
-# which must learn to copy the motif, so the head is small (128 x 2, M = 1); the first 2800 of 4000
-# LM steps train the TrigFlow loss, then sCT trains the head alone while a linear readout keeps
-# training the backbone. No short-context Transformer: it made the toy worse (docs/findings.md).
+# TOY: sized for 2 CPU cores by time to quality (docs/toy.md): a small head (128 x 2, M = 1); the
+# first 2800 of 4000 LM steps train TrigFlow, then sCT trains the head alone while a linear readout
+# trains the backbone. No short-context Transformer: it made the toy worse (docs/findings.md).
 TOY = Config(latent_dim=16, d_model=128, n_layers=3, n_heads=4, context=64, short_context=0,
              short_layers=2, head_width=128, head_blocks=2, head_batch_mul=1, tangent_warmup=200,
              diffusion_steps=2800, readout_weight=1.0, sct_head_only=True)
@@ -97,128 +95,14 @@ TEMPERATURE = 0.8
 
 
 # --------------------------------------------------------------------------------------------------
-# The one Transformer of calm (vae.py's bottleneck and rq.py's LMs use it too): RoPE and a
-# ring-buffer KV cache. Rotary positions make attention depend on distances only, so the cache rolls
-# past cfg.context at a flat per-frame cost; T_short is the same module with a window of K.
-
-def rope(x, pos, inv_freq):
-    """Rotary embedding of x [B, H, S, hd] at integer positions pos [S]."""
-    ang = pos[:, None].float() * inv_freq[None, :]              # [S, hd/2]
-    cos, sin = ang.cos(), ang.sin()
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-
-
-class Attention(nn.Module):
-    """Causal self-attention over the last `window` positions. rope=False: no positions at all
-    (rq.py's depth Transformer, whose every step has its own input projection)."""
-    def __init__(self, d, n_heads, window, rope=True):
-        super().__init__()
-        self.h, self.hd, self.window = n_heads, d // n_heads, window
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        inv_freq = 1.0 / 10000 ** (torch.arange(0, self.hd, 2).float() / self.hd)
-        self.register_buffer('inv_freq', inv_freq if rope else None, persistent=False)
-
-    def split(self, h, pos):
-        B, S, _ = h.shape
-        q, k, v = self.qkv(h).view(B, S, 3, self.h, self.hd).permute(2, 0, 3, 1, 4)
-        if self.inv_freq is None:
-            return q, k, v
-        return rope(q, pos, self.inv_freq), rope(k, pos, self.inv_freq), v
-
-    def forward(self, h):
-        B, S, d = h.shape
-        q, k, v = self.split(h, torch.arange(S, device=h.device))
-        if S <= self.window:   # plain causal attention is the same as windowed attention here
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:                  # position s sees s-window+1..s: what the rolling cache sees
-            i = torch.arange(S, device=h.device)
-            band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=band)
-        return self.proj(y.transpose(1, 2).reshape(B, S, d))
-
-    def step(self, h, pos, cache):
-        """One new token h [B, 1, d] at position pos; cache = (k [B,H,W,hd], v) ring buffers: slot
-        pos % W is overwritten, no shifting (softmax attention does not see the slots' order)."""
-        B = h.shape[0]
-        q, k, v = self.split(h, torch.tensor([pos], device=h.device))
-        ck, cv = cache
-        slot = pos % self.window
-        ck[:, :, slot] = k[:, :, 0]
-        cv[:, :, slot] = v[:, :, 0]
-        n = min(pos + 1, self.window)
-        y = F.scaled_dot_product_attention(q, ck[:, :, :n], cv[:, :, :n])
-        return self.proj(y.transpose(1, 2).reshape(B, 1, -1))
-
-
-class Block(nn.Module):
-    """Pre-norm Transformer block."""
-    def __init__(self, d, n_heads, window, dropout=0.0, rope=True):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = Attention(d, n_heads, window, rope)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d),
-                                 nn.Dropout(dropout))
-
-    def forward(self, h):
-        h = h + self.attn(self.ln1(h))
-        return h + self.mlp(self.ln2(h))
-
-    def step(self, h, pos, cache):
-        h = h + self.attn.step(self.ln1(h), pos, cache)
-        return h + self.mlp(self.ln2(h))
-
-
-class Transformer(nn.Module):
-    """Causal Transformer over frames; position s reads Linear(x_{s-1}) (a learned start frame at
-    s=1) and outputs the conditioning for x_s (paper Eq. 3). windows[l]: the positions layer l
-    attends to. inp: the input module in place of Linear(D, d) (rq.py: summed code embeddings)."""
-    def __init__(self, D, d, n_heads, windows, dropout=0.0, inp=None):
-        super().__init__()
-        self.d, self.n_heads = d, n_heads
-        self.inp = nn.Linear(D, d) if inp is None else inp
-        self.start = nn.Parameter(torch.randn(d) * 0.02)
-        self.blocks = nn.ModuleList([Block(d, n_heads, w, dropout) for w in windows])
-        self.ln_f = nn.LayerNorm(d)
-
-    def forward(self, x, c=None):
-        """x [B, S, D] -> z [B, S, d]; z[:, s] depends on x[:, :s] only (x is shifted right by one).
-        c [B, d] (optional): a condition added to every input position, start frame included."""
-        B = x.shape[0]
-        h = torch.cat([self.start.expand(B, 1, -1), self.inp(x[:, :-1])], dim=1)
-        if c is not None:
-            h = h + c[:, None]
-        for blk in self.blocks:
-            h = blk(h)
-        return self.ln_f(h)
-
-    def new_cache(self, B, device=None):
-        shapes = [(B, self.n_heads, blk.attn.window, self.d // self.n_heads) for blk in self.blocks]
-        return {'pos': 0, 'kv': [(torch.zeros(sh, device=device), torch.zeros(sh, device=device))
-                                 for sh in shapes]}
-
-    def step(self, x_prev, cache, c=None):
-        """x_prev [B, D] (the previous frame) or None at the start -> z [B, d]; one new token."""
-        B = cache['kv'][0][0].shape[0]
-        h = (self.start.expand(B, -1) if x_prev is None else self.inp(x_prev))[:, None]
-        if c is not None:
-            h = h + c[:, None]
-        for blk, kv in zip(self.blocks, cache['kv']):
-            h = blk.step(h, cache['pos'], kv)
-        cache['pos'] += 1
-        return self.ln_f(h[:, 0])
-
-
-# --------------------------------------------------------------------------------------------------
 # MLP head: MAR's residual MLP with adaptive LayerNorm (MAR §3.3 / its SimpleMLPAdaLN), computing
 # F_theta(x_t / sigma_d, t, z). Init as MAR: xavier Linear, zero biases, zero adaLN modulation and
 # final layer, so the head starts as the zero map and every block as the identity.
 
 def time_features(t, dim, scale):
-    """Sinusoidal features [N, dim] of t [N] in [0, pi/2] (c_noise(t) = t, sCM §4.1), at
-    frequencies from `scale` down to scale / 10^4 rad per unit t. The sCT tangent differentiates F
-    through them: a large scale makes dF/dt large and noisy (sCM §4.1; docs/consistency.md)."""
+    """Sinusoidal features [N, dim] of t [N] in [0, pi/2] (c_noise(t) = t, sCM §4.1), at `scale`
+    down to scale / 10^4 rad per unit t; a large scale makes sCT's dF/dt large and noisy
+    (docs/consistency.md)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
     ang = (scale * t)[:, None] * freqs[None]
@@ -242,10 +126,9 @@ class Head(nn.Module):
         super().__init__()
         self.n_freq, self.time_scale = n_freq, time_scale
         self.inp = nn.Linear(D, w)
-        self.time = nn.Sequential(nn.Linear(n_freq, w), nn.SiLU(), nn.Linear(w, w))
-        # two_times: the end time s of a flow map (flow_map); LSD heads only, the others unchanged
-        self.time_end = (nn.Sequential(nn.Linear(n_freq, w), nn.SiLU(), nn.Linear(w, w))
-                         if two_times else None)
+        mlp = lambda: nn.Sequential(nn.Linear(n_freq, w), nn.SiLU(), nn.Linear(w, w))
+        self.time = mlp()
+        self.time_end = mlp() if two_times else None   # the end time s of a flow map (LSD heads)
         self.cond = nn.Linear(d_cond, w)
         self.blocks = nn.ModuleList([ResBlock(w) for _ in range(n_blocks)])
         self.ln_f = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
@@ -279,8 +162,7 @@ class Head(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # TrigFlow and consistency functions, and the samplers, for any Fn(x / sigma_d, t) -> F (tests run
 # them on an exact F). Temperature tau (the paper's Gaussian temperature): every noise draw has std
-# sqrt(tau) sigma_d; for a Gaussian target the sampler is affine in its noises, so the output
-# variance scales by tau.
+# sqrt(tau) sigma_d, so a Gaussian target's output variance scales by tau.
 
 def trigflow_interp(x0, noise, t):
     """TrigFlow (sCM §3): x_t = cos t x_0 + sin t z, z ~ N(0, sigma_d^2 I), and its velocity
@@ -295,11 +177,10 @@ def consistency_fn(Fn, xt, t, sigma_d=1.0):
 
 
 def sct_tangent(Fn, xt, t, dxt, sigma_d=1.0, r=1.0):
-    """sCT tangent (sCM §3 with the §4.2 tangent warmup r), before normalisation:
+    """sCT tangent (sCM §3, §4.2 tangent warmup r), before normalisation, cos t df^-/dt at r = 1:
         g = -cos^2 t (sigma_d F^- - dx_t/dt) - r cos t sin t (x_t + sigma_d dF^-/dt)
-    which is cos t * d f^-/dt along the trajectory when r = 1. dF^-/dt comes from one forward-mode
-    JVP along (dx_t/dt / sigma_d, 1) with both tangents scaled by cos t sin t, as sCM does for
-    stability. Returns (F^-, g), both without gradient (theta^- = stop-grad theta)."""
+    dF^-/dt: one forward-mode JVP along (dx_t/dt / sigma_d, 1), both tangents scaled by cos t sin t
+    as sCM does for stability. Returns (F^-, g), without gradient (theta^- = stop-grad theta)."""
     cos, sin = t.cos()[:, None], t.sin()[:, None]
     cs = cos * sin
     with torch.no_grad():
@@ -333,8 +214,7 @@ def consistency_sample(Fn, shape, steps=1, temperature=1.0, sigma_d=1.0, generat
 
 def trigflow_times(steps, tan_max=160.0, tan_min=0.004, rho=7.0):
     """ODE grid pi/2 = t_0 > ... > t_steps = 0: EDM's rho = 7 schedule in sigma / sigma_d = tan t
-    (EDM's 80 and 0.002 over its sigma_data 0.5). A grid uniform in t starves the small-t end,
-    where narrow conditional distributions get their width."""
+    (EDM's 80 and 0.002 over its sigma_data 0.5); a grid uniform in t starves the small-t end."""
     if steps == 1:
         return [HALF_PI, 0.0]
     i = torch.arange(steps - 1, dtype=torch.float64) / max(steps - 2, 1)
@@ -344,10 +224,9 @@ def trigflow_times(steps, tan_max=160.0, tan_min=0.004, rho=7.0):
 
 def trigflow_sample(Fn, shape, steps=100, temperature=1.0, sigma_d=1.0, generator=None,
                     device=None):
-    """Integrate the PF-ODE dx/dt = sigma_d F(x/sigma_d, t) from pi/2 to 0 (sCM §3), one network
-    call per step, with the TrigFlow DDIM step x_s = cos(t-s) x_t - sin(t-s) sigma_d F(x_t/sigma_d,
-    t) (= re-noising the predicted x_0 with the predicted noise; it is EDM's Euler step in x/cos t
-    coordinates and, from pi/2 to 0 in one step, the consistency map f)."""
+    """Integrate the PF-ODE dx/dt = sigma_d F(x/sigma_d, t) from pi/2 to 0 (sCM §3) by DDIM steps
+    x_s = cos(t-s) x_t - sin(t-s) sigma_d F(x_t/sigma_d, t): EDM's Euler step in x/cos t; from pi/2
+    to 0 in one step, the consistency map f."""
     x = math.sqrt(temperature) * sigma_d * torch.randn(shape, generator=generator, device=device)
     ts = trigflow_times(steps)
     for t, s in zip(ts[:-1], ts[1:]):
@@ -413,11 +292,12 @@ class CALM(nn.Module):
         super().__init__()
         self.cfg = cfg
         D, d = cfg.latent_dim, cfg.d_model
-        self.long = Transformer(D, d, cfg.n_heads, [cfg.context] * cfg.n_layers, cfg.dropout)
+        self.long = transformer.Transformer(D, d, cfg.n_heads, [cfg.context] * cfg.n_layers,
+                                            cfg.dropout)
         self.short = None
         if cfg.short_context > 0:
             windows = short_windows(cfg.short_context, cfg.short_layers)
-            self.short = Transformer(D, d, cfg.n_heads, windows, cfg.dropout)
+            self.short = transformer.Transformer(D, d, cfg.n_heads, windows, cfg.dropout)
         self.head = Head(D, d, cfg.head_width, cfg.head_blocks, time_scale=cfg.time_scale,
                          two_times=cfg.head_loss == 'lsd')
         # Text conditioning (our conditioner): one embedding per word, id n_text = padding = the
@@ -436,11 +316,9 @@ class CALM(nn.Module):
 
     # --- conditioning z_s = z_long_s + z_short_s (paper Eq. 3) ---
     def noise_augment(self, x, step=None):
-        """x~_s = sqrt(k_s) eps + sqrt(1 - k_s) x_s with one k_s ~ U(0, noise_max) per frame (paper
-        Eq. 3: U(0, 1), k indexed per frame). Only the backbone's inputs are corrupted; targets and
-        T_short's inputs stay clean. cfg.noise_ramp > 0: k ~ U(0, noise_max min(1, step /
-        noise_ramp)): the first steps see cleaner inputs, from which copying the past is learnt
-        sooner."""
+        """x~_s = sqrt(k_s) eps + sqrt(1 - k_s) x_s, one k_s ~ U(0, noise_max) per frame (paper
+        Eq. 3: U(0, 1)); targets and T_short's inputs stay clean. cfg.noise_ramp > 0: the top of k
+        ramps up from 0 over noise_ramp steps (copying the past is learnt sooner from clean x)."""
         top = self.cfg.noise_max
         if self.cfg.noise_ramp > 0 and step is not None:
             top = top * min(1.0, step / self.cfg.noise_ramp)
@@ -454,13 +332,11 @@ class CALM(nn.Module):
         return z + self.short(x_short) if self.short is not None else z
 
     def condition(self, text):
-        """text [B, L] word ids (pad = cfg.n_text) -> c [B, d], the sum of the word embeddings; the
-        null condition (all pads) gives c = 0, exactly the unconditional network. Our conditioner
-        (the paper's music models take CLAP text; how it enters the backbone is not published): c
-        is ADDED to every input of T_long, because a prefix would be evicted by the rolling KV
-        cache; T_short, which restores local detail, stays unconditioned. In training a sequence
-        gets the null condition with probability cfg.cond_dropout, so that latent CFG
-        (classifier-free guidance, Ho & Salimans, arXiv 2207.12598) has z_uncond."""
+        """text [B, L] word ids (pad = cfg.n_text) -> c [B, d], the sum of the word embeddings (all
+        pads: c = 0, the unconditional network). Ours (the paper's text conditioning is not
+        published): c is ADDED to every input of T_long, as a prefix would leave the rolling KV
+        cache; T_short stays unconditioned. Training drops c with probability cfg.cond_dropout so
+        that latent CFG (classifier-free guidance, Ho & Salimans, arXiv 2207.12598) has z_uncond."""
         if self.text is None:
             raise ValueError('this model has no text conditioning (n_text = 0): sample without '
                              '--text')
@@ -493,10 +369,9 @@ class CALM(nn.Module):
         return t.clamp(self.cfg.t_eps, HALF_PI - self.cfg.t_eps)
 
     def objective(self, z, x0, step=0):
-        """The head's training loss at this step: z [N, d], x0 [N, D] -> (loss, stats): each row's
-        error under the objective cfg.head_loss names (trigflow_error, sct_error), weighed by w(t);
-        LSD: the TrigFlow loss on the diagonal s = t, plus lsd_error. Each row repeated M times
-        with its own (noise, t): the head batch multiplier (MAR §3.3)."""
+        """The head's loss at this step: z [N, d], x0 [N, D] -> (loss, stats): each row's error by
+        cfg.head_loss (trigflow_error, sct_error; LSD: TrigFlow on the diagonal, plus lsd_error),
+        weighed by w(t). Each row repeated M times with its own (noise, t) (MAR §3.3)."""
         cfg, sd = self.cfg, self.cfg.sigma_d
         M = cfg.head_batch_mul
         z, x0 = z.repeat_interleave(M, 0), x0.repeat_interleave(M, 0)
@@ -575,10 +450,9 @@ class CALM(nn.Module):
     @torch.no_grad()
     def step_backbone(self, x_prev, state):
         """x_prev [B, D] (last frame, None at the start) -> z [B, d] for the next frame. Latent CFG
-        (the paper's): z = z_uncond + alpha (z_cond - z_uncond) on T_long's output, one pass per
-        branch, then T_short's output once: one head call per frame, guided or not. torch.lerp
-        gives z_cond at alpha = 1 and z_uncond at 0 bit for bit, and two batch-B passes (not one
-        2B batch, which rounds differently) keep those limits exactly unguided sampling (tests)."""
+        (the paper's): z = z_uncond + alpha (z_cond - z_uncond) on T_long's output, then T_short's:
+        one head call per frame. torch.lerp and two batch-B passes (not one 2B batch) make alpha = 1
+        and 0 exactly the unguided conditional and unconditional sampling (tests)."""
         c, alpha = state.get('c'), state.get('alpha')
         z = self.long.step(x_prev, state['long'], c)
         if alpha is not None:   # the null branch: the same frames, c = None (the zero condition)
@@ -606,12 +480,10 @@ class CALM(nn.Module):
     def generate(self, prompt=None, n_frames=100, steps=1, temperature=TEMPERATURE, generator=None,
                  text=None, guidance=None, top_k=None, on_frame=None):
         """prompt [B, P, D] or None -> [B, n_frames, D] new frames, streamed with the KV caches.
-        temperature 0.8: the paper's best for speech continuation (its Gaussian temperature: noise
-        std sqrt(tau); pocket-tts uses 0.7); 1.0 samples the model's own distribution. text [B, L]
-        word ids (None: the null condition); guidance: the latent CFG strength alpha (None: no
-        guidance, conditional branch only). Only the head draws noise, one [B, D] draw per step
-        whatever the mode, so a seed gives the same noises guided or not. on_frame(x): called with
-        each new frame [B, D] (sample.py: progress, and the audio so far if interrupted)."""
+        temperature: TEMPERATURE (noise std sqrt(tau)); 1.0 samples the model's own distribution.
+        text [B, L] word ids (None: the null condition); guidance: the latent CFG strength alpha
+        (None: conditional branch only). Only the head draws noise, one [B, D] draw per step, so a
+        seed gives the same noises guided or not. on_frame(x): called with each new frame [B, D]."""
         self.check_sampling(steps, top_k)
         B = prompt.shape[0] if prompt is not None else (1 if text is None else text.shape[0])
         device = next(self.parameters()).device

@@ -160,6 +160,19 @@ def shared_index(root, cache_path):
                             # hang
 
 
+def audio_index(root, cache_path):
+    """shared_index of a --data folder, which must hold readable audio (else a one-line ValueError).
+    """
+    try:
+        index = shared_index(root, cache_path)
+    except ValueError as e:
+        raise ValueError(f'--data: {e}') from None
+    if not len(index):
+        exts = '/'.join(e[1:] for e in AUDIO_EXTS)
+        raise ValueError(f'no readable {exts} files under {root}')
+    return index
+
+
 def stats_audio(clips, sr, n=256, seconds=8.0):
     """The audio whose posterior means set the VAE's latent statistics (train.py): the first n toy
     clips (a list of arrays), or the first `seconds` of n files spread evenly over an Index, read
@@ -407,6 +420,26 @@ def encode_index(vae, index, path, device='cpu', verbose=True):
     sr = vae.cfg.sample_rate
     return encode_latents(vae, index.n_samples(sr), lambda i, a, c: index.read(i, a, c, sr), path,
                           device, np.float16, names=index.paths, by_length=True, verbose=verbose)
+
+
+def encode_all(vae, clips, n, cache, device, rank=0, seconds=8.0, batch=32):
+    """Encode the LM's training audio ONCE into the latent cache beside the VAE
+    (encode_latents: a memory-mapped array on disk, resumable, each DDP rank encoding its share)
+    and return it; the LM never re-encodes audio. Toy: n clips of `seconds`, rendered on the
+    fly past the VAE's own (so the LM sees far more clips than the VAE trained on without holding
+    their audio), cached as float32, `batch` clips per vae.encode call. --data: encode_index."""
+    if isinstance(clips, Index):
+        return encode_index(vae, clips, cache, device, verbose=rank == 0)
+    length = int(round(seconds * data.SR))  # data.make_clip's length
+
+    def read(i, start, count):   # toy clip i: one of the VAE's (of this length), or rendered now
+        if i < len(clips) and len(clips[i]) == length:
+            return clips[i][start:start + count]
+        return data.make_clip(data.clip_seed('train', i), seconds).wav[start:start + count]
+    # bucket=1: the clips all have one length (one input shape), and unpadded they keep their exact
+    # values
+    return encode_latents(vae, [length] * n, read, cache, device, np.float32, bucket=1, batch=batch,
+                          names=[f'toy-train-{i}' for i in range(n)], verbose=rank == 0)
 
 
 def encode_sources(vae, todo, lengths, read, npy, done_path, starts, dtype, device, chunk_seconds,

@@ -8,7 +8,8 @@ folder, and continue a toy clip with them, the way data flows in calm:
     wav = continue_clip(vae, lm, clip, p, c)  # the clip's first p frames, then c generated ones
 
 sample.py does the same inline for your own prompt; evaluate.py and tour.py use these. The kind of
-LM a run holds is resolved here, once, into an object with calm.CALM's interface (KINDS).
+LM a run holds is resolved here, once, into an object with calm.CALM's interface (KINDS), and
+validation scores every kind the same way on held-out frames (train.py logs it).
 """
 import os
 
@@ -93,6 +94,28 @@ def load(run_dir, device='cpu'):
     vae_path = os.path.join(run_dir, 'vae.pt')
     vae, _ = load_vae(vae_path if os.path.isfile(vae_path) else ck.get('vae', vae_path), device)
     return vae, model.to(device).eval()
+
+
+@torch.no_grad()
+def next_frames(model, x, every=8):
+    """The greedy (temperature 0) next frame of x [B, S, D] given its true past, at frames
+    s = every, 2 every, ... < S, as the LM's own generate makes it from the prompt x[:, :s]: a
+    discrete LM quantises the past and dequantises its frame, and the delay LM rolls its Q - 1
+    lagging levels forward, so no LM sees any part of frame s. Returns (positions, frames
+    [B, len(positions), D])."""
+    g = torch.Generator(x.device).manual_seed(0)   # the global RNG stays as it was: resume exact
+    pos = list(range(every, x.shape[1], every))
+    return pos, torch.stack([model.generate(x[:, :s], 1, temperature=0.0, generator=g)[:, 0]
+                             for s in pos], 1)
+
+
+def validation(model, x):
+    """Held-out stats: val_next_mse, the one measure computed the same way for every kind of LM:
+    the squared error of next_frames against the true latent frames (standardised units); then
+    the LM's own held_out scores (CALM and RQ val_mse: the same quantity, teacher-forced at every
+    frame; the delay LM's val_mse_true_lower: with the true lower levels of the frame)."""
+    pos, pred = next_frames(model, x)
+    return {'val_next_mse': float(((pred - x[:, pos]) ** 2).mean()), **model.held_out(x)}
 
 
 @torch.inference_mode()

@@ -4,7 +4,7 @@ same backbone. Read it after calm.py and train.py: the backbone, the text condit
 latent CFG are calm.py's; what differs is what a frame is (Q codes) and how the head samples it.
 
     c_s = (c_s^1 .. c_s^Q) = RVQ(x_s)    Q codebooks of V codewords; x_s ~ sum_q e_q[c_s^q]
-    z_s = T(sum_q Emb_q(c_{s-1}^q))      calm.Transformer, the size of CALM's backbone
+    z_s = T(sum_q Emb_q(c_{s-1}^q))      transformer.Transformer, the size of CALM's backbone
     RQ-Transformer:  c_s^k ~ softmax(W_k h_s^k / tau),
                      h_s^k = DepthT(Lin_k(z_s) + Emb'_k(c_s^{k-1}))_k,
                      Q sequential depth steps per frame (Lee et al. 2022, arXiv 2203.01941;
@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import calm
+import transformer
 
 
 @dataclass
@@ -276,8 +277,8 @@ class CodeEmbedding(nn.Module):
 
 
 def old_depth_block_keys(module, state_dict, prefix, *args):
-    """Checkpoints from before the depth Transformer was made of calm.Block kept each block's qkv
-    and proj at its top level: move them under attn. (a load_state_dict pre-hook)."""
+    """Checkpoints from before the depth Transformer was made of transformer.Block kept each
+    block's qkv and proj at its top level: move them under attn. (a load_state_dict pre-hook)."""
     for name in [k for k in state_dict if k.startswith((prefix + 'qkv.', prefix + 'proj.'))]:
         state_dict[prefix + 'attn.' + name[len(prefix):]] = state_dict.pop(name)
 
@@ -294,10 +295,9 @@ class DepthTransformer(nn.Module):
         self.proj = nn.ModuleList([nn.Linear(d_in, d) for _ in range(n_q)])
         self.emb = nn.Embedding(max(n_q - 1, 0) * V, d)
         nn.init.normal_(self.emb.weight, std=0.02)
-        # calm.Block without the rotary embedding: every level has its own input projection, so
-        # positions need no encoding (Moshi §3.4); the ring-buffer cache of Q slots holds the
-        # levels
-        self.blocks = nn.ModuleList([calm.Block(d, n_heads, n_q, dropout, rope=False)
+        # transformer.Block without rotary embedding: every level has its own input projection,
+        # so positions need no encoding (Moshi §3.4); a ring-buffer cache of Q slots holds levels
+        self.blocks = nn.ModuleList([transformer.Block(d, n_heads, n_q, dropout, rope=False)
                                      for _ in range(n_layers)])
         for blk in self.blocks:
             blk.register_load_state_dict_pre_hook(old_depth_block_keys)
@@ -368,8 +368,8 @@ def undelay(d):
 
 class DiscreteLM(nn.Module):
     """What the RQ-Transformer and the delay LM share: the fitted RVQ, the backbone
-    (calm.Transformer fed summed code embeddings), text conditioning and latent CFG exactly as
-    calm.CALM's, and calm.CALM's interface (pipeline.KINDS): forward, held_out, generate,
+    (transformer.Transformer fed summed code embeddings), text conditioning and latent CFG exactly
+    as calm.CALM's, and calm.CALM's interface (pipeline.KINDS): forward, held_out, generate,
     new_state / step_backbone / sample_head."""
     multistep = False   # one code per level per frame: no head steps to choose
 
@@ -379,7 +379,7 @@ class DiscreteLM(nn.Module):
         self.cfg = cfg
         Q, V = cfg.n_q, cfg.codebook_size
         self.rvq = RVQ(cfg.latent_dim, Q, V, cfg.rvq_decay, cfg.rvq_dead)
-        self.backbone = calm.Transformer(cfg.latent_dim, cfg.d_model, cfg.n_heads,
+        self.backbone = transformer.Transformer(cfg.latent_dim, cfg.d_model, cfg.n_heads,
                                          [cfg.context] * cfg.n_layers, cfg.dropout,
                                          inp=CodeEmbedding(Q, n_codes, cfg.d_model))
         self.text = (nn.Embedding(cfg.n_text + 1, cfg.d_model, padding_idx=cfg.n_text)
@@ -392,7 +392,7 @@ class DiscreteLM(nn.Module):
 
     def prepare(self, latents, seed=0, log=None):
         """Fit the RVQ on the run's cached latents (corpus.LatentCache) before the LM trains, as
-        train.py does; log(record, line) as train.Log. Deterministic, so every DDP rank fits the
+        train.py does; log(record, line) as runs.Log. Deterministic, so every DDP rank fits the
         same codebooks."""
         frames = latents.frames()
         check(self.cfg, len(frames))
@@ -536,7 +536,7 @@ class RQTransformer(DiscreteLM):
     def held_out(self, x):
         """Teacher-forced held-out scores on x [B, S, D]: mean cross-entropy, and the MSE of the
         argmax codes' frame (temperature 0, level by level) against x, comparable with CALM's
-        val_mse (train.validation's val_next_mse computes the same quantity through generate)."""
+        val_mse (pipeline.validation's val_next_mse computes the same quantity through generate)."""
         codes = self.rvq.encode(x)
         z = self.backbone(codes)
         logits = self.depth(z.flatten(0, 1), codes.flatten(0, 1))
@@ -616,7 +616,7 @@ class DelayLM(DiscreteLM):
         logits = self.logits(d)
         ce = F.cross_entropy(logits.flatten(0, 2), d.flatten(), ignore_index=V)
         # frames 0..S-Q, each level from its own step: level q given the TRUE levels < q of its
-        # frame (teacher forcing), so not CALM's measure (train.validation's val_next_mse is)
+        # frame (teacher forcing), so not CALM's measure (pipeline.validation's val_next_mse is)
         pred = undelay(logits.argmax(-1))
         mse = ((self.rvq.decode(pred) - x[:, :pred.shape[1]]) ** 2).mean()
         return {'val_ce': float(ce), 'val_mse_true_lower': float(mse), 'val_var': float(x.var())}

@@ -9,15 +9,12 @@ it is the one training loop of calm (train), and the two stages that feed it (tr
     torchrun --nproc_per_node=2 train.py --toy   # DistributedDataParallel (gloo: CPU, nccl: GPU)
 
 Data flows one way (paper Eq. 2-3): wav -> VAE encoder -> latents (encoded ONCE and cached,
-standardised so that sigma_d = 1) -> CALM backbone + head. Checkpoints carry config, optimizer,
-step and RNG state and are written atomically; `--resume` continues exactly where a run stopped:
-the batch of step s is a pure function of (seed, s), and the RNG of the model's noises is saved
-with the weights. A run prints which recipe each stage takes and why (the LM's depends on the
-device), and records the resolved configs and recipes in <run>/config.json.
+standardised so that sigma_d = 1) -> CALM backbone + head. `--resume` continues exactly where a run
+stopped: the batch of step s is a pure function of (seed, s), and a checkpoint (runs.py) holds the
+RNG of the model's noises. Each stage's recipe is printed with why, and kept in <run>/config.json.
 """
 import argparse
 import dataclasses
-import json
 import math
 import os
 import time
@@ -32,26 +29,22 @@ import corpus
 import data
 import pipeline
 import rq
+import runs
 import vae as vae_lib
 
-# Training recipes (not model shape: that lives in vae.Config / calm.Config), sized for the toy on
-# 2 CPU cores (README.md, "Quick start").
+# Training recipes (model shapes: vae.Config / calm.Config), sized for the toy on 2 CPU cores.
 RECIPES = {
     'vae': dict(steps=1500, batch=16, crop=1.0, lr=2e-3, warmup=50, wd=0.0),
     'lm': dict(steps=4000, batch=32, lr=4e-3, warmup=50, wd=0.01, sct_lr=1.0),
 }
-# sct_lr: a consistency run's sCT phase after its TrigFlow phase (steps >=
-# calm.Config.diffusion_steps > 0) trains at this fraction of the schedule's lr. The toy's sCT
-# loss trains the head alone (calm.TOY.sct_head_only), so it cannot undo what the backbone learnt
-# and keeps the full lr (docs/toy.md; with sCT reaching the backbone, 0.1: docs/findings.md).
-# Toy training sets: the VAE trains on 512 clips x 8 s (~68 min of audio); the LM on the latents of
-# 4096 clips (~9 h), enough to learn to continue a motif rather than memorise the training motifs
-# (docs/findings.md, "Why does the LM train on 4096 clips?").
+# sct_lr: the lr fraction of a consistency run's sCT phase; the toy's sCT trains the head alone
+# (calm.TOY.sct_head_only), so it keeps the full lr (docs/toy.md; else 0.1: docs/findings.md).
+# Toy training sets: the VAE's 512 clips x 8 s (~68 min); the LM's latents of 4096 clips (~9 h),
+# enough to continue a motif rather than memorise them (docs/findings.md). encode_batch: LM clips
+# per vae.encode call; a batch rounds differently (~4e-5), so a toy run's numbers change with it.
 TOY_CLIPS = dict(n=512, lm_n=4096, seconds=8.0, lm_seconds=8.0, encode_batch=32)
-# encode_batch: LM clips per vae.encode call (corpus.encode_latents); a batch rounds differently
-# from one clip at a time (~4e-5 in the latents), so a toy run's numbers change with it.
-# On a CUDA device the LM stage trains 9000 steps of 128 windows, 9x the windows of the CPU recipe:
-# the budget that continuing the motif needs (docs/findings.md, "What does a GPU budget learn?").
+# On a CUDA device the LM trains 9000 steps of 128 windows, 9x the windows of the CPU recipe: the
+# budget that continuing the motif needs (docs/findings.md, "What does a GPU budget learn?").
 GPU_LM = dict(steps=9000, batch=128)
 
 
@@ -86,7 +79,7 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--resume', action='store_true',
                    help='continue the run in --out where it stopped, with the same settings (a '
-                        'new step budget is allowed: RESUME_MAY_CHANGE)')
+                        'new step budget is allowed: runs.RESUME_MAY_CHANGE)')
     p.add_argument('--vae-steps', type=int,
                    help=f"VAE training steps (toy: {RECIPES['vae']['steps']})")
     p.add_argument('--lm-steps', type=int,
@@ -125,8 +118,7 @@ def parse_args(argv=None):
     p.add_argument('--codebook-size', type=int,
                    help=f'--model rq/delay: codewords per level V (default '
                         f'{rq.Config.codebook_size})')
-    # The paper's ablations (noise augmentation, short-context Transformer, head batch multiplier;
-    # and the TrigFlow head) as flags; any other field via --lm.FIELD=VALUE.
+    # The paper's ablations (and the TrigFlow head) as flags; any other field via --lm.FIELD=VALUE.
     p.add_argument('--head-loss', choices=['trigflow', 'consistency', 'lsd'],
                    help='the head objective: consistency (sCT, the default), trigflow (diffusion, '
                         'ODE sampling) or lsd (a flow map by Lagrangian self-distillation, as '
@@ -170,29 +162,22 @@ def override(cfg, values):
     return dataclasses.replace(cfg, **changes)
 
 
-# --------------------------------------------------------------------------------------------------
-# Checkpoints and logs
+def or_exit(f, *args, **kwargs):
+    """f(*args, **kwargs), a library's one-line ValueError as this script's exit (no traceback)."""
+    try:
+        return f(*args, **kwargs)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}')
 
-class Log:
-    """Prints readable progress (loss, steps/s, ETA) and appends JSON lines to <run>/log.jsonl."""
 
-    def __init__(self, run_dir, enabled):
-        self.enabled = enabled
-        self.path = os.path.join(run_dir, 'log.jsonl')
-
-    def __call__(self, record, line=None):
-        if not self.enabled:
-            return
-        with open(self.path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
-        if line:
-            print(line, flush=True)
+def resumed(args, name):
+    """The checkpoint `name` ('vae.pt' or 'calm.pt') in --out that --resume continues, or None."""
+    return or_exit(runs.resumed, args.out, name, args.resume)
 
 
 def recipe_reason(stage, args):
-    """One line: the recipe a stage trains with, the defaults it comes from and the flags that
-    changed them. The LM's defaults depend on the device (GPU_LM on CUDA), so this is printed at the
-    start of every run."""
+    """One line: the recipe a stage trains with, the defaults it comes from (the LM's: by device)
+    and the flags that changed them; printed at the start of every run."""
     if stage == 'vae':
         r = RECIPES['vae']
         steps, batch, what = args.vae_steps or r['steps'], r['batch'], 'crops'
@@ -214,23 +199,6 @@ def recipe_reason(stage, args):
         why += [f'--lr-shape {args.lr_shape}'] if args.lr_shape else []
     why += [f'--{stage}.{k}={v}' for k, v in args.overrides[stage].items()]
     return f'{steps} steps x {batch} {what}: ' + ', '.join(why)
-
-
-def record_run(args, stage, cfg, recipe, ddp, log, **extra):
-    """Write the stage's resolved config and recipe into <run>/config.json (with the resolved
-    arguments and the device): what a run did can be read back, not guessed from the command."""
-    if not log.enabled:
-        return
-    path = os.path.join(args.out, 'config.json')
-    run = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            run = json.load(f)
-    run.update(args=vars(args), world_size=dist.get_world_size() if ddp else 1,
-               torch=torch.__version__)
-    run[stage] = {'config': dataclasses.asdict(cfg), 'recipe': recipe,
-                  'why': recipe_reason(stage, args), **extra}
-    data.write_json(path, run, indent=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,21 +235,15 @@ def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra
     opt = make_optimizer(stage, model, recipe)
     step, steps = 0, recipe['steps']
     if args.resume and os.path.exists(ckpt_path):
-        step, before = resume(ckpt_path, model, opt, adversary, device)
+        step, before = runs.resume(ckpt_path, model, opt, adversary, device)
         if log.enabled:
             budget = f' (a new budget: it was {before})' if before != steps else ''
             print(f'{stage}: resuming from {ckpt_path} at step {step}/{steps}{budget}')
     lr_at = lr_schedule(recipe, steps, cfg)
 
-    def checkpoint():
+    def checkpoint():   # rank 0 writes
         if log.enabled:
-            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-            rng = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'cuda': cuda}
-            ck = {'config': dataclasses.asdict(cfg), 'model': model.state_dict(),
-                  'optimizer': opt.state_dict(), 'step': step, 'steps': steps, 'rng': rng,
-                  'recipe': recipe, **(extra or {}),
-                  **(adversary.state_dict() if adversary is not None else {})}
-            data.write_atomic(ckpt_path, lambda tmp: torch.save(ck, tmp))
+            runs.save(ckpt_path, cfg, model, opt, step, steps, recipe, extra, adversary)
 
     def held_out():
         model.eval()
@@ -348,7 +310,7 @@ def train(stage, model, cfg, recipe, get_batch, ckpt_path, args, ddp, log, extra
         held_out()
     if ddp:  # the VAE-GAN's discriminator too
         disc = adversary.disc.parameters() if adversary else []
-        check_replicas(stage, [*model.parameters(), *disc], log)
+        runs.check_replicas(stage, [*model.parameters(), *disc], log)
     model.eval()
     return step >= steps, stats
 
@@ -362,54 +324,20 @@ def make_optimizer(stage, model, recipe):
                              lr=recipe['lr'], betas=(0.9, 0.95) if stage == 'lm' else (0.8, 0.99))
 
 
-def resume(ckpt_path, model, opt, adversary, device):
-    """Load weights, optimizer(s) and RNG state from a checkpoint; returns (step, steps)."""
-    ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-    model.load_state_dict(ck['model'])
-    opt.load_state_dict(ck['optimizer'])
-    torch.set_rng_state(ck['rng']['torch'])
-    np.random.set_state(ck['rng']['numpy'])
-    if ck['rng']['cuda'] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ck['rng']['cuda'])
-    if adversary is not None:
-        adversary.load_state_dict(ck)
-    return ck['step'], ck['steps']
-
-
-def check_replicas(stage, params, log):
-    """DDP: the replicas must hold identical weights (DDP all-reduces gradients); measure it."""
-    flat = torch.cat([p.detach().flatten() for p in params])
-    ref = flat.clone()
-    dist.broadcast(ref, 0)
-    diff = (flat - ref).abs().max()
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    log({'stage': stage, 'replica_max_abs_diff': float(diff)},
-        f'{stage}: replicas differ by at most {float(diff):.3g}')
-
-
 # --------------------------------------------------------------------------------------------------
 # Stage 1: the VAE (paper Eq. 2, the VAE-GAN loss, without the adversarial terms in the toy)
 
 def load_audio_set(args):
-    """The training audio: the toy clips as a list of float32 arrays at data.SR, or for --data a
-    corpus.Index of the user's files (their headers only; the audio stays on disk). The index is
-    cached in the run folder; under DDP rank 0 builds it and the other ranks read it."""
+    """The training audio: the toy clips (float32 arrays at data.SR), or for --data a corpus.Index
+    of the user's files (headers only, cached in the run folder; the audio stays on disk)."""
     if not args.data:
         return [c.wav for c in data.toy_clips('train', args.clips, TOY_CLIPS['seconds'])]
-    try:
-        index = corpus.shared_index(args.data, os.path.join(args.out, 'index.json'))
-    except ValueError as e:
-        raise SystemExit(f'error: --data: {e}')
-    if not len(index):
-        exts = '/'.join(e[1:] for e in corpus.AUDIO_EXTS)
-        raise SystemExit(f'error: no readable {exts} files under {args.data}')
-    return index
+    return or_exit(corpus.audio_index, args.data, os.path.join(args.out, 'index.json'))
 
 
 def vae_recipe(args, resumed=None):
-    """The VAE stage's recipe: RECIPES['vae'] (the same on every device), then --vae-steps; a run
-    --resume continues (resumed: its checkpoint) keeps its own budget unless --vae-steps is given.
-    """
+    """RECIPES['vae'] (the same on every device), then --vae-steps; a run --resume continues
+    (resumed: its checkpoint) keeps its own budget unless --vae-steps is given."""
     steps = args.vae_steps or (resumed and resumed['steps'])
     return dict(RECIPES['vae'], **({'steps': steps} if steps else {}))
 
@@ -417,7 +345,7 @@ def vae_recipe(args, resumed=None):
 def train_vae(args, clips, ddp, rank, log):
     cfg = override(getattr(vae_lib, args.preset.upper()), args.overrides['vae'])
     recipe = vae_recipe(args, resumed(args, 'vae.pt'))
-    record_run(args, 'vae', cfg, recipe, ddp, log)
+    runs.record_run(args, 'vae', cfg, recipe, recipe_reason('vae', args), ddp, log)
     torch.manual_seed(args.seed + rank)  # each stage seeds itself: a resume re-creates the init
     model = vae_lib.VAE(cfg).to(args.device)
     length = int(recipe['crop'] * cfg.sample_rate) // model.hop * model.hop
@@ -440,56 +368,28 @@ def train_vae(args, clips, ddp, rank, log):
     finished, stats = train('vae', model, cfg, recipe, get_batch, path, args, ddp, log,
                             adversary=adversary)
     if finished:
-        # Standardise the latents for the LM (as pocket-tts does): TrigFlow assumes a known data
-        # std sigma_d, so the LM reads (mu - mean) / std and sigma_d = 1. An RVQ codec's latents
-        # stay as its codebooks quantise them (a discrete LM reads their codes, not the vectors).
+        # Standardise the latents for the LM (as pocket-tts does): TrigFlow assumes a known sigma_d,
+        # so the LM reads (mu - mean) / std, sigma_d = 1. An RVQ codec's LM reads its codes instead.
         if model.rvq is None:
             with torch.no_grad():
                 mus = [model.posterior(torch.from_numpy(w)[None].to(args.device))[0][0]
                        for w in corpus.stats_audio(clips, cfg.sample_rate)]
             model.set_latent_stats(torch.cat(mus))
         if log.enabled:
-            ck = torch.load(path, weights_only=False)
-            ck['model'] = model.state_dict()
-            ck['done'] = True
-            data.write_atomic(path, lambda tmp: torch.save(ck, tmp))
+            runs.mark_done(path, model)
     return model, finished, stats
 
 
 # --------------------------------------------------------------------------------------------------
 # Stage 2: the language model on cached latents (paper Eq. 3)
 
-def encode_all(vae, clips, n, cache, device, rank=0, seconds=TOY_CLIPS['lm_seconds']):
-    """Encode the LM's training audio ONCE into the latent cache beside the VAE
-    (corpus.encode_latents: a memory-mapped array on disk, resumable, each DDP rank encoding its
-    share) and return it; the LM never re-encodes audio. Toy: n clips of `seconds`, rendered on the
-    fly past the VAE's own (so the LM sees far more clips than the VAE trained on without holding
-    their audio), cached as float32. --data: corpus.encode_index."""
-    if isinstance(clips, corpus.Index):
-        return corpus.encode_index(vae, clips, cache, device, verbose=rank == 0)
-    length = int(round(seconds * data.SR))  # data.make_clip's length
-
-    def read(i, start, count):   # toy clip i: one of the VAE's (of this length), or rendered now
-        if i < len(clips) and len(clips[i]) == length:
-            return clips[i][start:start + count]
-        return data.make_clip(data.clip_seed('train', i), seconds).wav[start:start + count]
-    # bucket=1: the clips all have one length (one input shape), and unpadded they keep their exact
-    # values
-    return corpus.encode_latents(vae, [length] * n, read, cache, device, np.float32, bucket=1,
-                                 names=[f'toy-train-{i}' for i in range(n)], verbose=rank == 0,
-                                 batch=TOY_CLIPS['encode_batch'])
-
-
 def lm_recipe(args, cfg, resumed=None):
-    """(recipe, cfg) of the LM stage: RECIPES['lm'], GPU_LM on a CUDA device, then --lm-steps /
-    --lm-batch / --lm-window / --lm-lr / --lm-sct-lr. A consistency run's TrigFlow phase
-    (calm.Config.diffusion_steps) keeps its share of a longer/shorter run. recipe['window'], the
-    training window in frames, is cfg.context where the recipe does not set it. The lr schedule's
-    shape (--lr-shape, recipe['sct_from']): a discrete LM takes the consistency CALM run's (x sct_lr
-    from the step where that run's sCT phase starts), so every LM of a comparison is trained with
-    the same lr at every step. resumed: the checkpoint --resume continues, which keeps its own
-    budget unless --lm-steps is given, and the TrigFlow phase it trained with whatever the budget
-    (a budget moves the end of a run, not its phases)."""
+    """(recipe, cfg) of the LM stage: RECIPES['lm'], GPU_LM on a CUDA device, then the --lm-*
+    flags. A consistency run's TrigFlow phase (calm.Config.diffusion_steps) keeps its share of a
+    longer/shorter run; recipe['window'] (frames) defaults to cfg.context. The lr shape
+    (--lr-shape, recipe['sct_from']): a discrete LM takes the consistency CALM run's, so every LM of
+    a comparison has the same lr at every step. resumed: the checkpoint --resume continues; it keeps
+    its budget unless --lm-steps is given, and its TrigFlow phase whatever the budget."""
     base = RECIPES['lm']
     steps = args.lm_steps or (resumed and resumed['steps'])
     recipe = {**base, **(GPU_LM if args.device.startswith('cuda') else {}),
@@ -520,33 +420,10 @@ CALM_ONLY = {'head_loss': '--head-loss', 'head_batch_mul': '--head-batch-mul',
              'lm_sct_lr': '--lm-sct-lr'}
 
 
-@torch.no_grad()
-def next_frames(model, x, every=8):
-    """The greedy (temperature 0) next frame of x [B, S, D] given its true past, at frames
-    s = every, 2 every, ... < S, as the LM's own generate makes it from the prompt x[:, :s]: a
-    discrete LM quantises the past and dequantises its frame, and the delay LM rolls its Q - 1
-    lagging levels forward, so no LM sees any part of frame s. Returns (positions, frames
-    [B, len(positions), D])."""
-    g = torch.Generator(x.device).manual_seed(0)   # the global RNG stays as it was: resume exact
-    pos = list(range(every, x.shape[1], every))
-    return pos, torch.stack([model.generate(x[:, :s], 1, temperature=0.0, generator=g)[:, 0]
-                             for s in pos], 1)
-
-
-def validation(model, x):
-    """Held-out stats: val_next_mse, the one measure computed the same way for every kind of LM:
-    the squared error of next_frames against the true latent frames (standardised units); then
-    the LM's own held_out scores (CALM and RQ val_mse: the same quantity, teacher-forced at every
-    frame; the delay LM's val_mse_true_lower: with the true lower levels of the frame)."""
-    pos, pred = next_frames(model, x)
-    return {'val_next_mse': float(((pred - x[:, pos]) ** 2).mean()), **model.held_out(x)}
-
-
 def lm_config(args, vae):
     """calm.Config of the LM, or with --model rq/delay an rq.Config with the same backbone
     (rq.config_like): the flags of one kind of LM are checked here, once."""
-    cfg = getattr(calm, args.preset.upper())
-    cfg = dataclasses.replace(cfg, latent_dim=vae.cfg.latent_dim)
+    cfg = dataclasses.replace(getattr(calm, args.preset.upper()), latent_dim=vae.cfg.latent_dim)
     if not args.data and 'n_text' not in args.overrides['lm']:
         cfg = dataclasses.replace(cfg, n_text=len(data.VOCAB))  # toy runs are text-conditioned
     codec = vae.cfg if vae.rvq is not None else None   # an RVQ codec trained end to end
@@ -585,10 +462,7 @@ def lm_config(args, vae):
     if cfg.n_text and cfg.n_text != len(data.VOCAB):
         raise SystemExit(f'error: --lm.n_text must be 0 or {len(data.VOCAB)} (the toy vocabulary)')
     if args.model != 'calm':
-        try:
-            rq.check(cfg)
-        except ValueError as e:
-            raise SystemExit(f'error: {e}')
+        or_exit(rq.check, cfg)
     return cfg
 
 
@@ -606,17 +480,17 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log, times=None):
                          f'({vae.n_frames(round(seconds * data.SR))} in {seconds:g} s; raise '
                          '--lm-seconds for longer windows)')
     vae_path = os.path.abspath(os.path.join(vae_dir, 'vae.pt'))
-    record_run(args, 'lm', cfg, recipe, ddp, log, vae=vae_path, kind=args.model)
+    runs.record_run(args, 'lm', cfg, recipe, recipe_reason('lm', args), ddp, log,
+                    vae=vae_path, kind=args.model)
     # the VAE's clips are the first toy clips; the LM sees args.lm_clips of them
     n = (len(clips) if args.data
          else args.lm_clips or TOY_CLIPS['lm_n'] * args.clips // TOY_CLIPS['n'])
     t_encode = time.time()
-    latents = encode_all(vae, clips, n, os.path.join(vae_dir, 'latents'), args.device, rank,
-                         seconds)
+    latents = corpus.encode_all(vae, clips, n, os.path.join(vae_dir, 'latents'), args.device,
+                                rank, seconds, TOY_CLIPS['encode_batch'])
     if times is not None:
         times['encode'] = time.time() - t_encode
-    # Toy clip i of the cache is data.clip_seed('train', i): its description is a pure function of
-    # i, kept beside the latents as word ids (no audio re-rendered).
+    # the descriptions of toy clips data.clip_seed('train', i), as word ids (no audio rendered)
     texts = ([data.tokenize(data.clip_description(data.clip_seed('train', i)))
               for i in range(len(latents))] if cfg.n_text else None)
     torch.manual_seed(args.seed + rank)
@@ -648,123 +522,50 @@ def train_lm(args, vae, clips, vae_dir, ddp, rank, log, times=None):
                                               texts)
     return model, *train('lm', model, cfg, recipe, get_batch, ckpt_path, args, ddp, log,
                          extra={'vae': vae_path, 'kind': args.model},
-                         validate=lambda: validation(model, val))
+                         validate=lambda: pipeline.validation(model, val))
 
 
 # --------------------------------------------------------------------------------------------------
 # Inputs, checked before anything is written
 
-# What `--resume` may change: the step budget (--vae-steps / --lm-steps; the lr schedule then runs
-# over the new total, and a consistency run keeps the TrigFlow phase it trained with, lm_recipe).
-# Any other difference between the command and the checkpoint it continues, in the LM's kind, in a
-# config field or in the recipe, is refused in one line before anything is written.
-RESUME_MAY_CHANGE = {'steps'}
-
-
-def read(path, what):
-    """pipeline.read_checkpoint, its one-line error as this script's exit."""
-    try:
-        return pipeline.read_checkpoint(path, what)
-    except ValueError as e:
-        raise SystemExit(f'error: {e}')
-
-
-def resumed(args, name):
-    """The checkpoint `name` ('vae.pt' or 'calm.pt') in --out that --resume continues, or None."""
-    path = os.path.join(args.out, name)
-    if not (args.resume and os.path.exists(path)):
-        return None
-    return read(path, 'lm' if name == 'calm.pt' else 'vae')
-
-
-def differences(ck, cfg, recipe, **more):
-    """'field (checkpoint X, command Y)' for every config and recipe field, and every item of
-    `more` (name: (checkpoint's, command's)), in which a command differs from a checkpoint, but
-    those RESUME_MAY_CHANGE."""
-    pairs = {**{k: (ck['config'].get(k), v) for k, v in dataclasses.asdict(cfg).items()},
-             **{k: (ck['recipe'].get(k), v) for k, v in recipe.items()
-                if k not in RESUME_MAY_CHANGE},
-             **more}
-    same = lambda a, b: a == b or (isinstance(a, (list, tuple)) and list(a) == list(b))
-    return [f'{k} (checkpoint {a!r}, command {b!r})' for k, (a, b) in pairs.items()
-            if not same(a, b)]
-
-
 def check_inputs(args):
-    """Everything a run reads, checked before main writes anything (a failing command leaves no
-    run folder and no config.json behind, and never half-overwrites a run): the --data folder, the
-    VAE an LM stage reads (--vae-from), the LM flags, and with --resume that the command describes
-    the run its checkpoints hold."""
+    """Everything a run reads, checked before main writes anything (a failing command leaves no run
+    folder behind and never half-overwrites one): --data, the VAE an LM stage reads, the LM flags,
+    and with --resume that the command describes the run its checkpoints hold."""
     if args.data and not os.path.isdir(args.data):
         raise SystemExit(f'error: --data: not a directory: {args.data}')
     if args.vae_from and args.stage != 'lm':
         raise SystemExit('error: --vae-from takes the VAE of another run: use it with --stage lm')
-    vae_dir = args.vae_from or args.out
-    vae_path = os.path.join(vae_dir, 'vae.pt')
+    vae_path = os.path.join(args.vae_from or args.out, 'vae.pt')
     stages = ('vae', 'lm') if args.stage == 'all' else (args.stage,)
     vae_cfg = override(getattr(vae_lib, args.preset.upper()), args.overrides['vae'])
     if 'vae' in stages and (ck := resumed(args, 'vae.pt')) is not None:
-        recipe = vae_recipe(args, ck)
-        finished = {'steps': (ck['recipe']['steps'], recipe['steps'])} if ck.get('done') else {}
-        diff = differences(ck, vae_cfg, recipe, **finished)
-        if diff:
-            done = ' (a finished VAE: its latents are cached, so not even its budget)' if finished \
-                else ''
-            raise SystemExit(f"error: --resume: the command differs from {args.out}/vae.pt in "
-                             f"{'; '.join(diff)}; a resumed run may change its step budget "
-                             f"only{done}: repeat the run's command, or use another --out")
+        or_exit(runs.check_resume, f'{args.out}/vae.pt', ck, vae_cfg, vae_recipe(args, ck))
     if 'lm' not in stages:
         return
     if args.stage == 'lm':
-        if not os.path.exists(vae_path):
-            raise SystemExit(f'error: no VAE at {vae_path}: train it first (--stage vae) or pass '
-                             '--vae-from RUN_DIR')
-        vk = read(vae_path, 'vae')
-        if not vk.get('done'):
-            raise SystemExit(f"error: the VAE at {vae_path} stopped at step {vk['step']}/"
-                             f"{vk['steps']}: finish it (--stage vae --resume) before an LM "
-                             'trains on its latents')
-        vae_cfg = vae_lib.Config(**vk['config'])
-    ck, path = resumed(args, 'calm.pt'), os.path.join(args.out, 'calm.pt')
-    if ck is not None and ck.get('kind', 'calm') != args.model:   # before the flags of the kind
-        raise SystemExit(f"error: --resume: {path} holds a {ck.get('kind', 'calm')} LM, the "
-                         f"command trains --model {args.model}: repeat the run's command, or use "
-                         'another --out')
-    cfg = lm_config(args, argparse.Namespace(cfg=vae_cfg))   # the LM flags: one-line errors
+        vae_cfg = vae_lib.Config(**or_exit(runs.finished_vae, vae_path)['config'])
+    # the kind of LM the checkpoint holds is checked before the flags of the command's kind
+    ck = or_exit(runs.resumed, args.out, 'calm.pt', args.resume, kind=args.model)
+    codec = True if vae_cfg.bottleneck == 'rvq' else None   # lm_config reads vae.rvq, vae.cfg
+    cfg = lm_config(args, argparse.Namespace(cfg=vae_cfg, rvq=codec))   # the LM flags
     if ck is None:
         return
     recipe, cfg = lm_recipe(args, cfg, ck)
     # the VAE the LM reads, where the command names one (a run folder may have moved since)
     vae = ({'vae': (os.path.realpath(ck.get('vae', '')), os.path.realpath(vae_path))}
            if args.vae_from else {})
-    diff = differences(ck, cfg, recipe, **vae)
-    if diff:
-        raise SystemExit(f"error: --resume: the command differs from {path} in {'; '.join(diff)};"
-                         " a resumed run may change its step budget only: repeat the run's "
-                         'command, or use another --out')
+    or_exit(runs.check_resume, os.path.join(args.out, 'calm.pt'), ck, cfg, recipe, **vae)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
-    rank = 0
-    if ddp:  # launched by torchrun
-        dist.init_process_group('nccl' if args.device.startswith('cuda') else 'gloo')
-        rank = dist.get_rank()
-        if args.device.startswith('cuda'):
-            args.device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
-            torch.cuda.set_device(args.device)
-    # CPU: flush denormal floats to zero: small weights/activations late in training otherwise fall
-    # into the denormal range, and each step got ~6x slower (the toy VAE: 0.28 -> 1.6 s/step).
-    torch.set_flush_denormal(True)
-    if args.device.startswith('cuda'):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    ddp, rank = runs.setup(args)
     torch.manual_seed(args.seed + rank)  # the model's noise draws; the data is seeded per step
     np.random.seed(args.seed + rank)
     check_inputs(args)   # before anything is written: a command that fails leaves no run folder
     os.makedirs(args.out, exist_ok=True)
-    log = Log(args.out, rank == 0)
+    log = runs.Log(args.out, rank == 0)
     t0 = time.time()
     if log.enabled:
         procs = f'DDP x{dist.get_world_size()}' if ddp else '1 process'
@@ -775,12 +576,8 @@ def main(argv=None):
     clips = load_audio_set(args)
     summary, times = {}, {'audio': time.time() - t0}   # seconds per stage, printed at the end
     vae_dir = args.vae_from or args.out
-    vae_path = os.path.join(vae_dir, 'vae.pt')
     if args.stage in ('all', 'vae'):
-        vae_done = False
-        if args.resume and os.path.exists(vae_path):
-            vae_done = read(vae_path, 'vae').get('done', False)
-        if not vae_done:
+        if not (resumed(args, 'vae.pt') or {}).get('done', False):
             t = time.time()
             _, finished, stats = train_vae(args, clips, ddp, rank, log)
             summary['vae'], times['vae'] = stats, time.time() - t
@@ -789,22 +586,11 @@ def main(argv=None):
     if args.stage in ('all', 'lm'):
         if ddp:  # rank 0 may have just written the VAE
             dist.barrier()
-        try:
-            vae, _ = pipeline.load_vae(vae_path, args.device)
-        except ValueError as e:
-            raise SystemExit(f'error: {e}')
+        vae, _ = or_exit(pipeline.load_vae, os.path.join(vae_dir, 'vae.pt'), args.device)
         t = time.time()
         _, finished, stats = train_lm(args, vae, clips, vae_dir, ddp, rank, log, times)
         summary['lm'], times['lm'] = stats, time.time() - t - times.get('encode', 0)
-    if log.enabled:
-        names = {'audio': 'audio index' if args.data else 'VAE clips', 'vae': 'VAE',
-                 'encode': 'LM clips encoded', 'lm': 'LM'}
-        print(f'\ndone in {corpus.fmt_time(time.time() - t0)} ('
-              + ', '.join(f'{names[k]} {corpus.fmt_time(v)}' for k, v in times.items()) + ')')
-        for stage, stats in summary.items():
-            print(f'  {stage}: final ' + ', '.join(f'{k} {v:.4g}' for k, v in stats.items()))
-        print(f'  checkpoints in {args.out}/ (try: python data.py prompt out/prompt.wav; '
-              f'python sample.py out/prompt.wav --ckpt {args.out})')
+    log.report(args.out, time.time() - t0, times, summary, args.data)
     if ddp:  # leave together: a rank whose peer tore down gloo already can abort at exit
         dist.barrier()
         dist.destroy_process_group()

@@ -26,8 +26,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import calm
 import rq
+import transformer
 
 
 @dataclass
@@ -130,14 +130,14 @@ class ResidualUnit(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """Linear in, a few causal Transformer blocks over frames (calm.Block), LayerNorm, linear out
-    ([B, C, S] layout). The blocks attend to cfg.context past frames, as Mimi's bottleneck
+    """Linear in, a few causal Transformer blocks over frames (transformer.Block), LayerNorm, linear
+    out ([B, C, S] layout). The blocks attend to cfg.context past frames, as Mimi's bottleneck
     Transformer does, so a model trained on short crops behaves the same on long files."""
 
     def __init__(self, cfg, c_in, c_out):
         super().__init__()
         self.inp = nn.Linear(c_in, cfg.d_model)
-        self.blocks = nn.ModuleList(calm.Block(cfg.d_model, cfg.n_heads, cfg.context)
+        self.blocks = nn.ModuleList(transformer.Block(cfg.d_model, cfg.n_heads, cfg.context)
                                     for _ in range(cfg.n_transformer_layers))
         self.ln = nn.LayerNorm(cfg.d_model)
         self.out = nn.Linear(cfg.d_model, c_out)

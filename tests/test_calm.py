@@ -1,6 +1,6 @@
-"""Tests of calm.py: TrigFlow/sCM math, samplers, temperature, causality, KV cache, short context,
-head batch multiplier, noise augmentation, and a two-mode distribution test that an MSE predictor
-would fail."""
+"""Tests of calm.py (and its transformer.py): TrigFlow/sCM math, samplers, temperature, causality,
+KV cache, short context, head batch multiplier, noise augmentation, and a two-mode distribution
+test that an MSE predictor would fail."""
 import math
 import os
 import sys
@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import calm  # noqa: E402
 import mixture  # noqa: E402
+import transformer  # noqa: E402
 
 torch.set_num_threads(1)
 HP = settings(max_examples=15, deadline=None)
@@ -315,7 +316,7 @@ def test_rope_is_a_rotation_and_scores_depend_on_relative_position(seed, shift, 
     by pos * 10000^(-2i/hd); so norms are kept, position 0 is the identity, and the attention score
     of q at i and k at j depends on i - j only (queries and keys; values are not turned)."""
     g = torch.Generator().manual_seed(seed)
-    attn = calm.Attention(2 * hd, 2, window=8)
+    attn = transformer.Attention(2 * hd, 2, window=8)
     h = torch.randn(1, 6, 2 * hd, generator=g)
     pos = torch.randint(0, 50, (6,), generator=g)
     q, k, v = attn.split(h, pos)
@@ -327,9 +328,10 @@ def test_rope_is_a_rotation_and_scores_depend_on_relative_position(seed, shift, 
     theta = pos[:, None].double() * 10000.0 ** (-torch.arange(0, hd, 2).double() / hd)
     turned = torch.view_as_complex(x.view(1, 1, 6, hd // 2, 2).contiguous()) * torch.polar(
         torch.ones_like(theta), theta)
-    assert torch.allclose(calm.rope(x, pos, attn.inv_freq.double()),
+    assert torch.allclose(transformer.rope(x, pos, attn.inv_freq.double()),
                           torch.view_as_real(turned).flatten(-2), atol=1e-6)
-    assert torch.equal(calm.rope(x, torch.zeros(6, dtype=torch.long), attn.inv_freq.double()), x)
+    at_zero = torch.zeros(6, dtype=torch.long)
+    assert torch.equal(transformer.rope(x, at_zero, attn.inv_freq.double()), x)
 
 
 @pytest.mark.parametrize('S', [7, 12, 30])   # below, at, and well past cfg.context (rolling cache)

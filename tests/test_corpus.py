@@ -17,7 +17,6 @@ from test_train import TINY, run, tiny_recipes, train_main  # noqa: E402
 
 import corpus  # noqa: E402
 import data  # noqa: E402
-import train  # noqa: E402
 import vae as vae_lib  # noqa: E402
 
 SR = data.SR
@@ -330,5 +329,5 @@ def test_ddp_ranks_encode_their_share_into_one_cache(folder, tmp_path):
     assert [d for d in diffs if d is not None] == [0.0, 0.0]
     vae, _ = vae_lib.load(str(out / 'vae.pt'), 'cpu')
     index = corpus.build_index(str(folder), verbose=False)
-    single = train.encode_all(vae, index, len(index), str(tmp_path / 'single'), 'cpu')
+    single = corpus.encode_all(vae, index, len(index), str(tmp_path / 'single'), 'cpu')
     assert np.array_equal(np.asarray(single.array), np.load(out / 'latents.npy'))

@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import calm  # noqa: E402
 import rq  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 
 torch.set_num_threads(1)
@@ -34,7 +35,7 @@ def fit(model, steps, lr):
     val = windows(model.frames, 10 ** 6)
     finished, stats = train.train('lm', model, model.cfg, recipe,
                                   lambda s: windows(model.frames, s), os.devnull, args, False,
-                                  train.Log(os.devnull, False),
+                                  runs.Log(os.devnull, False),
                                   validate=lambda: model.held_out(val))
     assert finished
     return stats

@@ -389,8 +389,8 @@ def test_training_step_lowers_the_loss_and_reaches_the_backbone(kind):
 
 
 def test_a_checkpoint_with_the_old_depth_block_keys_loads_the_same_model():
-    """Before the depth Transformer was made of calm.Block, each of its blocks held qkv and proj at
-    its top level: such a state dict loads into the same model (same tensors, same logits)."""
+    """Before the depth Transformer was made of transformer.Block, each of its blocks held qkv and
+    proj at its top level: such a state dict loads into the same model (same tensors and logits)."""
     cfg = tiny()
     m = randomized(cfg)
     old = {k.replace('.attn.', '.') if k.startswith('depth.blocks.') else k: v
@@ -556,11 +556,10 @@ def test_evaluate_table_end_to_end(tiny_run, discrete_run):
 
 @pytest.mark.parametrize('kind', ['calm', 'rq', 'delay'])
 def test_one_validation_measure_sees_only_the_true_past(kind):
-    """train.validation's val_next_mse: every kind's greedy next frame from generate. Changing
+    """pipeline.validation's val_next_mse: every kind's greedy next frame from generate. Changing
     frame s and everything after it leaves the prediction of frame s as it was (the delay LM's
     teacher-forced val_mse_true_lower reads frame s's true lower levels: not this measure); for
     CALM and RQ it equals their teacher-forced val_mse at the same frames."""
-    import train
     if kind == 'calm':
         cfg = calm.Config(latent_dim=4, d_model=32, n_layers=2, n_heads=2, context=12,
                           short_context=0, head_width=32, head_blocks=1)
@@ -573,13 +572,13 @@ def test_one_validation_measure_sees_only_the_true_past(kind):
         cfg = tiny(kind)
         m = randomized(cfg)
     x = torch.randn(3, 12, 4, generator=torch.Generator().manual_seed(1))
-    pos, pred = train.next_frames(m, x, every=2)
+    pos, pred = pipeline.next_frames(m, x, every=2)
     assert pos == [2, 4, 6, 8, 10] and pred.shape == (3, 5, 4)
     for i, s in enumerate(pos):
         y = x.clone()
         y[:, s:] = torch.randn(3, 12 - s, 4)
-        assert torch.allclose(train.next_frames(m, y, every=2)[1][:, i], pred[:, i], atol=1e-5)
-    stats = train.validation(m, x)
+        assert torch.allclose(pipeline.next_frames(m, y, every=2)[1][:, i], pred[:, i], atol=1e-5)
+    stats = pipeline.validation(m, x)
     assert stats['val_next_mse'] > 0 and 'val_var' in stats
     if kind == 'calm':
         z = m.conditioning(x, x)

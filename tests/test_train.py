@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import pipeline  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 
 # A VAE and an LM small enough to train a few steps in seconds.
@@ -194,7 +195,7 @@ def test_the_optimizer_steps_at_the_scheduled_lr(tmp_path, monkeypatch):
     recipe = dict(steps=12, batch=2, lr=1e-3, warmup=3, wd=0.0)
     args = train.parse_args(['--out', str(tmp_path), '--log-every', '100'])
     train.train('lm', model, model.cfg, recipe, lambda s: torch.randn(2, 4, 2),
-                str(tmp_path / 'c.pt'), args, False, train.Log(str(tmp_path), False))
+                str(tmp_path / 'c.pt'), args, False, runs.Log(str(tmp_path), False))
     lr_at = train.lr_schedule(recipe, 12, model.cfg)
     assert seen == [[pytest.approx(lr_at(s))] * 2 for s in range(12)]
 
