@@ -383,7 +383,7 @@ def main(argv=None):
         matplotlib.use('Agg')          # files only, no display
         import matplotlib.pyplot as plt
     except ImportError:
-        print('tour.py needs matplotlib: pip install matplotlib', file=sys.stderr)
+        print('error: tour.py needs matplotlib: pip install matplotlib', file=sys.stderr)
         return 1
     out = args.out or os.path.join(args.ckpt, 'tour')
     vae, model = pipeline.load(args.ckpt)

@@ -56,7 +56,7 @@ def test_tour_without_matplotlib_says_so_in_one_line(tiny_run, tmp_path):
     r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
                        timeout=120, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert r.returncode == 1
-    assert r.stderr.strip() == 'tour.py needs matplotlib: pip install matplotlib'
+    assert r.stderr.strip() == 'error: tour.py needs matplotlib: pip install matplotlib'
     assert not (tmp_path / 't').exists()
 
 
