@@ -72,7 +72,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)   # as train.py
-    for title, jobs in [('toy LM (calm.TOY, 32 x 64 frames, M = 4)', lm_jobs()),
+    T = calm.TOY
+    toy = (f'toy LM (calm.TOY, 32 x {T.context} frames, head {T.head_width} x {T.head_blocks}, '
+           f'M = {T.head_batch_mul})')
+    for title, jobs in [(toy, lm_jobs()),
                         ('head alone (1-D map test: width 64, 2 blocks, batch 512)', head_jobs())]:
         opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _) in jobs.items()}
         times, rates = {k: [] for k in jobs}, []
