@@ -19,23 +19,13 @@ import torch
 
 import calm
 import mixture
+from bench.profile import matmul_rate
 
 # name: calm.Config fields, and the step the loss is computed at (sCT: after the TrigFlow phase)
 HEADS = {'TrigFlow': ({'head_loss': 'trigflow'}, 0),
          'sCT': ({'head_loss': 'consistency'}, 10 ** 6),
          'LSD': ({'head_loss': 'lsd'}, 0),
          'LSD, every row': ({'head_loss': 'lsd', 'lsd_frac': 1.0}, 0)}
-
-
-def matmul_gflops(n=1024, reps=4):
-    """fp32 GFLOP/s of an n x n matmul on this CPU, now (best of reps)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = float('inf')
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
 
 
 def lm_jobs():
@@ -80,7 +70,7 @@ def main(argv=None):
         opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _) in jobs.items()}
         times, rates = {k: [] for k in jobs}, []
         for r in range(args.rounds + 1):
-            rate = matmul_gflops()
+            rate = matmul_rate(repeats=4)
             for name, (m, fn) in jobs.items():
                 t0 = time.perf_counter()
                 loss = fn(m)
