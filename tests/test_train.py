@@ -112,8 +112,7 @@ def test_pipeline_writes_loadable_checkpoints_and_logs(tiny_run):
 
 
 def test_sct_phase_trains_at_a_fraction_of_the_lr(tiny_run):
-    # tiny run: 4 LM steps, diffusion_steps 2800 * 4 / 4000 -> 3, so step index 3 (logged as step 4)
-    # is sCT
+    # tiny run: 4 LM steps, diffusion_steps 3, so step index 3 (logged as step 4) is sCT
     recs = map(json.loads, open(tiny_run / 'log.jsonl'))
     recs = {r['step']: r for r in recs if r['stage'] == 'lm' and 'lr' in r}
     recipe = json.load(open(tiny_run / 'config.json'))['lm']['recipe']   # tiny_recipes' sct_lr
@@ -222,11 +221,13 @@ def test_lm_recipe_takes_the_gpu_budget_on_cuda_and_flags_win():
     gpu, cfg = train.lm_recipe(train.parse_args(['--device', 'cuda:0']), toy)
     gpu_budget = (train.GPU_LM['steps'], train.GPU_LM['batch'])
     assert (gpu['steps'], gpu['batch']) == gpu_budget != (base['steps'], base['batch'])
-    # 6300 of 9000
+    # 8100 of 9000
     assert cfg.diffusion_steps == round(toy.diffusion_steps * gpu['steps'] / base['steps'])
-    args = train.parse_args(['--device', 'cuda', '--lm-steps', '2000', '--lm-batch', '8'])
+    args = train.parse_args(['--device', 'cuda', '--lm-steps', str(base['steps'] // 2),
+                             '--lm-batch', '8'])
     own, cfg = train.lm_recipe(args, toy)   # half the CPU steps: half the TrigFlow phase
-    assert (own['steps'], own['batch'], cfg.diffusion_steps) == (2000, 8, toy.diffusion_steps // 2)
+    assert ((own['steps'], own['batch'], cfg.diffusion_steps)
+            == (base['steps'] // 2, 8, toy.diffusion_steps // 2))
     # an explicit TrigFlow phase is kept
     args = train.parse_args(['--device', 'cuda', '--lm.diffusion_steps=7'])
     assert train.lm_recipe(args, train.override(toy, args.overrides['lm']))[1].diffusion_steps == 7
