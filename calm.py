@@ -79,11 +79,11 @@ PAPER = Config(latent_dim=128, d_model=1536, n_layers=48, n_heads=24, context=75
                short_layers=4, head_width=1536, head_blocks=6, head_batch_mul=8,
                tangent_warmup=10000)
 # TOY: sized for 2 CPU cores by time to quality (docs/toy.md): a small head (128 x 2, M = 1); the
-# first 5400 of 6000 LM steps train TrigFlow, then sCT trains the head alone while a linear readout
+# first 4500 of 5000 LM steps train TrigFlow, then sCT trains the head alone while a linear readout
 # trains the backbone. No short-context Transformer: it made the toy worse (docs/findings.md).
 TOY = Config(latent_dim=16, d_model=128, n_layers=3, n_heads=4, context=64, short_context=0,
              short_layers=2, head_width=128, head_blocks=2, head_batch_mul=1, tangent_warmup=200,
-             diffusion_steps=5400, readout_weight=1.0, sct_head_only=True)
+             diffusion_steps=4500, readout_weight=1.0, sct_head_only=True)
 # SMALL (one GPU, train.py --preset small): 12 layers x 512 over 20 s, the paper's K = 10 and M = 8,
 # a head of pocket-tts's size and the toy's TrigFlow-then-sCT schedule; sizes, not a tuned recipe.
 SMALL = Config(latent_dim=32, d_model=512, n_layers=12, n_heads=8, context=250, short_context=10,

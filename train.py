@@ -35,7 +35,7 @@ import vae as vae_lib
 # Training recipes (model shapes: vae.Config / calm.Config), sized for the toy on 2 CPU cores.
 RECIPES = {
     'vae': dict(steps=1500, batch=16, crop=1.0, lr=2e-3, warmup=50, wd=0.0),
-    'lm': dict(steps=6000, batch=32, lr=4e-3, warmup=50, wd=0.01, sct_lr=1.0),
+    'lm': dict(steps=5000, batch=32, lr=4e-3, warmup=50, wd=0.01, sct_lr=1.0),
 }
 # sct_lr: the lr fraction of a consistency run's sCT phase; the toy's sCT trains the head alone
 # (calm.TOY.sct_head_only), so it keeps the full lr (docs/toy.md; else 0.1: docs/findings.md).
@@ -43,7 +43,7 @@ RECIPES = {
 # enough to continue a motif rather than memorise them (docs/findings.md). encode_batch: LM clips
 # per vae.encode call; a batch rounds differently (~4e-5), so a toy run's numbers change with it.
 TOY_CLIPS = dict(n=512, lm_n=4096, seconds=8.0, lm_seconds=8.0, encode_batch=32)
-# On a CUDA device the LM trains 9000 steps of 128 windows, 6x the windows of the CPU recipe: the
+# On a CUDA device the LM trains 9000 steps of 128 windows, 7x the windows of the CPU recipe: the
 # budget that continuing the motif needs (docs/findings.md, "What does a GPU budget learn?").
 GPU_LM = dict(steps=9000, batch=128)
 
