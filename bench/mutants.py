@@ -94,10 +94,10 @@ MUTANTS = [
     Mutant('calm.sct_error: tangent normalised by its own norm (sCM), not the probe', 'calm.py',
            'g / (g_u.norm(dim=-1, keepdim=True) + 0.1)', 'g / (g.norm(dim=-1, keepdim=True) + 0.1)',
            CALM),
-    Mutant('calm.sct_error: z not detached for theta^-', 'calm.py',
-           'zd = z.detach()', 'zd = z', CALM,
-           equivalent='F^- and g are computed under torch.no_grad() in sct_tangent, so nothing '
-                      'reaches z through them either way; the detach only documents theta^-'),
+    # Once equivalent (F^- and g are computed under no_grad either way); since sct_head_only the
+    # same detached z is the one the head-alone sCT loss sees, so it must be caught.
+    Mutant('calm.sct_error: z not detached for theta^- (nor for sct_head_only)', 'calm.py',
+           'zd = z.detach()', 'zd = z', CALM),
     Mutant('calm.objective: M copies of z tiled, x_0 interleaved (rows mispaired)', 'calm.py',
            'z, x0 = z.repeat_interleave(M, 0), x0.repeat_interleave(M, 0)',
            'z, x0 = z.repeat(M, 1), x0.repeat_interleave(M, 0)', CALM),
