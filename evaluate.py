@@ -9,7 +9,8 @@ they are made of live in metrics.py; read this after sample.py.
 
 A run may hold a discrete baseline (train.py --model rq|delay): it is scored the same way, at its
 softmax temperatures. --table puts several runs in one comparison: codec rows (decoded quality and
-bits per frame of the Gaussian latents vs RVQ codes of them, per level count Q), the continuation
+bits per frame of the Gaussian latents vs RVQ codes of them, per level count Q; and the round trip
+of every RVQ codec trained end to end that a run's LM reads), the continuation
 rows of every run, and batch-1 cost per frame split into backbone and head, in ms and FLOPs
 (`table_speed`).
 
@@ -563,10 +564,19 @@ def run_table(args):
     if len(runs) < len(args.table):
         raise SystemExit('error: --table: give run folders with distinct names')
     res = {'runs': {name: run_stats(d, m) for name, (d, v, m) in runs.items()}}
-    first_dir, vae0, _ = next(iter(runs.values()))
+    vae0 = next(iter(runs.values()))[1]
     discrete = [(n, m) for n, (d, v, m) in runs.items() if isinstance(m, rq.DiscreteLM)]
-    res['codec'] = eval_codec(vae0, run_vae_dir(first_dir), args.codec_levels, args.codebook_size,
-                              data.toy_clips('heldout', args.clips), device, discrete)
+    held = data.toy_clips('heldout', args.clips)
+    # the "codec-free" control: an RVQ fitted on the first Gaussian VAE's latents
+    gauss = next(((d, v) for d, v, m in runs.values() if v.rvq is None), None)
+    res['codec'] = (eval_codec(gauss[1], run_vae_dir(gauss[0]), args.codec_levels,
+                               args.codebook_size, held, device, discrete) if gauss
+                    else {'rows': {}})
+    for name, (d, v, m) in runs.items():   # codecs trained end to end: their own round trip
+        if v.rvq is not None:
+            q, k = v.cfg.rvq_levels, v.cfg.rvq_codebook
+            res['codec']['rows'][f'{name}: end-to-end rvq Q={q} K={k}'] = {
+                **eval_vae(v, held, device, name=f'codec {name}'), 'bits': q * math.log2(k)}
     n = args.clips_cont
     seconds = (args.prompt_seconds or 11.0) + args.continue_seconds + 0.5
     clips = data.toy_clips('heldout', 2 * n, seconds=seconds)
@@ -600,20 +610,23 @@ def report_table(res):
     c, out = res['codec'], []
     cols = ['kind', 'params_M', 'head_params_M', 'steps', 'batch', 'lm_minutes']
     out.append('== Runs ==\n' + table(res['runs'], cols))
-    snr = lambda r: -10 * math.log10(r['post_var'] if 'post_var' in r else max(r['lat_mse'], 1e-12))
+    snr = lambda r: (-10 * math.log10(r['post_var'] if 'post_var' in r
+                                      else max(r['lat_mse'], 1e-12)) if 'lat_mse' in r else None)
     codec = {k: {**r, 'snr_db': snr(r)} for k, r in c['rows'].items()}
-    out.append(f"== Codec: Gaussian latents vs RVQ ({codec['gaussian (VAE)']['n_clips']} held-out "
-               f"clips; RVQ fitted on {c['n_fit_frames']} cached frames in "
-               f"{c['fit_seconds']:.0f} s) ==\n"
+    n = next(iter(codec.values()))['n_clips']
+    fit = (f"; RVQ fitted on {c['n_fit_frames']} cached frames in {c['fit_seconds']:.0f} s"
+           if 'levels' in c else '')
+    out.append(f"== Codec: Gaussian latents vs RVQ ({n} held-out clips{fit}) ==\n"
                + table(codec, ['bits', 'note_acc', 'log_mel_l1', 'snr_db', 'note_acc_real'])
                + '\nbits: per frame (Gaussian: KL to the prior); snr_db: latent variance / squared '
                  'quantisation error (Gaussian: / posterior variance, the noise the decoder was '
-                 'trained on)'
-               + '\nper level (held-out): entropy bits '
-               + ' '.join(f"{s['entropy_bits']:.2f}" for s in c['levels'])
-               + ' | usage ' + ' '.join(f"{s['usage']:.2f}" for s in c['levels'])
-               + "\nthe discrete LMs' codebooks vs this fit, max abs diff: "
-               + str(c['lm_codebooks_max_abs_diff']))
+                 'trained on); end-to-end rows: the codec\'s own round trip')
+    if 'levels' in c:
+        out[-1] += ('\nper level (held-out): entropy bits '
+                    + ' '.join(f"{s['entropy_bits']:.2f}" for s in c['levels'])
+                    + ' | usage ' + ' '.join(f"{s['usage']:.2f}" for s in c['levels'])
+                    + "\nthe discrete LMs' codebooks vs this fit, max abs diff: "
+                    + str(c['lm_codebooks_max_abs_diff']))
     cont = res['continuation']
     out.append('== Continuation == ' + json.dumps(cont['settings']) + '\n'
                + table(cont['rows'], CONT_COLS))
