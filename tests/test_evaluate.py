@@ -1,7 +1,9 @@
 """evaluate.py: the scores are right on inputs whose answer is known (no model needed, no timed
 asserts)."""
 import argparse
+import json
 import os
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ import data
 import evaluate as ev
 import metrics
 import rq
+from bench import figure
 
 SR = data.SR
 T0, T1 = 4.0, 8.0  # prompt boundary and clip end (s)
@@ -359,3 +362,42 @@ def test_mel_distance_ranks_truth_then_a_perturbed_copy_then_noise(clips):
     # the continuation protocol carries it per clip and pools it as a mean
     s = metrics.summarise([metrics.score_continuation(c.wav, c, T0, T1) for c in clips[:3]])
     assert s['mel_db'] == 0.0
+
+
+def test_quality_cost_figure_plots_matched_rows(tmp_path, capsys):
+    """bench/figure.py on a made-up --table JSON: one marker per continuation row with a speed row
+    (the T suffix dropped: two temperatures of one model are two points at one cost; steps=8 was
+    never timed, references are lines), further right for more FLOPs; a JSON without the sections
+    is a one-line error."""
+    row = lambda acc: {'note_acc': acc, 'note_acc_ci': [acc - 0.05, acc + 0.05]}
+    cont = {'a calm steps=1 T=default': row(0.6), 'a calm steps=1 T=0.5': row(0.65),
+            'a calm steps=4 T=default': row(0.7), 'a calm steps=8 T=default': row(0.72),
+            'b rq T=0.8': row(0.5), 'c delay T=0.8': row(0.4),
+            '(real)': row(0.95), '(vae)': row(0.9), '(other clip)': row(0.05), '(noise)': {}}
+    speed = {'a calm steps=1': {'frame_mflop': 2.0, 'frame_ms': 1.0},
+             'a calm steps=4': {'frame_mflop': 5.0, 'frame_ms': 2.0},
+             'b rq': {'frame_mflop': 20.0, 'frame_ms': 5.0},
+             'c delay': {'frame_mflop': 3.0, 'frame_ms': 1.5},
+             'rq Q=2 (untrained)': {'frame_mflop': 10.0, 'frame_ms': 3.0}}
+    path, out = tmp_path / 'table.json', tmp_path / 'fig.svg'
+    path.write_text(json.dumps({'continuation': {'rows': cont}, 'speed': {'rows': speed}}))
+    figure.main([str(path), '--out', str(out)])
+    svg = ET.parse(out).getroot()
+    ns = '{http://www.w3.org/2000/svg}'
+    circles = svg.findall(f'{ns}circle')
+    assert len(circles) == 5
+    label = {t.text: t for t in svg.iter(f'{ns}text')}
+    assert {'VAE round trip', 'other clip (chance)'} <= set(label)
+    cx = {c.get('fill'): [] for c in circles}
+    for c in circles:
+        cx[c.get('fill')].append(float(c.get('cx')))
+    # calm at 2 MFLOP (x2) and 5, delay at 3, rq at 20: left to right
+    assert max(cx[figure.COLOURS['calm']]) > min(cx[figure.COLOURS['calm']])
+    assert min(cx[figure.COLOURS['calm']]) < cx[figure.COLOURS['delay']][0] \
+        < max(cx[figure.COLOURS['calm']]) < cx[figure.COLOURS['rq']][0]
+    assert 'a calm steps=1 T=0.5' in capsys.readouterr().out
+    path.write_text(json.dumps({'continuation': {'rows': cont}}))
+    with pytest.raises(SystemExit, match='error'):
+        figure.main([str(path), '--out', str(out)])
+    with pytest.raises(SystemExit, match='error'):
+        figure.main([str(tmp_path / 'missing.json'), '--out', str(out)])
