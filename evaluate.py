@@ -572,8 +572,10 @@ def run_table(args):
     res['codec'] = (eval_codec(gauss[1], run_vae_dir(gauss[0]), args.codec_levels,
                                args.codebook_size, held, device, discrete) if gauss
                     else {'rows': {}})
-    for name, (d, v, m) in runs.items():   # codecs trained end to end: their own round trip
-        if v.rvq is not None:
+    seen = set()   # codecs trained end to end: their own round trip, once per codec
+    for name, (d, v, m) in runs.items():
+        if v.rvq is not None and run_vae_dir(d) not in seen:
+            seen.add(run_vae_dir(d))
             q, k = v.cfg.rvq_levels, v.cfg.rvq_codebook
             res['codec']['rows'][f'{name}: end-to-end rvq Q={q} K={k}'] = {
                 **eval_vae(v, held, device, name=f'codec {name}'), 'bits': q * math.log2(k)}
