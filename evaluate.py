@@ -574,8 +574,9 @@ def run_table(args):
                     else {'rows': {}})
     seen = set()   # codecs trained end to end: their own round trip, once per codec
     for name, (d, v, m) in runs.items():
-        if v.rvq is not None and run_vae_dir(d) not in seen:
-            seen.add(run_vae_dir(d))
+        vae_dir = run_vae_dir(d) if v.rvq is not None else None
+        if vae_dir and vae_dir not in seen:
+            seen.add(vae_dir)
             q, k = v.cfg.rvq_levels, v.cfg.rvq_codebook
             res['codec']['rows'][f'{name}: end-to-end rvq Q={q} K={k}'] = {
                 **eval_vae(v, held, device, name=f'codec {name}'), 'bits': q * math.log2(k)}

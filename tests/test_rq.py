@@ -623,9 +623,11 @@ def test_discrete_lm_trains_on_an_end_to_end_rvq_codec(tmp_path):
                                  'cpu')
     assert wav.shape == (7 * vae.hop,) and np.isfinite(wav).all()
     import evaluate  # --table on a codec run alone: its own round trip, no fitted control
-    res = evaluate.main(['--table', str(lm), '--clips', '2', '--clips-cont', '1', '--timbre-fit',
-                         '5', '--continue-seconds', '1', '--skip-speed'])
-    torch.set_flush_denormal(False)
+    try:
+        res = evaluate.main(['--table', str(lm), '--clips', '2', '--clips-cont', '1',
+                             '--timbre-fit', '5', '--continue-seconds', '1', '--skip-speed'])
+    finally:
+        torch.set_flush_denormal(False)  # evaluate.main sets it process-wide
     (name, row), = res['codec']['rows'].items()
     assert name == 'rq: end-to-end rvq Q=2 K=4' and row['bits'] == 4.0
     assert 0 <= row['note_acc'] <= 1 and np.isfinite(row['log_mel_l1'])
