@@ -107,19 +107,20 @@ def main(argv=None):
     for label, v in refs.items():
         svg += [line(L, Y(v), W - R, Y(v), 'stroke="#666" stroke-dasharray="5,4"'),
                 text(W - R - 4, Y(v) - 4, label, 'end', ' fill="#666"')]
-    placed = {}   # row name -> label (x, y): a row in several files (seeds) is labelled once
+    placed = {}   # row name -> label box (x0, x1, y): a row in several files (seeds) once
     for f, name, kind, x, y, lo, hi in pts:
         c, right = COLOURS.get(kind, 'gray'), X(x) > (L + W - R) / 2   # labels point inwards
         px = X(x) + 6 * (args.json.index(f) - (len(args.json) - 1) / 2)   # files side by side
         svg += [line(px, Y(lo), px, Y(hi), f'stroke="{c}" stroke-width="1.5"'),
                 f'<circle cx="{px:.1f}" cy="{Y(y):.1f}" r="4" fill="{c}"/>']
-        if name not in placed:   # temperatures share a cost: step down past a close label
+        if name not in placed:   # step down past any label it would overlap (9 px font:
+            ax = X(x) + (-10 if right else 10)   # ~5.5 px a character, 10 px a line)
+            a, b = (ax - 5.5 * len(name), ax) if right else (ax, ax + 5.5 * len(name))
             ly = Y(y) + 3
-            while any(u == round(X(x)) and abs(ly - v) < 10 for u, v in placed.values()):
+            while any(a < v1 and v0 < b and abs(ly - v) < 10 for v0, v1, v in placed.values()):
                 ly += 10
-            placed[name] = round(X(x)), ly
-            svg.append(text(X(x) + (-10 if right else 10), ly, name, 'end' if right else 'start',
-                            ' font-size="9"'))
+            placed[name] = a, b, ly
+            svg.append(text(ax, ly, name, 'end' if right else 'start', ' font-size="9"'))
     lx = L   # legend: one row under the title; squares, so <circle>s are the points alone
     for kind in [k for k in COLOURS if any(q[2] == k for q in pts)]:
         svg += [f'<rect x="{lx}" y="30" width="8" height="8" fill="{COLOURS[kind]}"/>',

@@ -372,12 +372,12 @@ def test_quality_cost_figure_plots_matched_rows(tmp_path, capsys):
     row = lambda acc: {'note_acc': acc, 'note_acc_ci': [acc - 0.05, acc + 0.05]}
     cont = {'a calm steps=1 T=default': row(0.6), 'a calm steps=1 T=0.5': row(0.65),
             'a calm steps=4 T=default': row(0.7), 'a calm steps=8 T=default': row(0.72),
-            'b rq T=0.8': row(0.5), 'c delay T=0.8': row(0.4),
+            'b rq T=0.8': row(0.5), 'c delay T=0.8': row(0.62),
             '(real)': row(0.95), '(vae)': row(0.9), '(other clip)': row(0.05), '(noise)': {}}
     speed = {'a calm steps=1': {'frame_mflop': 2.0, 'frame_ms': 1.0},
              'a calm steps=4': {'frame_mflop': 5.0, 'frame_ms': 2.0},
              'b rq': {'frame_mflop': 20.0, 'frame_ms': 5.0},
-             'c delay': {'frame_mflop': 3.0, 'frame_ms': 1.5},
+             'c delay': {'frame_mflop': 2.2, 'frame_ms': 1.5},   # labels close
              'rq Q=2 (untrained)': {'frame_mflop': 10.0, 'frame_ms': 3.0}}
     path, out = tmp_path / 'table.json', tmp_path / 'fig.svg'
     path.write_text(json.dumps({'continuation': {'rows': cont}, 'speed': {'rows': speed}}))
@@ -391,10 +391,20 @@ def test_quality_cost_figure_plots_matched_rows(tmp_path, capsys):
     cx = {c.get('fill'): [] for c in circles}
     for c in circles:
         cx[c.get('fill')].append(float(c.get('cx')))
-    # calm at 2 MFLOP (x2) and 5, delay at 3, rq at 20: left to right
+    # calm at 2 MFLOP (x2) and 5, delay at 2.2, rq at 20: left to right
     assert max(cx[figure.COLOURS['calm']]) > min(cx[figure.COLOURS['calm']])
     assert min(cx[figure.COLOURS['calm']]) < cx[figure.COLOURS['delay']][0] \
         < max(cx[figure.COLOURS['calm']]) < cx[figure.COLOURS['rq']][0]
+    # no two point labels overlap (their boxes at the figure's ~5.5 px per character)
+    boxes = []
+    for t in svg.iter(f'{ns}text'):
+        if t.get('font-size') == '9':
+            x, n = float(t.get('x')), 5.5 * len(t.text)
+            a = x - n if t.get('text-anchor') == 'end' else x
+            boxes.append((a, a + n, float(t.get('y'))))
+    assert len(boxes) == 5
+    assert all(not (a0 < b1 and a1 < b0) or abs(y0 - y1) >= 10
+               for i, (a0, b0, y0) in enumerate(boxes) for a1, b1, y1 in boxes[i + 1:])
     assert 'a calm steps=1 T=0.5' in capsys.readouterr().out
     path.write_text(json.dumps({'continuation': {'rows': cont}}))
     with pytest.raises(SystemExit, match='error'):
