@@ -619,7 +619,8 @@ def report_table(res):
     n = next(iter(codec.values()))['n_clips']
     fit = (f"; RVQ fitted on {c['n_fit_frames']} cached frames in {c['fit_seconds']:.0f} s"
            if 'levels' in c else '')
-    out.append(f"== Codec: Gaussian latents vs RVQ ({n} held-out clips{fit}) ==\n"
+    what = 'Gaussian latents vs RVQ' if 'levels' in c else 'end-to-end RVQ codecs'
+    out.append(f"== Codec: {what} ({n} held-out clips{fit}) ==\n"
                + table(codec, ['bits', 'note_acc', 'log_mel_l1', 'snr_db', 'note_acc_real'])
                + '\nbits: per frame (Gaussian: KL to the prior); snr_db: latent variance / squared '
                  'quantisation error (Gaussian: / posterior variance, the noise the decoder was '

@@ -631,6 +631,7 @@ def test_discrete_lm_trains_on_an_end_to_end_rvq_codec(tmp_path):
     (name, row), = res['codec']['rows'].items()
     assert name == 'rq: end-to-end rvq Q=2 K=4' and row['bits'] == 4.0
     assert 0 <= row['note_acc'] <= 1 and np.isfinite(row['log_mel_l1'])
+    assert '== Codec: end-to-end RVQ codecs (' in evaluate.report_table(res)
     for flags, msg in ((['--model', 'calm'], 'RVQ bottleneck'),
                        (['--model', 'delay', '--codebook-size', '8'], 'do not fit')):
         with pytest.raises(SystemExit, match=msg):
