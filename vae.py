@@ -68,6 +68,9 @@ class Config:
     commit_weight: float = 1.0   # commitment loss weight (EnCodec arXiv 2210.13438 §3.2: 1)
     rvq_decay: float = 0.99      # EMA decay of the codebooks (EnCodec, Mimi)
     rvq_dead: float = 0.1        # restart a codeword used under this x the mean usage (Mimi)
+    # the LM reads (mu - mean) / std, std per 'dim' or one 'global' scale (the paper allows both;
+    # global, which keeps low-variance dims small, did no better on the toy: docs/toy.md)
+    latent_scale: str = 'dim'
 
 
 # Paper's speech VAE (Table 13): 24 kHz, ratios 6,5,4,4,4 -> hop 1920 -> 12.5 frames/s, 32 dims,
@@ -346,11 +349,13 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def set_latent_stats(self, latents_raw):
-        """Per-dimension mean and std of raw posterior means [N, D] (std floored: near-constant
-        dims)."""
+        """Per-dimension mean, and std per cfg.latent_scale, of raw posterior means [N, D] (std
+        floored: near-constant dims). 'global' is the root mean variance, so sigma_d = 1 overall."""
         x = latents_raw.reshape(-1, self.cfg.latent_dim).float()
         self.latent_mean.copy_(x.mean(0))
-        self.latent_std.copy_(x.std(0).clamp_min(1e-3))
+        std = x.std(0) if self.cfg.latent_scale == 'dim' else x.var(0).mean().sqrt().expand(
+            x.shape[1])
+        self.latent_std.copy_(std.clamp_min(1e-3))
 
     def forward(self, wav):
         """Training loss on wav [B, T]: returns (loss, stats). Paper Eq. 2: reconstruction +
@@ -414,6 +419,8 @@ def check_config(cfg):
     if cfg.bottleneck == 'rvq' and (cfg.rvq_levels < 1 or cfg.rvq_codebook < 2):
         raise ValueError(f'an RVQ bottleneck needs rvq_levels >= 1 and rvq_codebook >= 2, got '
                          f'{cfg.rvq_levels} and {cfg.rvq_codebook}')
+    if cfg.latent_scale not in ('global', 'dim'):
+        raise ValueError(f"vae.Config.latent_scale is 'global' or 'dim', not {cfg.latent_scale!r}")
     if not 0 <= cfg.disc_start < 1:
         raise ValueError('vae.Config.disc_start is a fraction of the training steps in [0, 1), '
                          f'not {cfg.disc_start}')

@@ -15,7 +15,7 @@ import data
 import evaluate as ev
 import metrics
 import rq
-from bench import figure
+from bench import copy_bound, figure
 
 SR = data.SR
 T0, T1 = 4.0, 8.0  # prompt boundary and clip end (s)
@@ -411,3 +411,13 @@ def test_quality_cost_figure_plots_matched_rows(tmp_path, capsys):
         figure.main([str(path), '--out', str(out)])
     with pytest.raises(SystemExit, match='error'):
         figure.main([str(tmp_path / 'missing.json'), '--out', str(out)])
+
+
+def test_copy_bound_is_zero_for_a_repeating_signal_and_two_for_unrelated_frames():
+    rng = np.random.default_rng(0)
+    motif = rng.standard_normal((23, 4))
+    # period 23 lies among the lags: copying it is exact
+    assert copy_bound.copy_share(np.tile(motif, (5, 1)), range(12, 60)) < 1e-12
+    # frames unrelated to each other: copying any lag doubles the variance
+    noise = rng.standard_normal((4000, 4))
+    assert copy_bound.copy_share(noise, range(12, 60)) == pytest.approx(2, rel=0.05)

@@ -151,14 +151,22 @@ def test_stft_loss_closed_form():
     assert vae.stft_loss(x, x, (512,)).item() == 0
 
 
-def test_latent_stats_standardise_and_round_trip():
-    m = tiny()
+@pytest.mark.parametrize('scale', ['dim', 'global'])
+def test_latent_stats_standardise_and_round_trip(scale):
+    m = vae.VAE(dataclasses.replace(TINY, latent_scale=scale))
     wav = torch.randn(2, 10 * m.hop)
     mu, _ = m.posterior(wav)
     m.set_latent_stats(mu.reshape(-1, TINY.latent_dim))
     x = m.encode(wav).reshape(-1, TINY.latent_dim)
     assert torch.allclose(x.mean(0), torch.zeros(TINY.latent_dim), atol=1e-5)
-    assert torch.allclose(x.std(0), torch.ones(TINY.latent_dim), atol=1e-4)
+    if scale == 'dim':   # every dim at unit variance
+        assert torch.allclose(x.std(0), torch.ones(TINY.latent_dim), atol=1e-4)
+    else:   # unit variance on average, each dim keeping its share of it
+        assert x.var(0).mean().item() == pytest.approx(1, abs=1e-4)
+        raw_std = mu.reshape(-1, TINY.latent_dim).std(0)
+        assert torch.allclose(x.std(0), raw_std / raw_std.pow(2).mean().sqrt(), atol=1e-4)
+        assert raw_std.max() > 1.2 * raw_std.min()   # so the two scalings differ here
+        assert torch.all(m.latent_std == m.latent_std[0])
     # decode() un-standardises: same audio as decoding the raw mean
     assert torch.allclose(m.decode(m.encode(wav)), m.decode_raw(mu), atol=1e-5)
     # the statistics travel with the state dict (the checkpoint format of train.py)
@@ -219,7 +227,8 @@ def test_short_training_lowers_held_out_reconstruction(ends):
 def test_config_errors_instead_of_ignored_fields():
     for bad in (dict(phase='learned'), dict(spec_weight=1.0), dict(phase='griffin-lim', stft_hop=6),
                 dict(stft_hop=6, phase='learned', time_weight=0.0, freq_weight=0.0),
-                dict(disc_start=1.0), dict(stft_hop=6, phase='learned', spec_weight=0.0)):
+                dict(disc_start=1.0), dict(stft_hop=6, phase='learned', spec_weight=0.0),
+                dict(latent_scale='per-dim')):
         with pytest.raises(ValueError):
             vae.VAE(dataclasses.replace(TINY, **bad))
     vae.VAE(dataclasses.replace(TINY, stft_hop=6, spec_weight=1.0, phase='learned', time_weight=0.0,
