@@ -71,6 +71,11 @@ class Config:
     readout_weight: float = 0.0   # > 0: a linear readout of x_s from z_s joins the loss (forward)
     sct_head_only: bool = False   # the sCT loss trains the head only, z detached (sct_error)
     noise_ramp: int = 0           # > 0: noise augmentation ramps up over this many steps
+    # Sampling defaults (generate's temperature overrides tau): tau scales the head's noise variance
+    # (the paper's 'noise'), or, 'mean' (ours, needs the readout), the sample's spread around the
+    # readout's mean estimate (sample_head)
+    temperature: float = 0.8      # the paper's best for speech continuation (pocket-tts: 0.7)
+    temperature_around: str = 'noise'
 
 
 # Presets. PAPER: the music LM is MusicGen-medium sized (48 layers x 1536) on 128-dim latents at
@@ -81,17 +86,17 @@ PAPER = Config(latent_dim=128, d_model=1536, n_layers=48, n_heads=24, context=75
 # TOY: sized for 2 CPU cores by time to quality (docs/toy.md): a small head (128 x 2, M = 1); the
 # first 4500 of 5000 LM steps train TrigFlow, then sCT trains the head alone while a linear readout
 # trains the backbone. No short-context Transformer: it made the toy worse (docs/findings.md).
+# Sampled at tau = 0.1 around the readout's mean: at this budget the head's full spread costs notes.
 TOY = Config(latent_dim=16, d_model=128, n_layers=3, n_heads=4, context=64, short_context=0,
              short_layers=2, head_width=128, head_blocks=2, head_batch_mul=1, tangent_warmup=200,
-             diffusion_steps=4500, readout_weight=1.0, sct_head_only=True)
+             diffusion_steps=4500, readout_weight=1.0, sct_head_only=True, temperature=0.1,
+             temperature_around='mean')
 # SMALL (one GPU, train.py --preset small): 12 layers x 512 over 20 s, the paper's K = 10 and M = 8,
 # a head of pocket-tts's size and the toy's TrigFlow-then-sCT schedule; sizes, not a tuned recipe.
 SMALL = Config(latent_dim=32, d_model=512, n_layers=12, n_heads=8, context=250, short_context=10,
                short_layers=2, head_width=512, head_blocks=6, head_batch_mul=8, diffusion_steps=600)
 
 HALF_PI = math.pi / 2
-# Gaussian temperature of generation: the paper's best for speech continuation (pocket-tts: 0.7)
-TEMPERATURE = 0.8
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,6 +286,16 @@ def short_windows(K, n_layers):
 
 # --------------------------------------------------------------------------------------------------
 
+def check_config(cfg):
+    """One-line errors for sampling settings the model cannot honour."""
+    if cfg.temperature_around not in ('noise', 'mean'):
+        raise ValueError(f"temperature_around must be 'noise' or 'mean', not "
+                         f"{cfg.temperature_around!r}")
+    if cfg.temperature_around == 'mean' and cfg.readout_weight <= 0:
+        raise ValueError("sampling around the mean needs the readout's mean estimate: this model "
+                         "was trained without one (readout_weight = 0)")
+
+
 class CALM(nn.Module):
     """The continuous LM. Its interface is the one every LM of calm has (rq.py's discrete ones too,
     pipeline.KINDS): forward (the training loss), held_out, generate, and the per-frame pieces
@@ -292,6 +307,7 @@ class CALM(nn.Module):
         super().__init__()
         self.cfg = cfg
         D, d = cfg.latent_dim, cfg.d_model
+        check_config(cfg)
         self.long = transformer.Transformer(D, d, cfg.n_heads, [cfg.context] * cfg.n_layers,
                                             cfg.dropout)
         self.short = None
@@ -460,16 +476,28 @@ class CALM(nn.Module):
         return z + self.short.step(x_prev, state['short']) if self.short is not None else z
 
     @torch.no_grad()
-    def sample_head(self, z, steps=1, temperature=1.0, generator=None, times=None):
-        """z [N, d] -> x [N, D]: consistency steps, flow-map jumps or ODE steps by cfg.head_loss."""
+    def sample_head(self, z, steps=1, temperature=1.0, generator=None, times=None, around=None):
+        """z [N, d] -> x [N, D]: consistency steps, flow-map jumps or ODE steps by cfg.head_loss,
+        at temperature tau. around (default cfg.temperature_around) 'noise': tau is the variance of
+        the head's noise (the paper's). 'mean': the head samples at tau = 1 and the sample's spread
+        around the readout's mean estimate mu is scaled, mu + sqrt(tau) (x - mu): for a Gaussian
+        p(x_s | z_s) the same tempered density, without feeding a 1-step map noise of a norm it
+        never saw in training (docs/toy.md)."""
+        around = around or self.cfg.temperature_around
+        tau = 1.0 if around == 'mean' else temperature
         Fn = lambda x, t: self.head(x, t, z)
         shape, sd = (z.shape[0], self.cfg.latent_dim), self.cfg.sigma_d
         if self.cfg.head_loss == 'consistency':
-            return consistency_sample(Fn, shape, steps, temperature, sd, generator, times, z.device)
-        if self.cfg.head_loss == 'lsd':
+            x = consistency_sample(Fn, shape, steps, tau, sd, generator, times, z.device)
+        elif self.cfg.head_loss == 'lsd':
             Fn2 = lambda x, t, s: self.head(x, t, z, s)
-            return flow_map_sample(Fn2, shape, steps, temperature, sd, generator, times, z.device)
-        return trigflow_sample(Fn, shape, steps, temperature, sd, generator, z.device)
+            x = flow_map_sample(Fn2, shape, steps, tau, sd, generator, times, z.device)
+        else:
+            x = trigflow_sample(Fn, shape, steps, tau, sd, generator, z.device)
+        if around == 'mean':
+            mu = self.readout(z)
+            x = mu + math.sqrt(temperature) * (x - mu)
+        return x
 
     def check_sampling(self, steps=1, top_k=None):
         """One-line errors for sampling options this LM does not take."""
@@ -477,14 +505,16 @@ class CALM(nn.Module):
             raise ValueError('--top-k is for the discrete LMs (train.py --model rq/delay)')
 
     @torch.inference_mode()
-    def generate(self, prompt=None, n_frames=100, steps=1, temperature=TEMPERATURE, generator=None,
+    def generate(self, prompt=None, n_frames=100, steps=1, temperature=None, generator=None,
                  text=None, guidance=None, top_k=None, on_frame=None):
         """prompt [B, P, D] or None -> [B, n_frames, D] new frames, streamed with the KV caches.
-        temperature: TEMPERATURE (noise std sqrt(tau)); 1.0 samples the model's own distribution.
+        temperature: tau (None: cfg.temperature; sample_head says what it scales); 1.0 samples the
+        model's own distribution.
         text [B, L] word ids (None: the null condition); guidance: the latent CFG strength alpha
         (None: conditional branch only). Only the head draws noise, one [B, D] draw per step, so a
         seed gives the same noises guided or not. on_frame(x): called with each new frame [B, D]."""
         self.check_sampling(steps, top_k)
+        temperature = self.cfg.temperature if temperature is None else temperature
         B = prompt.shape[0] if prompt is not None else (1 if text is None else text.shape[0])
         device = next(self.parameters()).device
         state = self.new_state(B, device, text, guidance)
@@ -511,7 +541,7 @@ class CALM(nn.Module):
         prediction of every frame from the true past (the sCT loss does not show progress)."""
         z = self.conditioning(x, x)
         gen = torch.Generator(x.device).manual_seed(0)  # leaves the global RNG alone: resume exact
-        pred = self.sample_head(z.flatten(0, 1), 1, 0.0, gen).view_as(x)   # 1 step, temperature 0
+        pred = self.sample_head(z.flatten(0, 1), 1, 0.0, gen, around='noise').view_as(x)
         return {'val_mse': float(((pred - x) ** 2).mean()), 'val_var': float(x.var())}
 
     def describe(self):

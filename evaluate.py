@@ -166,6 +166,8 @@ def eval_continuation(vae, model, clips, ref_clips, detector, args, device):
     settings = dict(n_clips=len(clips), prompt_s_mean=float(np.mean([a for a, b in span])) / fr,
                     prompt=prompt, continue_s=c / fr, tol=args.tol, seed=args.seed,
                     prompt_has_2_motifs=float(np.mean(two)),
+                    default_temperature=model.cfg.temperature,
+                    temperature_around=getattr(model.cfg, 'temperature_around', '-'),
                     fd_embedding='metrics.log_mel, 4 stacked frames -> seeded random projection to '
                                  f'32 dims; reference = real continuations of {len(ref_clips)} '
                                  'other held-out clips')
@@ -560,7 +562,7 @@ def run_stats(run_dir, model):
 def run_table(args):
     device, runs = args.device, {}
     for d in args.table:
-        runs[os.path.basename(os.path.normpath(d))] = (d, *pipeline.load(d, device))
+        runs[os.path.basename(os.path.normpath(d))] = (d, *pipeline.load(d, device, args.around))
     if len(runs) < len(args.table):
         raise SystemExit('error: --table: give run folders with distinct names')
     res = {'runs': {name: run_stats(d, m) for name, (d, v, m) in runs.items()}}
@@ -654,7 +656,7 @@ def report_table(res):
 
 def evaluate(run_dir, args, sections=('vae', 'continuation', 'speed')):
     device = args.device
-    vae, model = pipeline.load(run_dir, device)
+    vae, model = pipeline.load(run_dir, device, getattr(args, 'around', None))
     res = {'run': run_dir}
     n_cont = args.clips_cont
     if 'vae' in sections:
@@ -676,8 +678,7 @@ def evaluate(run_dir, args, sections=('vae', 'continuation', 'speed')):
         # discrete LM: all Q codes) and whole frame, timed and counted inside one generation
         res['speed'] = eval_speed(vae, model, clips[0], args, device) if model.multistep else {}
         temp = args.temperature[0]
-        temp = (calm.TEMPERATURE if model.multistep else model.cfg.temperature) if temp is None \
-            else temp
+        temp = model.cfg.temperature if temp is None else temp
         res['speed'].update(time_parts(model, int(round(10 * vae.frame_rate)), 1, temp, device))
     return res
 
@@ -694,7 +695,10 @@ def main(argv=None):
                    help='comma list of sampler steps for continuations (CALM runs; a discrete LM '
                         'samples each code once)')
     p.add_argument('--temperature', default='default',
-                   help="comma list of temperatures (head noise variance); 'default': the model's")
+                   help="comma list of temperatures; 'default': the model's")
+    p.add_argument('--around', choices=['noise', 'mean'],
+                   help="CALM runs: the temperature scales the head's noise (the paper's) or the "
+                        "sample's spread around the readout's mean estimate (default: the run's)")
     p.add_argument('--prompt-seconds', type=float, default=None,
                    help='fixed prompt length (default: per clip, two repetitions of its motif)')
     p.add_argument('--continue-seconds', type=float, default=4.0)

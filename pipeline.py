@@ -11,6 +11,7 @@ sample.py does the same inline for your own prompt; evaluate.py and tour.py use 
 LM a run holds is resolved here, once, into an object with calm.CALM's interface (KINDS), and
 validation scores every kind the same way on held-out frames (train.py logs it).
 """
+import dataclasses
 import os
 
 import torch
@@ -79,11 +80,12 @@ def load_vae(path, device='cpu'):
     return vae.to(device).eval(), vk
 
 
-def load(run_dir, device='cpu'):
+def load(run_dir, device='cpu', around=None):
     """(vae, model) from a run folder written by train.py, both in eval mode. The configs travel in
     the checkpoints, so no flag has to repeat them. A run trained with --vae-from finds its VAE
     through the path stored in calm.pt. calm.pt holds the run's LM: CALM, or a discrete baseline
-    (ck['kind'], rq.py). A missing or wrong checkpoint is a ValueError of one line."""
+    (ck['kind'], rq.py). A missing or wrong checkpoint is a ValueError of one line. around: 'noise'
+    or 'mean' in place of the CALM config's temperature_around (calm.CALM.sample_head)."""
     path = os.path.join(run_dir, 'calm.pt')
     ck = read_checkpoint(path, 'lm', device)
     try:
@@ -91,6 +93,11 @@ def load(run_dir, device='cpu'):
     except TypeError as e:
         raise ValueError(f'{path}: its config does not fit its kind of LM ({e})') from None
     load_weights(model, ck, path)
+    if around is not None:
+        if not model.multistep:
+            raise ValueError('--around is for CALM runs: a discrete LM samples codes')
+        model.cfg = dataclasses.replace(model.cfg, temperature_around=around)
+        calm.check_config(model.cfg)
     vae_path = os.path.join(run_dir, 'vae.pt')
     vae, _ = load_vae(vae_path if os.path.isfile(vae_path) else ck.get('vae', vae_path), device)
     return vae, model.to(device).eval()

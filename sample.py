@@ -58,8 +58,12 @@ def parse_args(argv=None):
                    help='head steps per frame: consistency steps, flow-map jumps for an LSD '
                         'head, or ODE steps for a TrigFlow head (default 1)')
     p.add_argument('--temperature', type=float, default=None,
-                   help='Gaussian temperature: variance of the head noise; for a discrete LM the '
-                        'softmax temperature of its codes (default 0.8 for both)')
+                   help="Gaussian temperature (default: the run's; the toy's 0.1, else 0.8); for a "
+                        'discrete LM the softmax temperature of its codes (default 0.8)')
+    p.add_argument('--around', choices=['noise', 'mean'],
+                   help="what the temperature scales: the head's noise variance (the paper's) or "
+                        "the sample's spread around the readout's mean estimate (default: the "
+                        "run's; the toy's: mean)")
     p.add_argument('--top-k', type=int,
                    help='discrete LMs only: sample each code among the k most likely')
     p.add_argument('--seed', type=int, default=0)
@@ -110,7 +114,7 @@ def main(argv=None):
         raise ValueError('--seconds must be > 0 and --steps >= 1')
     if args.top_k is not None and args.top_k < 1:
         raise ValueError('--top-k must be >= 1')
-    vae, model = pipeline.load(args.ckpt, args.device)
+    vae, model = pipeline.load(args.ckpt, args.device, args.around)
     if ids is not None and not model.cfg.n_text:
         raise ValueError(f'{args.ckpt} holds an unconditional model (trained without text): '
                          'drop --text')

@@ -286,7 +286,9 @@ def fig_temperature(plt, vae, model, clip, n_new, seed):
     for a, tau in zip(ax, TEMPERATURES):
         g = torch.Generator().manual_seed(seed)
         w = pipeline.continue_clip(vae, model, clip, p, n_new, 1, tau, g, 'cpu')
-        show_mel(a, w, sr, title=f'temperature tau = {tau:g} (head noise variance)')
+        what = ('head noise variance' if model.cfg.temperature_around == 'noise' else
+                'spread around the mean estimate')
+        show_mel(a, w, sr, title=f'temperature tau = {tau:g} ({what})')
         a.axvline(p / fr, color='w', ls='--', lw=1.5)
     ax[-1].set_xlabel('time (s); the dashed line is where generation starts')
     fig.tight_layout()
@@ -307,7 +309,7 @@ def fig_continuation(plt, vae, model, clip, n_new, seed):
     score = metrics.score_continuation(w, clip, t0, t1, sr)
     fig, ax = plt.subplots(3, 1, figsize=(11, 8.5), sharex=True, height_ratios=[1, 1, 1.2])
     fig.suptitle(f'05 continuation: prompt = the first two motif repetitions ({t0:.1f} s), then '
-                 f'{t1 - t0:.1f} s generated at the default temperature {calm.TEMPERATURE}')
+                 f'{t1 - t0:.1f} s generated at the default temperature {model.cfg.temperature}')
     show_mel(ax[0], clip.wav[:int(t1 * sr)], sr,
              title='the real clip (what a perfect model would continue with)')
     show_mel(ax[1], w, sr, title='prompt (VAE reconstruction) + generated continuation')

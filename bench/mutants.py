@@ -132,7 +132,7 @@ MUTANTS = [
            '                x = prompt[:, p]\n                self.step_backbone(x, state)', CALM),
     Mutant('calm.generate: temperature ignored', 'calm.py',
            'self.step_backbone(x, state), steps, temperature, generator)',
-           'self.step_backbone(x, state), steps, TEMPERATURE, generator)', CALM),
+           'self.step_backbone(x, state), steps, self.cfg.temperature, generator)', CALM),
     Mutant('calm.condition: padding mask inverted', 'calm.py',
            '(text != self.cfg.n_text)[..., None]', '(text == self.cfg.n_text)[..., None]', CALM),
     Mutant('calm.step_backbone: guidance interpolates the wrong way', 'calm.py',

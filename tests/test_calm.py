@@ -265,17 +265,58 @@ def test_generate_honours_the_temperature(kind, steps):
         assert abs(x.var().item() / (temp * s ** 2) - 1) < 0.1, (temp, x.var().item())
 
 
+@pytest.mark.parametrize('kind,steps', [('consistency', 1), ('trigflow', 100)])
+def test_temperature_around_the_mean(kind, steps):
+    """temperature_around='mean': the head samples at tau = 1 and the spread around the readout's
+    mean estimate r is scaled by sqrt(tau). With the exact head of N(mu, s^2): mean r + sqrt(tau)
+    (mu - r), variance tau s^2, exactly r at tau = 0; with r = mu, the paper's N(mu, tau s^2).
+    Without a readout the setting is a one-line error, never a silent fallback."""
+    mu, s, sigma_d = 0.5, 0.8, 1.3
+    cfg = tiny(head_loss=kind, sigma_d=sigma_d, readout_weight=1.0, temperature_around='mean')
+    prompt = torch.randn(4000, 2, 4)
+    for r in (mu, -1.0):
+        m = randomize(calm.CALM(cfg))
+        m.head = GaussianHead(mu, s, sigma_d, kind)
+        with torch.no_grad():
+            m.readout.weight.zero_()
+            m.readout.bias.fill_(r)
+        for temp in (0.0, 0.3):
+            x = m.generate(prompt, 2, steps=steps, temperature=temp,
+                           generator=torch.Generator().manual_seed(0))
+            if temp == 0:
+                assert torch.allclose(x, torch.full_like(x, r), atol=1e-6)
+                continue
+            assert abs(x.mean().item() - (r + math.sqrt(temp) * (mu - r))) < 0.03, (r, temp)
+            assert abs(x.var().item() / (temp * s ** 2) - 1) < 0.1, (r, temp, x.var().item())
+    for bad in (dict(readout_weight=0.0), dict(temperature_around='median')):
+        with pytest.raises(ValueError):
+            calm.CALM(tiny(**{**dict(readout_weight=1.0, temperature_around='mean'), **bad}))
+
+
+def test_generate_defaults_to_the_configs_temperature():
+    """generate() without a temperature samples at cfg.temperature (the toy's 0.1), not 0.8."""
+    m = randomize(calm.CALM(tiny(temperature=0.1)))
+    g = lambda: torch.Generator().manual_seed(0)
+    prompt = torch.randn(2, 3, 4)
+    assert torch.equal(m.generate(prompt, 3, generator=g()),
+                       m.generate(prompt, 3, temperature=0.1, generator=g()))
+    assert not torch.equal(m.generate(prompt, 3, generator=g()),
+                           m.generate(prompt, 3, temperature=0.8, generator=g()))
+
+
 @pytest.mark.parametrize('kind', ['consistency', 'trigflow'])
 def test_held_out_scores_the_temperature_zero_prediction(kind):
     """held_out predicts every frame with one head step at temperature 0: with the exact head of
-    N(mu, s^2) that is mu, so val_mse is the mean squared distance of the frames to mu."""
+    N(mu, s^2) that is mu, so val_mse is the mean squared distance of the frames to mu. It scores
+    the head's own prediction also where sampling goes around the readout's mean (the toy's)."""
     mu = -0.7
-    m = randomize(calm.CALM(tiny(head_loss=kind)))
-    m.head = GaussianHead(mu, 0.5, 1.0, kind)
     x = torch.randn(3, 10, 4)
-    scores = m.held_out(x)
-    assert scores['val_mse'] == pytest.approx(((x - mu) ** 2).mean().item(), rel=1e-5)
-    assert scores['val_var'] == pytest.approx(x.var().item())
+    for kw in ({}, dict(readout_weight=1.0, temperature_around='mean')):
+        m = randomize(calm.CALM(tiny(head_loss=kind, **kw)))
+        m.head = GaussianHead(mu, 0.5, 1.0, kind)
+        scores = m.held_out(x)
+        assert scores['val_mse'] == pytest.approx(((x - mu) ** 2).mean().item(), rel=1e-5)
+        assert scores['val_var'] == pytest.approx(x.var().item())
 
 
 # --- backbone, KV cache, short context ------------------------------------------------------------
