@@ -166,8 +166,6 @@ def eval_continuation(vae, model, clips, ref_clips, detector, args, device):
     settings = dict(n_clips=len(clips), prompt_s_mean=float(np.mean([a for a, b in span])) / fr,
                     prompt=prompt, continue_s=c / fr, tol=args.tol, seed=args.seed,
                     prompt_has_2_motifs=float(np.mean(two)),
-                    default_temperature=model.cfg.temperature,
-                    temperature_around=getattr(model.cfg, 'temperature_around', '-'),
                     fd_embedding='metrics.log_mel, 4 stacked frames -> seeded random projection to '
                                  f'32 dims; reference = real continuations of {len(ref_clips)} '
                                  'other held-out clips')
